@@ -1,0 +1,150 @@
+"""``prunecli inspect``: describe a checkpoint from its header alone when the format allows it.
+
+Safetensors checkpoints (prunecli files, timm folders, bare files) are described without importing
+torch or building the model: counts come from the header, sparsity from the raw bytes through numpy.
+Other forms (``.pth``, ``timm:``, ``arch:``) are loaded.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+from prunecli.checkpoint.header import SafetensorsHeader, TensorInfo
+from prunecli.checkpoint.manifest import METADATA_KEY, Manifest
+from prunecli.checkpoint.sources import SourceKind, resolve_source
+from prunecli.record import Result
+
+__all__ = ["inspect"]
+
+# Tensor names that are buffers, not parameters, in timm models (BatchNorm running statistics).
+_BUFFER_SUFFIXES = ("running_mean", "running_var", "num_batches_tracked")
+
+# numpy views whose all-zero bit pattern (ignoring the sign bit for floats) means value zero.
+_ZERO_VIEWS = {
+    "F64": ("<u8", 0x7FFF_FFFF_FFFF_FFFF), "F32": ("<u4", 0x7FFF_FFFF), "F16": ("<u2", 0x7FFF),
+    "BF16": ("<u2", 0x7FFF), "I64": ("<i8", None), "I32": ("<i4", None), "I16": ("<i2", None),
+    "I8": ("i1", None), "U8": ("u1", None), "BOOL": ("u1", None), "U16": ("<u2", None),
+    "U32": ("<u4", None), "U64": ("<u8", None),
+}  # fmt: skip
+
+
+def _is_param(name: str) -> bool:
+    return not name.endswith(_BUFFER_SUFFIXES)
+
+
+def _zeros(header: SafetensorsHeader, t: TensorInfo, buf: Any) -> int | None:
+    import numpy as np
+
+    view = _ZERO_VIEWS.get(t.dtype)
+    if view is None or t.numel == 0:
+        return None if view is None else 0
+    dt, mask = view
+    arr = np.frombuffer(buf, dtype=dt, count=t.numel, offset=header.data_start + t.begin)
+    if mask is not None:
+        arr = arr & np.array(mask, dtype=dt)
+    return int(t.numel - np.count_nonzero(arr))
+
+
+def _from_header(header: SafetensorsHeader, layers: bool) -> dict[str, Any]:
+    params = [t for t in header.tensors if _is_param(t.name)]
+    out: dict[str, Any] = {
+        "params": sum(t.numel for t in params),
+        "tensors": len(header.tensors),
+        "bytes": header.file_size,
+        "dtypes": sorted({t.dtype for t in header.tensors}),
+    }
+    if layers:
+        import mmap
+
+        rows, zeros_total, numel_total = [], 0, 0
+        with header.path.open("rb") as fh, mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) as buf:
+            for t in sorted(params, key=lambda t: t.name):
+                z = _zeros(header, t, buf)
+                rows.append(
+                    {"name": t.name, "shape": list(t.shape), "params": t.numel, "dtype": t.dtype,
+                     "sparsity": (z / t.numel) if (z is not None and t.numel) else (0.0 if z == 0 else None)}
+                )  # fmt: skip
+                if z is not None and len(t.shape) > 1:
+                    zeros_total += z
+                    numel_total += t.numel
+        out["layers"] = rows
+        out["sparsity"] = zeros_total / numel_total if numel_total else 0.0
+    return out
+
+
+def _from_model(loaded: Any, layers: bool) -> dict[str, Any]:
+    import torch
+
+    model = loaded.model
+    state = model.state_dict()
+    names = {n for n, _ in model.named_parameters()}
+    out: dict[str, Any] = {
+        "params": sum(p.numel() for p in model.parameters()),
+        "tensors": len(state),
+        "bytes": loaded.source.weights.stat().st_size if loaded.source.weights else None,
+        "dtypes": sorted({str(t.dtype).removeprefix("torch.") for t in state.values()}),
+    }
+    if layers:
+        rows, z_all, n_all = [], 0, 0
+        for name in sorted(names):
+            t = state[name]
+            z = int(t.numel() - torch.count_nonzero(t))
+            rows.append({"name": name, "shape": list(t.shape), "params": t.numel(), "dtype": str(t.dtype),
+                         "sparsity": z / t.numel() if t.numel() else 0.0})  # fmt: skip
+            if t.ndim > 1:
+                z_all, n_all = z_all + z, n_all + t.numel()
+        out["layers"] = rows
+        out["sparsity"] = z_all / n_all if n_all else 0.0
+    return out
+
+
+def _folder_config(folder: Path | None) -> dict[str, Any]:
+    if folder is None or not (folder / "config.json").is_file():
+        return {}
+    try:
+        return json.loads((folder / "config.json").read_text())
+    except (OSError, json.JSONDecodeError):
+        return {}
+
+
+def inspect(spec: str, *, layers: bool = False, arch: str | None = None) -> Result:
+    """Describes CKPT: architecture, parameter count, bytes, lineage, and per-layer sparsity.
+
+    Args:
+        spec: any CKPT form (DESIGN §2).
+        layers: add per-tensor shape, parameter count and sparsity (reads the tensor bytes).
+        arch: architecture of a bare state dict (only used for torch files, which must be loaded).
+
+    Example:
+        >>> inspect("p50.safetensors", layers=True).metrics["sparsity"]
+    """
+    source = resolve_source(spec)
+    if source.header is not None:
+        header = source.header
+        manifest = Manifest.from_json(header.metadata[METADATA_KEY]) if source.kind is SourceKind.PRUNECLI else None
+        config = _folder_config(source.folder)
+        metrics = _from_header(header, layers)
+        metrics["arch"] = manifest.arch if manifest else (arch or config.get("architecture"))
+        metrics["num_classes"] = manifest.num_classes if manifest else config.get("num_classes")
+        if source.folder is not None:
+            metrics["bytes"] = sum(f.stat().st_size for f in source.folder.iterdir() if f.is_file())
+    else:
+        from prunecli.api._common import InputOptions, load_input
+
+        loaded = load_input(spec, InputOptions(arch=arch))
+        manifest = loaded.manifest
+        metrics = _from_model(loaded, layers)
+        metrics["arch"], metrics["num_classes"] = manifest.arch, manifest.num_classes
+    if manifest is not None:
+        metrics["lineage"] = manifest.lineage
+        metrics["masked"] = sorted(manifest.masked)
+        metrics["structured"] = bool(manifest.structure)
+        metrics["adapters"] = manifest.adapters
+        metrics["input_size"] = manifest.pretrained_cfg.get("input_size")
+    else:
+        metrics["lineage"] = []
+    metrics["params_m"] = round(metrics["params"] / 1e6, 4) if metrics.get("params") is not None else math.nan
+    return Result(checkpoint=None, sha256=None, metrics=metrics, device="none")

@@ -1,0 +1,366 @@
+"""Load any supported checkpoint into a timm model, and write prunecli checkpoints atomically.
+
+Weights are never unpickled with arbitrary code: torch files go through ``torch.load(...,
+weights_only=True)`` with one extra allowlisted global (``argparse.Namespace``, which timm's
+``train.py`` stores as ``args``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from prunecli import __version__
+from prunecli.checkpoint.manifest import METADATA_KEY, Manifest
+from prunecli.checkpoint.sources import Source, SourceKind, resolve_source
+from prunecli.errors import CheckpointError, InputError
+
+__all__ = ["Loaded", "file_sha256", "lineage_step", "load_checkpoint", "load_state_dict", "save_checkpoint"]
+
+_SHA_CACHE: dict[tuple[str, int, int], str] = {}
+
+
+def file_sha256(path: Path) -> str:
+    """sha256 of a file, cached per (path, size, mtime) within the process."""
+    st = path.stat()
+    key = (str(path), st.st_size, st.st_mtime_ns)
+    if key not in _SHA_CACHE:
+        h = hashlib.sha256()
+        with path.open("rb") as fh:
+            for chunk in iter(lambda: fh.read(1 << 22), b""):
+                h.update(chunk)
+        _SHA_CACHE[key] = h.hexdigest()
+    return _SHA_CACHE[key]
+
+
+@dataclass
+class Loaded:
+    """A model rebuilt from a checkpoint, with what it was rebuilt from.
+
+    Attributes:
+        model: the timm model in eval mode, on CPU, float32.
+        manifest: architecture, configs, masks and lineage.
+        source: the resolved CKPT argument.
+    """
+
+    model: nn.Module
+    manifest: Manifest
+    source: Source
+    _sha: str | None = field(default=None, repr=False)
+
+    @property
+    def sha256(self) -> str | None:
+        """sha256 of the weights file, or None for ``timm:``/``arch:`` sources."""
+        if self._sha is None and self.source.weights is not None:
+            self._sha = file_sha256(self.source.weights)
+        return self._sha
+
+
+def _torch_load(path: Path) -> Any:
+    try:
+        with torch.serialization.safe_globals([argparse.Namespace]):
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise CheckpointError(f"{path}: no such file") from None
+    except Exception as exc:  # pickle.UnpicklingError, RuntimeError from zip reader, EOFError, …
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else exc.__class__.__name__
+        if "weights_only" in str(exc) or "Unsupported global" in str(exc):
+            glob = str(exc).split("Unsupported global:")[-1].split(".")[0:3] if "Unsupported global" in str(exc) else []
+            detail = f" ({'.'.join(glob).strip()})" if glob else ""
+            raise CheckpointError(
+                f"{path}: refused to unpickle: the file references a global that is not allowlisted{detail}",
+                hint="prunecli loads torch files with weights_only=True; convert the weights to safetensors",
+            ) from None
+        raise CheckpointError(f"{path}: not a readable torch checkpoint ({first[:160]})") from None
+
+
+def _strip_prefix(sd: Mapping[str, Any]) -> dict[str, torch.Tensor]:
+    out: dict[str, torch.Tensor] = {}
+    for k, v in sd.items():
+        if not isinstance(v, torch.Tensor):
+            raise CheckpointError(f"entry {k!r} of the state dict is a {type(v).__name__}, not a tensor")
+        out[k[7:] if k.startswith("module.") else k] = v
+    return out
+
+
+def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    try:
+        return load_file(str(path), device="cpu")
+    except Exception as exc:
+        raise CheckpointError(f"{path}: cannot read safetensors data ({str(exc).splitlines()[0][:160]})") from None
+
+
+def _num_classes_from(sd: Mapping[str, torch.Tensor], cfg: Mapping[str, Any]) -> int | None:
+    head = cfg.get("classifier")
+    names = [head] if isinstance(head, str) else list(head or [])
+    for n in names:
+        w = sd.get(f"{n}.weight")
+        if w is not None and w.ndim >= 1:
+            return int(w.shape[0])
+    return None
+
+
+def load_state_dict(
+    source: Source, *, arch: str | None = None, num_classes: int | None = None, ema: bool = False
+) -> tuple[dict[str, torch.Tensor], Manifest]:
+    """Reads the weights and the manifest of a file or folder source (not ``timm:``/``arch:``)."""
+    from prunecli.models import default_pretrained_cfg, split_arch
+
+    kind, path = source.kind, source.weights
+    assert path is not None
+    if kind is SourceKind.PRUNECLI:
+        assert source.header is not None
+        manifest = Manifest.from_json(source.header.metadata[METADATA_KEY], where=source.spec)
+        return _read_safetensors(path), manifest
+    if kind is SourceKind.HF_FOLDER:
+        assert source.folder is not None
+        try:
+            config = json.loads((source.folder / "config.json").read_text())
+        except (OSError, json.JSONDecodeError) as exc:
+            raise CheckpointError(f"{source.folder / 'config.json'}: unreadable ({exc.__class__.__name__})") from None
+        name = arch or config.get("architecture")
+        if not name:
+            raise CheckpointError(f"{source.spec}: config.json names no 'architecture'", hint="pass --arch")
+        base, _ = split_arch(name)
+        cfg = dict(config.get("pretrained_cfg") or default_pretrained_cfg(name))
+        sd = _read_safetensors(path) if path.suffix == ".safetensors" else _strip_prefix(_torch_load(path))
+        n = num_classes or config.get("num_classes") or cfg.get("num_classes")
+        return sd, Manifest(base, n, dict(config.get("model_args") or {}), cfg)
+    if kind is SourceKind.SAFETENSORS:
+        sd, file_arch = _read_safetensors(path), None
+    else:  # TORCH
+        obj = _torch_load(path)
+        if not isinstance(obj, dict):
+            raise CheckpointError(f"{source.spec}: expected a state dict, found a {type(obj).__name__}")
+        file_arch = None
+        if "state_dict" in obj and isinstance(obj["state_dict"], dict):  # timm train.py layout
+            args = obj.get("args")
+            file_arch = getattr(args, "model", None) if args is not None else None
+            key = "state_dict_ema" if ema else "state_dict"
+            if obj.get(key) is None:
+                raise CheckpointError(f"{source.spec}: --ema given but the checkpoint has no 'state_dict_ema'")
+            obj = obj[key]
+        elif ema:
+            raise CheckpointError(f"{source.spec}: --ema needs a timm train.py checkpoint with 'state_dict_ema'")
+        sd = _strip_prefix(obj)
+    name = arch or file_arch
+    if not name:
+        raise CheckpointError(
+            f"{source.spec}: a bare state dict does not say its architecture",
+            hint="pass --arch NAME (and --num-classes N if the head differs from the default)",
+        )
+    base, _ = split_arch(name)
+    cfg = default_pretrained_cfg(name)
+    n = num_classes or _num_classes_from(sd, cfg) or cfg.get("num_classes")
+    return sd, Manifest(base, n, {}, cfg)
+
+
+def _check_finite(sd: Mapping[str, torch.Tensor], where: str) -> None:
+    for name, t in sd.items():
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            raise CheckpointError(f"{where}: tensor {name!r} holds NaN or infinite values")
+
+
+def load_checkpoint(
+    spec: str,
+    *,
+    arch: str | None = None,
+    num_classes: int | None = None,
+    model_args: Mapping[str, Any] | None = None,
+    ema: bool = False,
+    source: Source | None = None,
+) -> Loaded:
+    """Loads any supported CKPT (DESIGN §2) into a float32 timm model on CPU, in eval mode.
+
+    Example:
+        >>> loaded = load_checkpoint("base.safetensors")
+        >>> loaded.model(torch.randn(1, 3, 32, 32)).shape
+    """
+    from prunecli.models import build_model, create_fresh, default_pretrained_cfg, split_arch
+
+    source = source or resolve_source(spec)
+    if source.kind is SourceKind.ARCH:
+        assert source.name is not None
+        base, _ = split_arch(source.name)
+        cfg = default_pretrained_cfg(source.name)
+        n = num_classes or cfg.get("num_classes")
+        manifest = Manifest(base, n, dict(model_args or {}), cfg)
+        return Loaded(create_fresh(manifest).float().eval(), manifest, source)
+    if source.kind is SourceKind.TIMM:
+        return _load_timm_cache(source, num_classes)
+    sd, manifest = load_state_dict(source, arch=arch, num_classes=num_classes, ema=ema)
+    if model_args:
+        manifest.model_args.update(model_args)
+    sd = {k: (v.float() if v.is_floating_point() else v) for k, v in sd.items()}
+    _check_finite(sd, source.spec)
+    return Loaded(build_model(manifest, sd), manifest, source)
+
+
+def _load_timm_cache(source: Source, num_classes: int | None) -> Loaded:
+    import timm
+
+    from prunecli.models import split_arch
+
+    assert source.name is not None
+    base, _ = split_arch(source.name)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never download: DESIGN §1
+    try:
+        model = timm.create_model(source.name, pretrained=True)
+    except Exception as exc:
+        raise CheckpointError(
+            f"{source.spec}: pretrained weights are not in the local Hugging Face cache ({exc.__class__.__name__})",
+            hint="download them once with timm on a connected machine, or pass a file or folder",
+        ) from None
+    cfg = dict(getattr(model, "pretrained_cfg", {}) or {})
+    manifest = Manifest(base, int(getattr(model, "num_classes", 0)) or None, {}, cfg)
+    if num_classes and num_classes != manifest.num_classes:
+        raise CheckpointError(f"{source.spec} has {manifest.num_classes} classes, --num-classes says {num_classes}")
+    return Loaded(model.float().eval(), manifest, source)
+
+
+def lineage_step(command: str, options: Mapping[str, Any], loaded: Loaded | None) -> dict[str, Any]:
+    """One lineage entry: what ran, on what input, with which versions (no timestamps: determinism)."""
+    import timm
+
+    return {
+        "command": command,
+        "options": dict(options),
+        "input": str(loaded.source.path) if loaded and loaded.source.path else (loaded.source.spec if loaded else None),
+        "input_sha256": loaded.sha256 if loaded else None,
+        "versions": {"prunecli": __version__, "torch": torch.__version__.split("+")[0], "timm": timm.__version__},
+    }
+
+
+def _is_folder_output(out: str | Path) -> bool:
+    s = str(out)
+    return s.endswith(("/", os.sep)) or Path(s).is_dir()
+
+
+def check_output(out: str | Path, *, force: bool, inputs: Sequence[Path | None] = ()) -> Path:
+    """Validates an output path before any work is done; returns it resolved.
+
+    Raises:
+        InputError: the output is one of the inputs, has an unsupported suffix, or exists without
+            ``--force``.
+    """
+    folder = _is_folder_output(out)
+    path = Path(out).expanduser().resolve()
+    if not folder and path.suffix != ".safetensors":
+        raise InputError(
+            f"output {out!r} must end in .safetensors (one file) or '/' (a timm folder)",
+            hint=f"try -o {Path(str(out)).with_suffix('.safetensors')}",
+        )
+    targets = {path, path / "model.safetensors"} if folder else {path}
+    if any(inp is not None and Path(inp).resolve() in targets for inp in inputs):
+        raise InputError(f"output {out!r} is the input checkpoint", hint="write to a new path")
+    if path.exists() and not force:
+        raise InputError(f"output {out!r} exists", hint="pass --force to overwrite it")
+    if not path.parent.is_dir():
+        raise InputError(f"output directory {str(path.parent)!r} does not exist")
+    return path
+
+
+def _tensors_for_save(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    seen: set[int] = set()
+    out: dict[str, torch.Tensor] = {}
+    for name in sorted(state):
+        t = state[name].detach().to("cpu")
+        ptr = t.untyped_storage().data_ptr() if t.numel() else -1
+        if ptr in seen and ptr != -1:
+            t = t.clone()  # safetensors refuses shared storage; tied weights are stored twice
+        seen.add(ptr)
+        out[name] = t.contiguous()
+    return out
+
+
+def save_checkpoint(
+    out: str | Path,
+    state: nn.Module | Mapping[str, torch.Tensor],
+    manifest: Manifest,
+    *,
+    force: bool = False,
+    inputs: Sequence[Path | None] = (),
+    num_features: int | None = None,
+) -> tuple[str, str]:
+    """Writes a self-describing checkpoint atomically; returns (absolute path, sha256 of the weights).
+
+    ``out`` ending in ``/`` (or an existing folder) writes a timm folder: ``model.safetensors`` plus a
+    ``config.json`` that ``timm.create_model('local-dir:…')`` reads. Anything else is one file.
+    """
+    from safetensors.torch import save_file
+
+    folder = _is_folder_output(out)
+    path = check_output(out, force=force, inputs=inputs)
+    if isinstance(state, nn.Module):
+        num_features = num_features or getattr(state, "num_features", None)
+        state = state.state_dict()
+    tensors = _tensors_for_save(state)
+    metadata = {"format": "pt", METADATA_KEY: manifest.to_json()}
+    parent = path.parent
+    if not folder:
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=parent)
+        os.close(fd)
+        try:
+            save_file(tensors, tmp, metadata=metadata)
+            _fsync(Path(tmp))
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+        _fsync_dir(parent)
+        return str(path), file_sha256(path)
+    tmpdir = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=parent))
+    try:
+        save_file(tensors, str(tmpdir / "model.safetensors"), metadata=metadata)
+        config = {
+            "architecture": manifest.arch,
+            "num_classes": manifest.num_classes,
+            "num_features": num_features,
+            "pretrained_cfg": {k: v for k, v in manifest.pretrained_cfg.items() if k != "architecture"},
+        }
+        if manifest.model_args:
+            config["model_args"] = manifest.model_args
+        (tmpdir / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+        for f in tmpdir.iterdir():
+            _fsync(f)
+        if path.exists():
+            trash = Path(tempfile.mkdtemp(prefix=f".{path.name}.old.", dir=parent))
+            os.replace(path, trash / "old")
+            os.replace(tmpdir, path)
+            shutil.rmtree(trash, ignore_errors=True)
+        else:
+            os.replace(tmpdir, path)
+    except BaseException:
+        shutil.rmtree(tmpdir, ignore_errors=True)
+        raise
+    _fsync_dir(parent)
+    return str(path), file_sha256(path / "model.safetensors")
+
+
+def _fsync(path: Path) -> None:
+    with path.open("rb") as fh:
+        os.fsync(fh.fileno())
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

@@ -1,0 +1,124 @@
+"""Rebuild a model from a manifest through timm's registry, on the meta device, then load weights.
+
+Building on ``meta`` allocates nothing and runs no initialisers, so a checkpoint's weights are
+materialised once (``load_state_dict(assign=True)``) instead of being initialised and then
+overwritten. Architectures whose constructors cannot run on meta (a few call ``.item()`` on tensors)
+fall back to a normal build.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from typing import Any
+
+import timm
+import torch
+from torch import nn
+
+import prunecli.archs  # noqa: F401  (registers improved_cnn and fc_mlp with timm)
+from prunecli.checkpoint.manifest import Manifest
+from prunecli.errors import CheckpointError, UnknownNameError
+
+__all__ = ["build_model", "create_fresh", "default_pretrained_cfg", "split_arch"]
+
+log = logging.getLogger(__name__)
+
+
+def split_arch(name: str) -> tuple[str, str]:
+    """Splits ``resnet18.a1_in1k`` into (``resnet18``, ``a1_in1k``); validates the architecture."""
+    arch, _, tag = name.partition(".")
+    if not timm.is_model(arch):
+        close = timm.list_models(f"*{arch[:4]}*")[:8] if len(arch) >= 3 else []
+        raise UnknownNameError(
+            f"unknown architecture {arch!r}",
+            hint=f"similar timm names: {', '.join(close)}" if close else "see timm.list_models()",
+        )
+    return arch, tag
+
+
+def default_pretrained_cfg(name: str) -> dict[str, Any]:
+    """timm's pretrained config for ``arch[.tag]`` as a plain dict (input size, mean/std, head name)."""
+    cfg = timm.models.get_pretrained_cfg(name) or timm.models.get_pretrained_cfg(split_arch(name)[0])
+    return dict(cfg.to_dict()) if cfg is not None else {}
+
+
+def _create(manifest: Manifest, *, meta: bool) -> nn.Module:
+    kwargs = dict(manifest.model_args)
+    if manifest.num_classes is not None:
+        kwargs["num_classes"] = manifest.num_classes
+    try:
+        if meta:
+            with torch.device("meta"):
+                model = timm.create_model(manifest.arch, pretrained=False, **kwargs)
+        else:
+            model = timm.create_model(manifest.arch, pretrained=False, **kwargs)
+    except TypeError as exc:
+        raise CheckpointError(f"cannot build {manifest.arch!r} with model_args {kwargs}: {exc}") from None
+    if manifest.pretrained_cfg:
+        model.pretrained_cfg = dict(manifest.pretrained_cfg)
+    if manifest.structure:
+        from prunecli.surgery import apply_structure  # only structurally pruned checkpoints need it
+
+        apply_structure(model, manifest.structure)
+    return model
+
+
+def create_fresh(manifest: Manifest) -> nn.Module:
+    """A freshly initialised model (``arch:NAME``), seeded by the caller."""
+    split_arch(manifest.arch)
+    return _create(manifest, meta=False)
+
+
+def build_model(manifest: Manifest, state_dict: Mapping[str, torch.Tensor]) -> nn.Module:
+    """Builds ``manifest.arch`` and loads ``state_dict`` into it, strictly.
+
+    Raises:
+        UnknownNameError: the architecture is not registered with timm.
+        CheckpointError: keys are missing/unexpected or a tensor's shape does not fit.
+    """
+    split_arch(manifest.arch)
+    try:
+        model = _create(manifest, meta=True)
+        _load(model, state_dict, manifest, assign=True)
+        leftover = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
+        if leftover:  # non-persistent buffers computed in __init__: rebuild normally
+            raise _MetaUnsupported(leftover[0])
+    except _MetaUnsupported as why:
+        log.debug("meta build not possible for %s (%s); building normally", manifest.arch, why)
+        model = _create(manifest, meta=False)
+        _load(model, state_dict, manifest, assign=False)
+    except (RuntimeError, NotImplementedError) as exc:
+        if "meta" not in str(exc).lower():
+            raise
+        model = _create(manifest, meta=False)
+        _load(model, state_dict, manifest, assign=False)
+    return model.eval()
+
+
+class _MetaUnsupported(Exception):
+    pass
+
+
+def _load(model: nn.Module, state_dict: Mapping[str, torch.Tensor], manifest: Manifest, *, assign: bool) -> None:
+    own = model.state_dict()
+    missing = sorted(set(own) - set(state_dict))
+    unexpected = sorted(set(state_dict) - set(own))
+    if missing or unexpected:
+        parts = []
+        if missing:
+            parts.append(f"missing {len(missing)} tensor(s), e.g. {missing[0]!r}")
+        if unexpected:
+            parts.append(f"{len(unexpected)} unexpected, e.g. {unexpected[0]!r}")
+        raise CheckpointError(
+            f"weights do not fit architecture {manifest.arch!r}: {'; '.join(parts)}",
+            hint="check --arch/--num-classes, or the model_args the weights were trained with",
+        )
+    for name, tensor in state_dict.items():
+        if tuple(own[name].shape) != tuple(tensor.shape):
+            raise CheckpointError(
+                f"tensor {name!r} has shape {tuple(tensor.shape)} in the checkpoint but "
+                f"{tuple(own[name].shape)} in {manifest.arch!r}",
+                hint="check --arch/--num-classes, or the model_args the weights were trained with",
+            )
+    model.load_state_dict(state_dict, strict=True, assign=assign)
