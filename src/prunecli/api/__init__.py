@@ -14,12 +14,18 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-__all__ = ["InputOptions", "evaluate", "inspect"]
+__all__ = ["InputOptions", "evaluate", "finetune", "finetune_lora", "inspect", "prune", "report", "restore", "score"]
 
 _LAZY = {
     "InputOptions": "prunecli.api._common",
     "inspect": "prunecli.api.inspect",
     "evaluate": "prunecli.api.eval",
+    "score": "prunecli.api.score",
+    "prune": "prunecli.api.prune",
+    "restore": "prunecli.api.restore",
+    "finetune": "prunecli.api.finetune",
+    "finetune_lora": "prunecli.api.finetune_lora",
+    "report": "prunecli.api.report",
 }
 
 
