@@ -35,7 +35,12 @@ class Cli:
 
     def __call__(self, *args: str, input: str | None = None) -> Any:
         result = self.runner.invoke(self.app, [str(a) for a in args], input=input, catch_exceptions=False)
-        result.record = json.loads(result.stdout.strip().splitlines()[-1]) if result.exit_code == 0 and result.stdout.strip() else None
+        result.record = None
+        if result.exit_code == 0 and result.stdout.strip():
+            try:
+                result.record = json.loads(result.stdout.strip().splitlines()[-1])
+            except json.JSONDecodeError:  # `report` prints a table, not a record
+                pass
         return result
 
 

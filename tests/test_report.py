@@ -1,0 +1,89 @@
+"""prunecli report: joins eval records to the steps that made their checkpoints; bad files are clear."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+from pathlib import Path
+
+from prunecli.record import SCHEMA
+
+
+def _rec(command: str, inp: str | None, ckpt: str | None, options: dict, metrics: dict) -> str:
+    return json.dumps({"schema": SCHEMA, "command": command, "input": inp, "checkpoint": ckpt, "options": options,
+                       "metrics": metrics, "sha256": None, "device": "cpu", "elapsed_s": 0.1, "version": "0"})  # fmt: skip
+
+
+def _grid(tmp: Path) -> Path:
+    lines = []
+    truth = {}
+    for method, base_acc in (("magnitude", 0.9), ("taylor", 0.95)):
+        for ratio in (0.3, 0.5):
+            p = str(tmp / f"{method}-{ratio}.safetensors")
+            lines.append(_rec("prune", "base.safetensors", p, {"method": method, "ratio": ratio},
+                              {"target_ratio": ratio, "sparsity": ratio + 0.001, "params": 100, "macs": 1000}))  # fmt: skip
+            acc = round(base_acc - ratio / 2, 4)
+            lines.append(_rec("eval", p, None, {"data": "digits:test"}, {"top1": acc, "top5": 1.0, "loss": 0.5}))
+            truth[(method, ratio, False)] = acc
+            lp = str(tmp / f"{method}-{ratio}-lora.safetensors")
+            lines.append(_rec("finetune-lora", p, lp, {}, {"sparsity_after": ratio + 0.001}))
+            lines.append(
+                _rec("eval", lp, None, {"data": "digits:test"}, {"top1": acc + 0.01, "top5": 1.0, "loss": 0.4})
+            )
+            truth[(method, ratio, True)] = round(acc + 0.01, 4)
+    f = tmp / "results.jsonl"
+    f.write_text("\n".join(lines) + "\n")
+    return f, truth
+
+
+def test_report_joins_chain_and_renders_formats(cli, tmp_path):
+    f, truth = _grid(tmp_path)
+    r = cli("report", f, "--format", "csv")
+    assert r.exit_code == 0, r.stderr
+    rows = list(csv.DictReader(io.StringIO(r.stdout)))
+    assert len(rows) == 8
+    for row in rows:
+        method = row["series"].split()[0]
+        lora = "LoRA" in row["series"]
+        assert abs(float(row["top1"]) - truth[(method, float(row["target_ratio"]), lora)]) < 1e-9
+    md = cli("report", f)
+    assert md.exit_code == 0
+    assert "| top-1 \\ ratio |" in md.stdout and "magnitude +LoRA" in md.stdout
+    js = cli("report", f, "--format", "json")
+    assert len([json.loads(ln) for ln in js.stdout.splitlines()]) == 8
+
+
+def test_report_plots(cli, tmp_path):
+    f, _ = _grid(tmp_path)
+    r = cli("report", f, "-o", tmp_path / "plots")
+    assert r.exit_code == 0, r.stderr
+    pngs = sorted(p.name for p in (tmp_path / "plots").glob("*.png"))
+    assert {"accuracy_vs_ratio.png", "sparsity_vs_target.png", "accuracy_vs_macs.png"} <= set(pngs)
+    for p in (tmp_path / "plots").glob("*.png"):
+        assert p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_report_bad_files(cli, tmp_path):
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    r = cli("report", empty)
+    assert r.exit_code == 1 and r.stderr.startswith("Error:") and "Traceback" not in r.stderr
+
+    r = cli("report", tmp_path / "missing.jsonl")
+    assert r.exit_code == 1 and "Error:" in r.stderr
+
+    f, _ = _grid(tmp_path)
+    mixed = tmp_path / "mixed.jsonl"
+    mixed.write_text(
+        f.read_text() + "{not json\n" + json.dumps({"schema": "prunecli/record-v0", "command": "eval"}) + "\n"
+    )
+    r = cli("report", mixed, "--format", "json")
+    assert r.exit_code == 0
+    assert len(r.stdout.splitlines()) == 8
+    assert "malformed" in r.stderr and "another schema" in r.stderr
+
+    only_bad = tmp_path / "bad.jsonl"
+    only_bad.write_text("nope\n[1,2]\n")
+    r = cli("report", only_bad)
+    assert r.exit_code == 1 and "Error:" in r.stderr
