@@ -11,8 +11,20 @@ from prunecli.record import SCHEMA
 
 
 def _rec(command: str, inp: str | None, ckpt: str | None, options: dict, metrics: dict) -> str:
-    return json.dumps({"schema": SCHEMA, "command": command, "input": inp, "checkpoint": ckpt, "options": options,
-                       "metrics": metrics, "sha256": None, "device": "cpu", "elapsed_s": 0.1, "version": "0"})  # fmt: skip
+    return json.dumps(
+        {
+            "schema": SCHEMA,
+            "command": command,
+            "input": inp,
+            "checkpoint": ckpt,
+            "options": options,
+            "metrics": metrics,
+            "sha256": None,
+            "device": "cpu",
+            "elapsed_s": 0.1,
+            "version": "0",
+        }
+    )
 
 
 def _grid(tmp: Path) -> Path:
@@ -21,8 +33,15 @@ def _grid(tmp: Path) -> Path:
     for method, base_acc in (("magnitude", 0.9), ("taylor", 0.95)):
         for ratio in (0.3, 0.5):
             p = str(tmp / f"{method}-{ratio}.safetensors")
-            lines.append(_rec("prune", "base.safetensors", p, {"method": method, "ratio": ratio},
-                              {"target_ratio": ratio, "sparsity": ratio + 0.001, "params": 100, "macs": 1000}))  # fmt: skip
+            lines.append(
+                _rec(
+                    "prune",
+                    "base.safetensors",
+                    p,
+                    {"method": method, "ratio": ratio},
+                    {"target_ratio": ratio, "sparsity": ratio + 0.001, "params": 100, "macs": 1000},
+                )
+            )
             acc = round(base_acc - ratio / 2, 4)
             lines.append(_rec("eval", p, None, {"data": "digits:test"}, {"top1": acc, "top5": 1.0, "loss": 0.5}))
             truth[(method, ratio, False)] = acc

@@ -114,8 +114,17 @@ def build_rows(records: list[dict[str, Any]]) -> list[Row]:
         if rec.get("command") != "eval":
             continue
         ckpt = _norm(rec.get("input"))
-        info: dict[str, Any] = {"criterion": None, "structure": None, "target_ratio": None, "sparsity": None,
-                                "restore": None, "lora": False, "finetuned": False, "params": None, "macs": None}  # fmt: skip
+        info: dict[str, Any] = {
+            "criterion": None,
+            "structure": None,
+            "target_ratio": None,
+            "sparsity": None,
+            "restore": None,
+            "lora": False,
+            "finetuned": False,
+            "params": None,
+            "macs": None,
+        }
         seen: set[str] = set()
         node = producer.get(ckpt) if ckpt else None
         while node is not None and _norm(node.get("checkpoint")) not in seen:
@@ -123,8 +132,16 @@ def build_rows(records: list[dict[str, Any]]) -> list[Row]:
             _absorb(info, node)
             node = producer.get(_norm(node.get("input")))  # type: ignore[arg-type]
         m = rec.get("metrics") or {}
-        rows.append(Row(checkpoint=ckpt or "", data=m.get("data") or (rec.get("options") or {}).get("data"),
-                        top1=m.get("top1"), top5=m.get("top5"), loss=m.get("loss"), **info))  # fmt: skip
+        rows.append(
+            Row(
+                checkpoint=ckpt or "",
+                data=m.get("data") or (rec.get("options") or {}).get("data"),
+                top1=m.get("top1"),
+                top5=m.get("top5"),
+                loss=m.get("loss"),
+                **info,
+            )
+        )
     rows.sort(key=lambda r: (r.series, r.target_ratio if r.target_ratio is not None else -1.0, r.checkpoint))
     return rows
 
@@ -242,7 +259,12 @@ def _plots(rows: list[Row], out_dir: Path) -> list[str]:
         for s in sorted(by_series):
             pts = sorted((r.target_ratio, r.top1) for r in by_series[s] if r.top1 is not None)
             if pts:
-                ax.plot(*zip(*pts), marker="o", linestyle="--" if ("LoRA" in s or "finetune" in s) else "-", label=s)
+                ax.plot(
+                    *zip(*pts, strict=True),
+                    marker="o",
+                    linestyle="--" if ("LoRA" in s or "finetune" in s) else "-",
+                    label=s,
+                )
         ax.set_xlabel("target pruning ratio")
         ax.set_ylabel("top-1 accuracy")
         ax.set_title("Accuracy vs pruning ratio")
@@ -254,7 +276,7 @@ def _plots(rows: list[Row], out_dir: Path) -> list[str]:
         for s in sorted(by_series):
             pts = sorted((r.target_ratio, r.sparsity) for r in by_series[s] if r.sparsity is not None)
             if pts:
-                ax.plot(*zip(*pts), marker="o", label=s)
+                ax.plot(*zip(*pts, strict=True), marker="o", label=s)
         lim = [0, max(r.target_ratio for r in rows if r.target_ratio is not None) * 1.05 + 1e-9]
         ax.plot(lim, lim, color="grey", linewidth=1, linestyle=":", label="achieved = target")
         ax.set_xlabel("target pruning ratio")
@@ -264,8 +286,10 @@ def _plots(rows: list[Row], out_dir: Path) -> list[str]:
         ax.legend(fontsize=8)
         save(fig, "sparsity_vs_target.png")
 
-    for key, label, name in (("macs", "MACs (non-zero)", "accuracy_vs_macs.png"),
-                             ("params", "parameters (non-zero)", "accuracy_vs_params.png")):  # fmt: skip
+    for key, label, name in (
+        ("macs", "MACs (non-zero)", "accuracy_vs_macs.png"),
+        ("params", "parameters (non-zero)", "accuracy_vs_params.png"),
+    ):
         pts_by = {
             s: sorted((getattr(r, key), r.top1) for r in rs if getattr(r, key) is not None and r.top1 is not None)
             for s, rs in by_series.items()
@@ -274,7 +298,7 @@ def _plots(rows: list[Row], out_dir: Path) -> list[str]:
             fig, ax = plt.subplots(figsize=(6.4, 4.4))
             for s in sorted(pts_by):
                 if pts_by[s]:
-                    ax.plot(*zip(*pts_by[s]), marker="o", label=s)
+                    ax.plot(*zip(*pts_by[s], strict=True), marker="o", label=s)
             ax.set_xlabel(label)
             ax.set_ylabel("top-1 accuracy")
             ax.set_title(f"Accuracy vs {label}")
