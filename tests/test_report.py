@@ -106,3 +106,20 @@ def test_report_bad_files(cli, tmp_path):
     only_bad.write_text("nope\n[1,2]\n")
     r = cli("report", only_bad)
     assert r.exit_code == 1 and "Error:" in r.stderr
+
+
+def test_report_marks_wcr_base_and_recovery(cli, tmp_path):
+    """A finetune before the prune step is base training (tagged only with WCR); after it, recovery."""
+    base, p, ft = (str(tmp_path / n) for n in ("base.safetensors", "p.safetensors", "ft.safetensors"))
+    lines = [
+        _rec("finetune", "arch:improved_cnn", base, {"wcr": 1e-4}, {"train_loss": [1.0]}),
+        _rec("prune", base, p, {"method": "magnitude", "ratio": 0.9}, {"target_ratio": 0.9, "sparsity": 0.9}),
+        _rec("eval", p, None, {"data": "digits:test"}, {"top1": 0.5}),
+        _rec("finetune", p, ft, {}, {"train_loss": [1.0]}),
+        _rec("eval", ft, None, {"data": "digits:test"}, {"top1": 0.7}),
+    ]
+    f = tmp_path / "r.jsonl"
+    f.write_text("\n".join(lines) + "\n")
+    r = cli("report", f, "--format", "json")
+    series = sorted(json.loads(ln)["series"] for ln in r.stdout.splitlines())
+    assert series == ["magnitude (WCR base)", "magnitude (WCR base) +finetune"]

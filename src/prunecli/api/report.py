@@ -42,6 +42,7 @@ class Row:
     restore: str | None
     lora: bool
     finetuned: bool
+    wcr: bool
     top1: float | None
     top5: float | None
     loss: float | None
@@ -56,6 +57,8 @@ class Row:
             parts.append(self.structure)
         if self.restore:
             parts.append(f"+{self.restore}")
+        if self.wcr:
+            parts.append("(WCR base)")
         if self.lora:
             parts.append("+LoRA")
         if self.finetuned:
@@ -122,14 +125,17 @@ def build_rows(records: list[dict[str, Any]]) -> list[Row]:
             "restore": None,
             "lora": False,
             "finetuned": False,
+            "wcr": False,
             "params": None,
             "macs": None,
         }
         seen: set[str] = set()
         node = producer.get(ckpt) if ckpt else None
+        past_prune = False
         while node is not None and _norm(node.get("checkpoint")) not in seen:
             seen.add(_norm(node.get("checkpoint")))  # type: ignore[arg-type]
-            _absorb(info, node)
+            _absorb(info, node, past_prune)
+            past_prune = past_prune or node.get("command") == "prune"
             node = producer.get(_norm(node.get("input")))  # type: ignore[arg-type]
         m = rec.get("metrics") or {}
         rows.append(
@@ -146,9 +152,17 @@ def build_rows(records: list[dict[str, Any]]) -> list[Row]:
     return rows
 
 
-def _absorb(info: dict[str, Any], rec: dict[str, Any]) -> None:
-    """Fills the coordinates from one producing record; the step nearest the eval wins for metrics."""
+def _absorb(info: dict[str, Any], rec: dict[str, Any], past_prune: bool) -> None:
+    """Fills the coordinates from one producing record; the step nearest the eval wins for metrics.
+
+    Steps found after the prune step (walking backwards) made the dense base: a ``finetune`` there is
+    base training (noted only when it used WCR), not recovery.
+    """
     cmd, opts, m = rec.get("command"), rec.get("options") or {}, rec.get("metrics") or {}
+    if past_prune:
+        if cmd == "finetune" and opts.get("wcr"):
+            info["wcr"] = True
+        return
     if info["params"] is None and m.get("params") is not None:
         info["params"] = m.get("params_nonzero", m.get("params"))
     if info["macs"] is None and m.get("macs") is not None:
