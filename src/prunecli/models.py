@@ -38,8 +38,20 @@ def split_arch(name: str) -> tuple[str, str]:
 
 
 def default_pretrained_cfg(name: str) -> dict[str, Any]:
-    """timm's pretrained config for ``arch[.tag]`` as a plain dict (input size, mean/std, head name)."""
-    cfg = timm.models.get_pretrained_cfg(name) or timm.models.get_pretrained_cfg(split_arch(name)[0])
+    """timm's pretrained config for ``arch[.tag]`` as a plain dict (input size, mean/std, head name).
+
+    Raises:
+        UnknownNameError: the architecture is not registered, or it has no pretrained tag ``tag``.
+    """
+    arch, tag = split_arch(name)
+    try:
+        cfg = timm.models.get_pretrained_cfg(name if tag else arch)
+    except RuntimeError:  # timm: "Invalid pretrained tag (x) for arch."
+        tags = [n.partition(".")[2] for n in timm.list_pretrained(f"{arch}.*")]
+        raise UnknownNameError(
+            f"unknown pretrained tag {tag!r} for {arch!r}",
+            hint=f"choose from {', '.join(tags)}" if tags else f"{arch!r} has no pretrained tags; drop '.{tag}'",
+        ) from None
     return dict(cfg.to_dict()) if cfg is not None else {}
 
 

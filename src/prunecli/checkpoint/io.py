@@ -26,7 +26,16 @@ from prunecli.checkpoint.manifest import METADATA_KEY, Manifest
 from prunecli.checkpoint.sources import Source, SourceKind, resolve_source
 from prunecli.errors import CheckpointError, InputError
 
-__all__ = ["Loaded", "file_sha256", "lineage_step", "load_checkpoint", "load_state_dict", "save_checkpoint"]
+__all__ = [
+    "Loaded",
+    "check_output",
+    "file_sha256",
+    "hf_hub_cache",
+    "lineage_step",
+    "load_checkpoint",
+    "load_state_dict",
+    "save_checkpoint",
+]
 
 _SHA_CACHE: dict[tuple[str, int, int], str] = {}
 
@@ -149,6 +158,8 @@ def load_state_dict(
         if "state_dict" in obj and isinstance(obj["state_dict"], dict):  # timm train.py layout
             args = obj.get("args")
             file_arch = getattr(args, "model", None) if args is not None else None
+            if not file_arch and isinstance(obj.get("arch"), str) and _is_timm_model(obj["arch"]):
+                file_arch = obj["arch"]  # older train.py files: "arch" is the model name
             key = "state_dict_ema" if ema else "state_dict"
             if obj.get(key) is None:
                 raise CheckpointError(f"{source.spec}: --ema given but the checkpoint has no 'state_dict_ema'")
@@ -166,6 +177,14 @@ def load_state_dict(
     cfg = default_pretrained_cfg(name)
     n = num_classes or _num_classes_from(sd, cfg) or cfg.get("num_classes")
     return sd, Manifest(base, n, {}, cfg)
+
+
+def _is_timm_model(name: str) -> bool:
+    import timm
+
+    import prunecli.archs  # noqa: F401  (improved_cnn, fc_mlp)
+
+    return bool(timm.is_model(name.partition(".")[0]))
 
 
 def _check_finite(sd: Mapping[str, torch.Tensor], where: str) -> None:
@@ -209,26 +228,75 @@ def load_checkpoint(
     return Loaded(build_model(manifest, sd), manifest, source)
 
 
-def _load_timm_cache(source: Source, num_classes: int | None) -> Loaded:
-    import timm
+def hf_hub_cache() -> Path:
+    """The Hugging Face hub cache folder, read from the environment at call time.
 
-    from prunecli.models import split_arch
+    huggingface_hub reads ``HF_HUB_CACHE``/``HF_HOME`` once, when it is imported; resolving it here
+    instead means the variables always apply (and tests can point them at a temporary folder).
+    """
+    env = os.environ
+    for var in ("HF_HUB_CACHE", "HUGGINGFACE_HUB_CACHE"):
+        if env.get(var):
+            return Path(env[var]).expanduser()
+    home = env.get("HF_HOME") or os.path.join(env.get("XDG_CACHE_HOME") or "~/.cache", "huggingface")
+    return Path(home).expanduser() / "hub"
+
+
+def _hf_snapshot(repo_id: str, revision: str = "main") -> Path | None:
+    """The cached snapshot folder of ``repo_id`` at ``revision`` (a ref name or a commit hash), if any."""
+    repo = hf_hub_cache() / f"models--{repo_id.replace('/', '--')}"
+    ref = repo / "refs" / revision
+    commit = ref.read_text().strip() if ref.is_file() else revision
+    snap = repo / "snapshots" / commit
+    if snap.is_dir():
+        return snap
+    snaps = sorted(p for p in (repo / "snapshots").glob("*") if p.is_dir()) if repo.is_dir() else []
+    return snaps[0] if len(snaps) == 1 else None
+
+
+def _load_timm_cache(source: Source, num_classes: int | None) -> Loaded:
+    """``timm:NAME[.TAG]``: timm's pretrained weights read straight from the local HF cache.
+
+    The cache is read by hand (never through the hub client), so nothing is downloaded whatever the
+    network or ``HF_HUB_OFFLINE`` say, and the weights go through the same safe readers, NaN check and
+    meta-device rebuild as every other checkpoint.
+    """
+    from prunecli.models import build_model, default_pretrained_cfg, split_arch
 
     assert source.name is not None
     base, _ = split_arch(source.name)
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never download: DESIGN §1
-    try:
-        model = timm.create_model(source.name, pretrained=True)
-    except Exception as exc:
+    cfg = default_pretrained_cfg(source.name)
+    repo_id = cfg.get("hf_hub_id")
+    if not repo_id:
+        raise CheckpointError(f"{source.spec}: timm has no Hugging Face weights for {source.name!r}")
+    snap = _hf_snapshot(repo_id)
+    names = [cfg["hf_hub_filename"]] if cfg.get("hf_hub_filename") else ["model.safetensors", "pytorch_model.bin"]
+    weights = next((snap / n for n in names if snap is not None and (snap / n).is_file()), None)
+    if weights is None:
         raise CheckpointError(
-            f"{source.spec}: pretrained weights are not in the local Hugging Face cache ({exc.__class__.__name__})",
-            hint="download them once with timm on a connected machine, or pass a file or folder",
-        ) from None
-    cfg = dict(getattr(model, "pretrained_cfg", {}) or {})
-    manifest = Manifest(base, int(getattr(model, "num_classes", 0)) or None, {}, cfg)
-    if num_classes and num_classes != manifest.num_classes:
-        raise CheckpointError(f"{source.spec} has {manifest.num_classes} classes, --num-classes says {num_classes}")
-    return Loaded(model.float().eval(), manifest, source)
+            f"{source.spec}: pretrained weights are not in the local Hugging Face cache "
+            f"({hf_hub_cache() / ('models--' + repo_id.replace('/', '--'))})",
+            hint=f"download them once on a connected machine (timm.create_model({source.name!r}, pretrained=True)), "
+            "set HF_HUB_CACHE/HF_HOME, or pass a file or folder",
+        )
+    config: dict[str, Any] = {}
+    if (weights.parent / "config.json").is_file():
+        try:
+            config = json.loads((weights.parent / "config.json").read_text())
+        except (OSError, json.JSONDecodeError):
+            config = {}
+    sd = _read_safetensors(weights) if weights.suffix == ".safetensors" else _strip_prefix(_torch_load(weights))
+    n = _num_classes_from(sd, cfg) or config.get("num_classes") or cfg.get("num_classes")
+    if num_classes and num_classes != n:
+        raise CheckpointError(
+            f"{source.spec} has {n} classes, --num-classes says {num_classes}",
+            hint="drop --num-classes; to train a new head start from arch:NAME --num-classes N",
+        )
+    model_args = {k: v for k, v in dict(config.get("model_args") or {}).items() if k != "num_classes"}
+    manifest = Manifest(base, n, model_args, {k: v for k, v in cfg.items() if k not in ("file", "state_dict")})
+    sd = {k: (v.float() if v.is_floating_point() else v) for k, v in sd.items()}
+    _check_finite(sd, source.spec)
+    return Loaded(build_model(manifest, sd), manifest, source)
 
 
 def lineage_step(command: str, options: Mapping[str, Any], loaded: Loaded | None) -> dict[str, Any]:
