@@ -1,0 +1,380 @@
+"""``prunecli prune``: remove weights (unstructured, N:M) or channels from a checkpoint (DESIGN §4).
+
+Scores come from a scores file (``--scores``, written by ``prunecli score``) or are computed in
+process (``--method M [--data SPEC]``). Magnitude (``magnitude``/``l1``/``l2``) for unstructured and
+N:M pruning is computed per layer on the fly (``|w|``; the L1 and L2 norms of a single weight rank
+identically), so pruning a large model never holds a second copy of its weights.
+
+Default scope (``--scope`` not given): ``global`` for criteria whose scores estimate the change of
+the loss and are therefore comparable across layers (``taylor``, ``snip``, ``biascomp``,
+``proscore``; paper A ranks Taylor and SNIP globally, paper E ranks globally), ``layer`` for every
+other criterion (magnitude as in paper A's ``l1_unstructured``, ``random``, ``wanda``, whose scale
+differs from layer to layer).
+
+The layers pruned are the prunable ones (:mod:`prunecli.prunable`) minus the classifier head (unless
+``include_head``) minus those matching an ``exclude`` glob. ``layer_ratios`` (``GLOB=R``; the last
+matching pattern wins) gives matching layers their own ratio and scope.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from prunecli.api._common import DataOptions, InputOptions, load_input, save_output
+from prunecli.errors import InputError
+from prunecli.record import Result
+
+__all__ = ["GLOBAL_SCOPE_METHODS", "default_scope", "parse_layer_ratio", "prune"]
+
+_LOG = logging.getLogger("prunecli")
+
+GLOBAL_SCOPE_METHODS = frozenset({"taylor", "snip", "biascomp", "proscore"})
+"""Criteria pruned with ``--scope global`` by default (their scores are comparable across layers)."""
+
+_MAGNITUDE = frozenset({"magnitude", "l1", "l2"})
+
+
+def default_scope(method: str | None) -> str:
+    """The scope used when ``--scope`` is not given (see the module docstring)."""
+    return "global" if (method or "").lower() in GLOBAL_SCOPE_METHODS else "layer"
+
+
+def parse_layer_ratio(text: str) -> tuple[str, float]:
+    """``"blocks.0.*=0.2"`` → ``("blocks.0.*", 0.2)``.
+
+    Raises:
+        InputError: not of the form GLOB=R with a number R.
+    """
+    glob, sep, value = text.rpartition("=")
+    try:
+        ratio = float(value)
+    except ValueError:
+        ratio = math.nan
+    if not sep or not glob or math.isnan(ratio):
+        raise InputError(f"--layer-ratio {text!r} is not GLOB=R", hint="e.g. --layer-ratio 'blocks.0.*=0.2'")
+    return glob, ratio
+
+
+def prune(
+    spec: str,
+    *,
+    out: str | Path,
+    ratio: float | None = None,
+    scores: str | Path | None = None,
+    method: str | None = None,
+    data: str | None = None,
+    params: Mapping[str, Any] | None = None,
+    batches: int | None = None,
+    fraction: float | None = None,
+    structure: str = "unstructured",
+    scope: str | None = None,
+    exclude: Sequence[str] = (),
+    include_head: bool = False,
+    layer_ratios: Sequence[tuple[str, float]] | Mapping[str, float] = (),
+    round_to: int = 1,
+    min_channels: int = 1,
+    compensate: str | None = None,
+    restore: str | None = None,
+    inputs: InputOptions | None = None,
+    data_options: DataOptions | None = None,
+    device: str = "auto",
+    batch_size: int = 128,
+    workers: int = 0,
+    seed: int = 0,
+    score_mode: str = "eval",
+    force: bool = False,
+) -> Result:
+    """Prunes CKPT and writes the result to ``out``.
+
+    Args:
+        spec: CKPT (any DESIGN §2 form).
+        out: output checkpoint (``.safetensors`` file or ``DIR/``).
+        ratio: fraction of weights (unstructured) or channels (channel) to remove, in [0, 1); implied
+            by N:M (``(M−N)/M``) and may be omitted there.
+        scores: a scores file of this checkpoint (``prunecli score``).
+        method: a criterion to compute the scores in process instead (``magnitude``, ``taylor``, …).
+        data: calibration data spec for data-driven ``method``.
+        params: criterion options (``-p key=value``).
+        batches: calibration batches for ``method``.
+        fraction: calibration fraction of the data for ``method``.
+        structure: ``unstructured``, ``channel`` or ``N:M`` (e.g. ``2:4``).
+        scope: ``layer`` or ``global``; default per :func:`default_scope`.
+        exclude: globs of layers (module or parameter names) not to prune.
+        include_head: prune the classifier head too (excluded by default).
+        layer_ratios: (glob, ratio) pairs giving matching layers their own ratio.
+        round_to: channel pruning: keep channel counts a multiple of this.
+        min_channels: channel pruning: keep at least this many channels per layer.
+        compensate: ``bias`` applies paper E's bias shifts (needs biascomp scores).
+        restore: channel pruning: run this training-free restoration afterwards (``lbyl``, …).
+        inputs: how to read CKPT when it does not describe itself.
+        data_options: input size / mean / std overrides (data and the MAC count).
+        device: scoring device for ``method``.
+        batch_size: scoring batch size for ``method``.
+        workers: DataLoader workers for ``method``.
+        seed: seed for ``method`` (random criterion, sampling).
+        score_mode: ``eval`` or ``train`` model mode while scoring.
+        force: overwrite an existing ``out``.
+
+    Returns:
+        The written checkpoint, its sha256 and the metrics of DESIGN §3 (``sparsity``,
+        ``target_ratio``, ``params``, ``params_nonzero``, ``macs``, ``macs_nonzero``, ``layers``,
+        ``bitmask_bytes``, …).
+
+    Example:
+        >>> prune("base.safetensors", method="magnitude", ratio=0.5, out="p50.safetensors").metrics["sparsity"]
+        0.5
+    """
+    from prunecli.checkpoint.io import check_output, file_sha256
+    from prunecli.pruning.nm import parse_nm
+
+    if (scores is None) == (method is None):
+        raise InputError("give exactly one of --scores FILE and --method M", hint="e.g. --method magnitude")
+    if compensate not in (None, "bias"):
+        raise InputError(f"unknown compensation {compensate!r}; choose from bias")
+    nm = parse_nm(structure)
+    kind = "nm" if nm else structure
+    if kind not in _ENGINES:
+        raise InputError(f"unknown structure {structure!r}; choose from unstructured, channel, N:M (e.g. 2:4)")
+    if nm:
+        implied = (nm[1] - nm[0]) / nm[1]
+        if ratio is not None and not math.isclose(ratio, implied):
+            raise InputError(f"--ratio {ratio:g} contradicts --structure {structure} (removes {implied:g})",
+                             hint="omit --ratio with N:M")  # fmt: skip
+        ratio = implied
+    if ratio is None:
+        raise InputError("--ratio is required", hint="e.g. --ratio 0.5")
+    from prunecli.pruning.unstructured import check_ratio
+
+    check_ratio(ratio)
+    pairs = list(layer_ratios.items()) if isinstance(layer_ratios, Mapping) else list(layer_ratios)
+    for _, r in pairs:
+        check_ratio(r)
+    if scope not in (None, "layer", "global"):
+        raise InputError(f"unknown scope {scope!r}; choose from global, layer")
+    if compensate and kind == "channel":
+        raise InputError("--compensate bias applies to removed weights, not to removed channels",
+                         hint="use it with --structure unstructured or N:M")  # fmt: skip
+    if restore and kind != "channel":
+        raise InputError("--restore needs --structure channel", hint="restoration rebuilds removed channels")
+    scores_path = Path(scores).expanduser().resolve() if scores is not None else None
+    if scores_path is not None and not scores_path.is_file():
+        raise InputError(f"scores file {str(scores)!r} does not exist")
+    check_output(out, force=force, inputs=[scores_path])
+
+    loaded = load_input(spec, inputs)
+    check_output(out, force=force, inputs=[loaded.source.path, loaded.source.weights, scores_path])
+    sf = _load_scores(scores_path, loaded, kind) if scores_path else None
+    name = sf.method if sf else str(method)
+    job = _Job(
+        loaded=loaded, kind=kind, nm=nm, ratio=float(ratio), scope=scope or default_scope(name), method=name,
+        sf=sf, compensate=compensate, data_options=data_options, round_to=round_to, min_channels=min_channels,
+    )  # fmt: skip
+    job.select_layers(exclude, include_head, pairs)
+    if sf is None and not (name.lower() in _MAGNITUDE and kind != "channel"):
+        from prunecli.scoring import compute_scores
+
+        job.sf = compute_scores(
+            loaded, name, data=data, data_options=data_options, batches=batches, fraction=fraction,
+            params=dict(params or {}), device=device, batch_size=batch_size, seed=seed, score_mode=score_mode,
+        )  # fmt: skip
+        _check_granularity(job.sf, kind)
+    metrics, manifest = _ENGINES[kind](job)
+    options = {
+        "ratio": ratio, "structure": structure, "scope": job.scope, "scores": str(scores_path) if scores_path else None,
+        "scores_sha256": file_sha256(scores_path) if scores_path else None, "method": name, "data": data,
+        "params": dict(params or {}), "exclude": list(exclude), "include_head": include_head,
+        "layer_ratios": [f"{g}={r:g}" for g, r in pairs], "compensate": compensate,
+    }  # fmt: skip
+    if kind == "channel":
+        options.update(round_to=round_to, min_channels=min_channels, restore=restore)
+    path, sha = save_output(out, loaded.model, loaded, command="prune", options=options, force=force, manifest=manifest)
+    from prunecli.device import describe, resolve_device
+
+    dev = describe(resolve_device(device)) if job.sf is not None and sf is None else "cpu"
+    return Result(checkpoint=path, sha256=sha, metrics=metrics, device=dev)
+
+
+class _Job:
+    """The resolved inputs of one prune run, shared by the structure engines."""
+
+    def __init__(self, **kw: Any) -> None:
+        self.__dict__.update(kw)
+        from prunecli.prunable import prunable_layers
+
+        self.model = self.loaded.model
+        self.layers = {f"{n}.weight": m for n, m in prunable_layers(self.model).items()}
+        self.weights = {n: m.weight.data for n, m in self.layers.items()}
+        self.selected: list[str] = []
+        self.per_layer: dict[str, float] = {}
+
+    def select_layers(self, exclude: Sequence[str], include_head: bool, pairs: Sequence[tuple[str, float]]) -> None:
+        """Resolves head/exclude/layer-ratio globs to parameter names; warns on globs matching nothing."""
+        from prunecli.prunable import classifier_modules, match_any
+
+        head = [] if include_head else [f"{n}.weight" for n in classifier_modules(self.model)]
+        for pattern in exclude:
+            if not any(match_any(n, [pattern]) for n in self.layers):
+                _LOG.warning("--exclude %r matches no prunable layer", pattern)
+        self.excluded = [n for n in self.layers if n in head or match_any(n, exclude)]
+        self.selected = [n for n in self.layers if n not in self.excluded]
+        if not self.selected:
+            raise InputError("no prunable layer is left after --exclude", hint="loosen --exclude or --include-head")
+        for pattern, r in pairs:
+            hits = [n for n in self.selected if match_any(n, [pattern])]
+            if not hits:
+                _LOG.warning("--layer-ratio %r matches no layer being pruned", pattern)
+            self.per_layer.update({n: r for n in hits})
+
+    def score_of(self) -> Callable[[str], Any]:
+        """Parameter name → scores: from the scores file, or ``|w|`` computed on the fly."""
+        if self.sf is None:
+            return lambda n: self.weights[n].abs()
+        table = self.sf.scores
+
+        def lookup(n: str) -> Any:
+            if n not in table:
+                raise InputError(
+                    f"the scores file has no scores for {n!r}", hint=f"--exclude {n.removesuffix('.weight')}"
+                )
+            return table[n]
+
+        return lookup
+
+    def compensation(self, trace: Any) -> Any:
+        """The ``on_mask`` callback of ``--compensate bias``, or None."""
+        if not self.compensate:
+            return None
+        from prunecli.pruning.compensate import BiasCompensation
+
+        shifts = (self.sf.extras.get("bias_shift") if self.sf is not None else None) or {}
+        if not shifts:
+            raise InputError(
+                f"--compensate bias needs the bias shifts of a biascomp scores file ({self.method} has none)",
+                hint="score with --method biascomp first, or prune with --method biascomp --data SPEC",
+            )
+        return BiasCompensation(self.layers, shifts, trace.bn_after, dict(self.model.named_modules()))
+
+    def input_size(self) -> tuple[int, ...]:
+        """One sample's shape for the MAC count: the data config's input size (with overrides)."""
+        from prunecli.data import data_config
+
+        opts = self.data_options or DataOptions()
+        cfg = data_config(self.loaded.manifest.pretrained_cfg, input_size=opts.input_size, mean=opts.mean, std=opts.std)
+        return tuple(int(s) for s in cfg["input_size"])
+
+
+def _load_scores(path: Path, loaded: Any, kind: str) -> Any:
+    from prunecli.scores import load_scores
+
+    sf = load_scores(path)
+    sf.check_checkpoint(loaded.sha256, where=f"scores {path.name}")
+    _check_granularity(sf, kind)
+    return sf
+
+
+def _check_granularity(sf: Any, kind: str) -> None:
+    if kind != "channel" and sf.granularity != "weight":
+        raise InputError(
+            f"{sf.method} scores are per {sf.granularity}; unstructured and N:M pruning need per-weight scores",
+            hint="use --structure channel with these scores, or score with a weight criterion",
+        )
+
+
+def _unstructured(job: _Job) -> tuple[dict[str, Any], Any]:
+    from prunecli.pruning import trace_layers
+    from prunecli.pruning.unstructured import plan_scopes, prune_unstructured
+
+    sizes = {n: job.weights[n].numel() for n in job.selected}
+    scopes = plan_scopes(sizes, job.ratio, job.scope, job.per_layer)
+    trace = trace_layers(job.model, job.input_size())
+    comp = job.compensation(trace)
+    removed = prune_unstructured(job.weights, job.score_of(), scopes, on_mask=comp)
+    target = sum(s.k for s in scopes) / max(sum(sizes.values()), 1)
+    return _finish(job, trace, removed, target, comp)
+
+
+def _nm(job: _Job) -> tuple[dict[str, Any], Any]:
+    from prunecli.pruning import trace_layers
+    from prunecli.pruning.nm import prune_nm
+
+    if job.per_layer:
+        raise InputError("--layer-ratio does not apply to N:M sparsity", hint="--exclude layers instead")
+    trace = trace_layers(job.model, job.input_size())
+    comp = job.compensation(trace)
+    n, m = job.nm
+    removed, skipped = prune_nm(job.weights, job.score_of(), job.selected, n, m, on_mask=comp)
+    job.selected = [s for s in job.selected if s not in skipped]
+    metrics, manifest = _finish(job, trace, removed, (m - n) / m, comp)
+    metrics["nm_skipped"] = skipped
+    return metrics, manifest
+
+
+def _channel(job: _Job) -> tuple[dict[str, Any], Any]:
+    try:
+        from prunecli.pruning import channel  # noqa: F401
+    except ModuleNotFoundError:
+        raise InputError("--structure channel is not available in this build yet") from None
+    raise InputError("--structure channel is not wired into prune yet")
+
+
+_ENGINES: dict[str, Callable[[_Job], tuple[dict[str, Any], Any]]] = {
+    "unstructured": _unstructured,
+    "nm": _nm,
+    "channel": _channel,
+}
+
+
+def _finish(job: _Job, trace: Any, removed: Mapping[str, int], target: float, comp: Any) -> tuple[dict[str, Any], Any]:
+    """Metrics of DESIGN §3 for a masked (dense-shape) result, and the manifest listing the masks."""
+    import torch
+
+    from prunecli.evaluation import count_params
+    from prunecli.pruning import count_macs
+
+    zeros = {n: int(w.numel() - torch.count_nonzero(w)) for n, w in job.weights.items()}
+    n_sel = sum(job.weights[n].numel() for n in job.selected)
+    n_all = sum(w.numel() for w in job.weights.values())
+    masked = sorted(set(job.loaded.manifest.masked) | {n for n, c in removed.items() if c > 0})
+    manifest = dataclasses.replace(job.loaded.manifest, masked=masked)
+    metrics: dict[str, Any] = {
+        "structure": "unstructured" if job.kind == "unstructured" else f"{job.nm[0]}:{job.nm[1]}",
+        "method": job.method,
+        "scope": job.scope if job.kind == "unstructured" else None,
+        "target_ratio": job.ratio,
+        "target_sparsity": target,
+        "sparsity": sum(zeros[n] for n in job.selected) / max(n_sel, 1),
+        "sparsity_all": sum(zeros.values()) / max(n_all, 1),
+        "removed": sum(removed.values()),
+        "prunable": n_sel,
+        "excluded": job.excluded,
+        "layers": {n: zeros[n] / max(w.numel(), 1) for n, w in job.weights.items()},
+        **count_params(job.model),
+        **count_macs(job.model, trace, {n.removesuffix(".weight"): m for n, m in job.layers.items()}),
+        **_storage(job.model, set(masked)),
+    }
+    if comp is not None:
+        metrics["compensated"] = comp.summary()
+    return metrics, manifest
+
+
+def _storage(model: Any, masked: set[str]) -> dict[str, int]:
+    """Bytes of the dense checkpoint tensors, and with masked tensors stored as bitmask + nonzero values.
+
+    ``bitmask_bytes`` = Σ over masked tensors of ``ceil(numel/8) + nnz·itemsize`` plus every other
+    tensor at its dense size (no header, no compression).
+    """
+    import torch
+
+    dense = packed = 0
+    for name, t in model.state_dict().items():
+        size = t.numel() * t.element_size()
+        dense += size
+        packed += (
+            (math.ceil(t.numel() / 8) + int(torch.count_nonzero(t)) * t.element_size()) if name in masked else size
+        )
+    return {"dense_bytes": dense, "bitmask_bytes": packed}

@@ -1,0 +1,97 @@
+"""N:M semi-structured pruning (``--structure 2:4``): keep n of every m consecutive input weights.
+
+For a Linear weight ``(out, in)`` a group is ``m`` consecutive weights of one row; for a convolution
+``(out, in/groups, kh, kw)`` the row is the filter flattened in PyTorch's memory order
+(``in × kh × kw``), so a group is ``m`` consecutive entries of that vector — the layout NVIDIA's
+2:4 sparse tensor cores and ASP use after an im2col reshape. In every group the ``m − n``
+lowest-scoring weights are removed; ties are broken by position (the lower index goes first), the
+same ``(score, index)`` order as unstructured pruning. Layers whose row length is not a multiple of
+``m`` (e.g. a 3-channel 3×3 stem: 27) cannot be grouped and are skipped (reported, with a warning).
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from collections.abc import Callable, Mapping, Sequence
+
+import torch
+
+from prunecli.errors import InputError
+
+__all__ = ["parse_nm", "prune_nm"]
+
+_LOG = logging.getLogger("prunecli")
+_PATTERN = re.compile(r"^\s*(\d+)\s*:\s*(\d+)\s*$")
+
+
+def parse_nm(text: str) -> tuple[int, int] | None:
+    """``"2:4"`` → ``(2, 4)``; None when ``text`` is not of the form N:M.
+
+    Raises:
+        InputError: N:M with ``n < 1`` or ``n >= m``.
+    """
+    match = _PATTERN.match(text)
+    if not match:
+        return None
+    n, m = int(match.group(1)), int(match.group(2))
+    if not 1 <= n < m:
+        raise InputError(f"structure {text!r}: N:M needs 1 <= N < M", hint="e.g. --structure 2:4")
+    return n, m
+
+
+def prune_nm(
+    weights: Mapping[str, torch.Tensor],
+    score_of: Callable[[str], torch.Tensor],
+    names: Sequence[str],
+    n: int,
+    m: int,
+    *,
+    on_mask: Callable[[str, torch.Tensor], None] | None = None,
+) -> tuple[dict[str, int], list[str]]:
+    """Keeps the ``n`` highest-scoring weights of every group of ``m``, in place.
+
+    Args:
+        weights: parameter name → weight (modified in place).
+        score_of: parameter name → scores of the weight's shape (higher = keep).
+        names: the parameters to prune, in layer order.
+        n: weights kept per group.
+        m: group size.
+        on_mask: called as ``on_mask(name, removed)`` with the boolean mask of removed weights.
+
+    Returns:
+        (parameter name → weights removed, names skipped because their rows do not split into groups).
+
+    Example:
+        >>> prune_nm({"fc.weight": w}, lambda _: w.abs(), ["fc.weight"], 2, 4)
+    """
+    removed: dict[str, int] = {}
+    skipped: list[str] = []
+    for name in names:
+        w = weights[name]
+        row = w[0].numel() if w.ndim > 1 else 0
+        if row == 0 or row % m:
+            skipped.append(name)
+            continue
+        s = score_of(name)
+        if tuple(s.shape) != tuple(w.shape):
+            raise InputError(
+                f"scores of {name!r} have shape {list(s.shape)}, the weight has {list(w.shape)}",
+                hint="N:M pruning needs per-weight scores",
+            )
+        groups = s.detach().to(torch.float32).reshape(w.shape[0], row // m, m) + 0.0  # -0.0 == 0.0
+        if bool(torch.isnan(groups).any()):
+            raise InputError(f"scores of {name!r} hold NaN", hint="recompute the scores")
+        order = torch.sort(groups, dim=-1, stable=True).indices[..., : m - n]  # ascending, ties by index
+        remove = torch.zeros(groups.shape, dtype=torch.bool).scatter_(-1, order, True).view(w.shape)
+        with torch.no_grad():
+            w.masked_fill_(remove, 0.0)
+        if on_mask is not None:
+            on_mask(name, remove)
+        removed[name] = int(remove.sum())
+    if skipped:
+        _LOG.warning(
+            "N:M %d:%d skipped %d layer(s) whose input length is not a multiple of %d: %s",
+            n, m, len(skipped), m, ", ".join(skipped),
+        )  # fmt: skip
+    return removed, skipped

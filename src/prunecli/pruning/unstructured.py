@@ -1,0 +1,237 @@
+"""Exact unstructured pruning: remove ``k = round(r·N)`` weights per scope, ties broken by position.
+
+A *scope* is a set of prunable weights ranked together: one layer (``--scope layer``, paper A's
+``l1_unstructured``) or the union of all layers (``--scope global``, ``global_unstructured``). In each
+scope exactly ``k`` weights are removed: every weight whose score is below the k-th smallest score,
+plus, among the weights whose score equals it, the first ones in (layer order, flat index) order.
+That is the order ``sort by (score, layer, index)`` gives, so the result is deterministic and the
+achieved sparsity equals the target (METHODS §0.3).
+
+Memory: a global scope never holds more than one layer's scores at a time. The k-th smallest score
+over all layers is found by a two-pass radix select on order-preserving int32 keys of the scores
+(a 65,536-bin histogram of the high 16 bits, then of the low 16 bits inside the selected bin), so
+pruning a model needs only layer-sized temporaries on top of the model itself — no concatenated copy
+of all scores. Scores are produced per layer by a callback (``score_of(name)``), which lets
+magnitude pruning compute ``|w|`` on the fly instead of storing a second copy of the weights.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
+
+import torch
+
+from prunecli.errors import InputError
+
+__all__ = ["Scope", "order_keys", "plan_scopes", "prune_unstructured"]
+
+ScoreFn = Callable[[str], torch.Tensor]
+MaskFn = Callable[[str, torch.Tensor], None]
+
+_BINS = 1 << 16
+_HALF = 1 << 15
+
+
+@dataclass(frozen=True)
+class Scope:
+    """Weights ranked together, and how many of them to remove.
+
+    Attributes:
+        names: parameter names in layer order (the tie-break order between layers).
+        k: number of weights to remove in the union of ``names``.
+        ratio: the ratio ``k`` was derived from (reported, not used for selection).
+    """
+
+    names: tuple[str, ...]
+    k: int
+    ratio: float
+
+
+def plan_scopes(
+    sizes: Mapping[str, int],
+    ratio: float,
+    scope: str,
+    layer_ratios: Mapping[str, float] | None = None,
+) -> list[Scope]:
+    """Splits the prunable weights into scopes with exact removal counts ``round(r·N)``.
+
+    Layers with an explicit per-layer ratio (``--layer-ratio``) always form a scope of their own;
+    with ``scope="global"`` the remaining layers share one scope at ``ratio``. Python's ``round``
+    (half to even) is used, as ``torch.nn.utils.prune`` does, so counts match it exactly.
+
+    Args:
+        sizes: parameter name → number of weights, in layer order.
+        ratio: fraction of weights to remove, in [0, 1).
+        scope: ``layer`` or ``global``.
+        layer_ratios: parameter name → its own ratio.
+
+    Raises:
+        InputError: a ratio outside [0, 1), an unknown scope, or a count that would remove every
+            weight of a layer-scoped layer.
+
+    Example:
+        >>> plan_scopes({"a.weight": 10, "b.weight": 30}, 0.5, "global")
+        [Scope(names=('a.weight', 'b.weight'), k=20, ratio=0.5)]
+    """
+    layer_ratios = dict(layer_ratios or {})
+    for r in (ratio, *layer_ratios.values()):
+        check_ratio(r)
+    if scope not in ("layer", "global"):
+        raise InputError(f"unknown scope {scope!r}; choose from global, layer")
+    scopes: list[Scope] = []
+    pooled: list[str] = []
+    for name, n in sizes.items():
+        if name in layer_ratios or scope == "layer":
+            r = layer_ratios.get(name, ratio)
+            scopes.append(Scope((name,), round(r * n), r))
+        else:
+            pooled.append(name)
+    if pooled:
+        scopes.append(Scope(tuple(pooled), round(ratio * sum(sizes[n] for n in pooled)), ratio))
+    for s in scopes:
+        if len(s.names) == 1 and s.k >= sizes[s.names[0]] > 0:
+            raise InputError(
+                f"ratio {s.ratio:g} would remove every weight of {s.names[0]!r} ({sizes[s.names[0]]} weights)",
+                hint="lower the ratio for this layer (--layer-ratio) or --exclude it",
+            )
+    return scopes
+
+
+def check_ratio(ratio: float) -> None:
+    """Refuses a pruning ratio outside [0, 1)."""
+    if not (0.0 <= ratio < 1.0):
+        raise InputError(f"ratio {ratio:g} is outside [0, 1)", hint="pass the fraction of weights to remove, e.g. 0.5")
+
+
+def order_keys(scores: torch.Tensor, name: str = "scores") -> torch.Tensor:
+    """Flat int32 keys whose integer order is the float order of ``scores`` (``-0.0`` equals ``0.0``).
+
+    The IEEE-754 bit pattern of a non-negative float grows with its value; for negative floats the
+    magnitude bits are flipped so that more negative means smaller. Equal floats get equal keys.
+
+    Raises:
+        InputError: a score is NaN (no order exists).
+    """
+    s = scores.detach().reshape(-1).to(torch.float32) + 0.0  # a fresh copy; -0.0 becomes +0.0
+    if bool(torch.isnan(s).any()):
+        raise InputError(f"{name} holds NaN scores", hint="recompute the scores; NaN cannot be ranked")
+    keys = s.view(torch.int32)
+    flip = keys >> 31  # -1 (all bits) for negative floats, 0 otherwise
+    flip &= 0x7FFFFFFF
+    keys ^= flip
+    return keys
+
+
+def _kth_key(keys_of: Callable[[], Iterator[torch.Tensor]], k: int) -> tuple[int, int]:
+    """Radix select: (key of the k-th smallest element, 1-based; number of keys strictly below it)."""
+    hist = torch.zeros(_BINS, dtype=torch.int64)
+    for keys in keys_of():
+        hist += torch.bincount((keys >> 16) + _HALF, minlength=_BINS)
+    cum = hist.cumsum(0)
+    hi = int(torch.searchsorted(cum, k))
+    below = int(cum[hi - 1]) if hi else 0
+    hist.zero_()
+    for keys in keys_of():
+        inside = keys[(keys >> 16) == hi - _HALF]
+        if inside.numel():
+            hist += torch.bincount(inside & 0xFFFF, minlength=_BINS)
+    cum = hist.cumsum(0)
+    lo = int(torch.searchsorted(cum, k - below))
+    below += int(cum[lo - 1]) if lo else 0
+    return (hi - _HALF) * _BINS + lo, below
+
+
+def _checked_scores(name: str, weight: torch.Tensor, score_of: ScoreFn) -> torch.Tensor:
+    s = score_of(name)
+    if tuple(s.shape) != tuple(weight.shape):
+        raise InputError(
+            f"scores of {name!r} have shape {list(s.shape)}, the weight has {list(weight.shape)}",
+            hint="the scores belong to another model or are channel scores; use --structure channel for those",
+        )
+    return s
+
+
+def prune_unstructured(
+    weights: Mapping[str, torch.Tensor],
+    score_of: ScoreFn,
+    scopes: Sequence[Scope],
+    *,
+    on_mask: MaskFn | None = None,
+) -> dict[str, int]:
+    """Zeroes exactly ``scope.k`` lowest-scoring weights in every scope, in place.
+
+    Args:
+        weights: parameter name → weight tensor (modified in place with ``masked_fill_``).
+        score_of: parameter name → score tensor of the weight's shape (higher = keep); called once
+            or a few times per layer, so it may compute scores on the fly.
+        scopes: from :func:`plan_scopes`.
+        on_mask: called as ``on_mask(name, removed)`` with the boolean mask of the weights removed
+            from that layer (e.g. to apply bias compensation).
+
+    Returns:
+        parameter name → number of weights removed.
+
+    Raises:
+        InputError: scores of the wrong shape, NaN scores, or a global selection that removes every
+            weight of a layer. The weights may already be partly pruned then; discard the model.
+
+    Example:
+        >>> w = {"fc.weight": model.fc.weight.data}
+        >>> scopes = plan_scopes({"fc.weight": w["fc.weight"].numel()}, 0.5, "layer")
+        >>> prune_unstructured(w, lambda n: w[n].abs(), scopes)
+    """
+    removed: dict[str, int] = {}
+    for scope in scopes:
+        if scope.k <= 0:
+            removed.update({n: 0 for n in scope.names})
+            continue
+        if len(scope.names) == 1:  # one layer: its keys fit in memory once, no radix passes needed
+            name = scope.names[0]
+            keys = order_keys(_checked_scores(name, weights[name], score_of), name)
+            t = int(torch.kthvalue(keys, scope.k).values)
+            below = int((keys < t).sum())
+            removed[name], _ = _apply(name, weights[name], keys, t, scope.k - below, on_mask, single=True)
+            continue
+
+        def keys_of(names: tuple[str, ...] = scope.names) -> Iterator[torch.Tensor]:
+            for n in names:
+                yield order_keys(_checked_scores(n, weights[n], score_of), n)
+
+        t, below = _kth_key(keys_of, scope.k)
+        need = scope.k - below
+        for name, keys in zip(scope.names, keys_of(), strict=True):
+            removed[name], took = _apply(name, weights[name], keys, t, need, on_mask, single=False)
+            need -= took
+    return removed
+
+
+def _apply(
+    name: str,
+    weight: torch.Tensor,
+    keys: torch.Tensor,
+    t: int,
+    ties: int,
+    on_mask: MaskFn | None,
+    *,
+    single: bool,
+) -> tuple[int, int]:
+    """Removes keys < t and the first ``ties`` keys == t; returns (removed, ties taken)."""
+    remove = keys < t
+    took = 0
+    if ties > 0:
+        eq = (keys == t).nonzero().squeeze(1)[:ties]
+        remove[eq] = True
+        took = eq.numel()
+    count = int(remove.sum())
+    if count >= weight.numel() and not single:
+        raise InputError(
+            f"the global selection would remove every weight of {name!r} ({weight.numel()} weights)",
+            hint="lower --ratio, give this layer its own --layer-ratio, or --exclude it",
+        )
+    remove = remove.view(weight.shape)
+    with torch.no_grad():
+        weight.masked_fill_(remove, 0.0)
+    if on_mask is not None:
+        on_mask(name, remove)
+    return count, took
