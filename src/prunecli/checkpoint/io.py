@@ -11,6 +11,7 @@ import argparse
 import hashlib
 import json
 import os
+import re
 import shutil
 import tempfile
 from collections.abc import Mapping, Sequence
@@ -83,14 +84,15 @@ def _torch_load(path: Path) -> Any:
     except FileNotFoundError:
         raise CheckpointError(f"{path}: no such file") from None
     except Exception as exc:  # pickle.UnpicklingError, RuntimeError from zip reader, EOFError, …
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else exc.__class__.__name__
-        if "weights_only" in str(exc) or "Unsupported global" in str(exc):
-            glob = str(exc).split("Unsupported global:")[-1].split(".")[0:3] if "Unsupported global" in str(exc) else []
-            detail = f" ({'.'.join(glob).strip()})" if glob else ""
+        text = str(exc).strip()
+        glob = re.search(r"GLOBAL\s+([\w.]+)", text)
+        if glob or "weights_only" in text or "Weights only load failed" in text:
+            detail = f" ({glob.group(1).rstrip('.')})" if glob else ""
             raise CheckpointError(
                 f"{path}: refused to unpickle: the file references a global that is not allowlisted{detail}",
                 hint="prunecli loads torch files with weights_only=True; convert the weights to safetensors",
             ) from None
+        first = text.splitlines()[0] if text else exc.__class__.__name__
         raise CheckpointError(f"{path}: not a readable torch checkpoint ({first[:160]})") from None
 
 
@@ -225,7 +227,12 @@ def load_checkpoint(
         manifest.model_args.update(model_args)
     sd = {k: (v.float() if v.is_floating_point() else v) for k, v in sd.items()}
     _check_finite(sd, source.spec)
-    return Loaded(build_model(manifest, sd), manifest, source)
+    model = build_model(manifest, sd)
+    if manifest.adapters:  # finetune-lora --merge none: the LoRA adapter kept beside the weights
+        from prunecli.lora import attach_adapters
+
+        model = attach_adapters(model, manifest.adapters, source.path or source.spec)
+    return Loaded(model, manifest, source)
 
 
 def hf_hub_cache() -> Path:
@@ -328,14 +335,14 @@ def check_output(out: str | Path, *, force: bool, inputs: Sequence[Path | None] 
     path = Path(out).expanduser().resolve()
     if not folder and path.suffix != ".safetensors":
         raise InputError(
-            f"output {out!r} must end in .safetensors (one file) or '/' (a timm folder)",
+            f"output '{out}' must end in .safetensors (one file) or '/' (a timm folder)",
             hint=f"try -o {Path(str(out)).with_suffix('.safetensors')}",
         )
     targets = {path, path / "model.safetensors"} if folder else {path}
     if any(inp is not None and Path(inp).resolve() in targets for inp in inputs):
-        raise InputError(f"output {out!r} is the input checkpoint", hint="write to a new path")
+        raise InputError(f"output '{out}' is the input checkpoint", hint="write to a new path")
     if path.exists() and not force:
-        raise InputError(f"output {out!r} exists", hint="pass --force to overwrite it")
+        raise InputError(f"output '{out}' exists", hint="pass --force to overwrite it")
     if not path.parent.is_dir():
         raise InputError(f"output directory {str(path.parent)!r} does not exist")
     return path
