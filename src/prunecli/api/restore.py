@@ -1,0 +1,365 @@
+"""``prunecli restore``: training-free restoration after channel pruning (paper B; METHODS §2).
+
+Two entry points:
+
+``restore(spec, *, method, dense=None, data=None, val=None, params={}, out, force=False, ...) -> Result``
+    The subcommand: reads a channel-pruned checkpoint, finds its dense parent through the lineage (the
+    last ``prune`` step's ``input``, checked against its ``input_sha256``; ``dense=`` points elsewhere
+    but must have the same sha256), restores, writes OUT and reports per-layer reconstruction errors
+    (with ``data``) and accuracy before/after (with ``val``).
+
+``restore_model(pruned_model, dense_model, structure, method="lbyl", *, params=None, calib=None, val=None,
+device="cpu", example_input=None) -> RestoreReport``
+    The library call that ``prune --restore METHOD`` uses in one step. ``pruned_model`` is rewritten in
+    place; ``dense_model`` is the *unpruned* model (keep a ``copy.deepcopy`` before pruning in place);
+    ``structure`` is ``manifest.structure`` (only ``structure["channels"]`` is read). ``calib`` is an
+    iterable of input batches or ``(x, y)`` pairs (required by ``lstsq``/``bn``; also enables the
+    reconstruction errors); ``val`` an iterable of ``(x, y)`` for accuracy before/after.
+    ``example_input`` is one input batch for tracing (default: the first calibration batch, else
+    ``dense_model.pretrained_cfg["input_size"]``). ``RestoreReport.metrics()`` is what the record shows.
+
+``method`` is a registry name (``lbyl``, ``merge``, ``lstsq``, ``bn``) or several joined by ``+``
+(``lbyl+bn``), applied in order.
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from prunecli.api._common import DataOptions, InputOptions, load_data
+from prunecli.errors import CheckpointError, InputError
+from prunecli.record import Result
+
+__all__ = ["RestoreReport", "restore", "restore_model"]
+
+_RECON_BATCHES = 4  # calibration batches used for the per-layer reconstruction errors
+
+
+@dataclass
+class RestoreReport:
+    """What :func:`restore_model` did.
+
+    Attributes:
+        methods: the methods applied, in order.
+        params: resolved parameters per method.
+        layers: method → producer → details (consumers, kept/pruned counts, solve fallbacks, …).
+        recon: consumer → {"before": rel. error, "after": rel. error} of its pre-activation output vs the
+            dense model on calibration batches (empty without calibration data).
+        refused: producer → why its pruned channels were left as they are.
+        warnings: every warning emitted.
+        accuracy: {"before": {...}, "after": {...}} evaluation metrics with ``val``.
+        seconds: wall time per method.
+    """
+
+    methods: list[str]
+    params: dict[str, dict[str, Any]]
+    layers: dict[str, dict[str, Any]] = field(default_factory=dict)
+    recon: dict[str, dict[str, float]] = field(default_factory=dict)
+    refused: dict[str, str] = field(default_factory=dict)
+    warnings: list[str] = field(default_factory=list)
+    accuracy: dict[str, dict[str, Any]] = field(default_factory=dict)
+    seconds: dict[str, float] = field(default_factory=dict)
+
+    def metrics(self) -> dict[str, Any]:
+        """Flat, JSON-able metrics for the record."""
+        rows = []
+        for method, layers in self.layers.items():
+            for producer, info in sorted(layers.items()):
+                row = {"method": method, "producer": producer, **{k: v for k, v in info.items() if k != "method"}}
+                errs = {c: self.recon[c] for c in info.get("consumers", []) if c in self.recon}
+                if errs:
+                    row["recon_error_before"] = {c: e["before"] for c, e in errs.items()}
+                    row["recon_error"] = {c: e["after"] for c, e in errs.items()}
+                rows.append(row)
+        out: dict[str, Any] = {
+            "method": "+".join(self.methods),
+            "params": self.params,
+            "restored_layers": len({r["producer"] for r in rows if r["producer"] != "*"}),
+            "layers": rows,
+            "refused": self.refused,
+            "warnings": self.warnings,
+            "restore_s": self.seconds,
+        }
+        if self.recon:
+            after = [e["after"] for e in self.recon.values()]
+            before = [e["before"] for e in self.recon.values()]
+            out["recon_error_mean"] = sum(after) / len(after)
+            out["recon_error_before_mean"] = sum(before) / len(before)
+        if self.accuracy:
+            after, before = self.accuracy.get("after", {}), self.accuracy.get("before", {})
+            out.update({k: v for k, v in after.items() if k in ("top1", "top5", "loss", "samples")})
+            out.update({f"{k}_before": v for k, v in before.items() if k in ("top1", "top5", "loss")})
+        return out
+
+
+def _inputs_only(batches: Iterable[Any] | None, limit: int) -> list[Any]:
+    out, n = [], 0
+    if batches is None:
+        return out
+    for b in batches:
+        x = b[0] if isinstance(b, (tuple, list)) else b
+        out.append(x.detach().cpu())
+        n += len(x)
+        if n >= limit:
+            break
+    return out
+
+
+def restore_model(
+    pruned_model: Any,
+    dense_model: Any,
+    structure: Mapping[str, Any] | None,
+    method: str = "lbyl",
+    *,
+    params: Mapping[str, Any] | None = None,
+    calib: Iterable[Any] | None = None,
+    val: Iterable[Any] | None = None,
+    device: Any = "cpu",
+    example_input: Any = None,
+) -> RestoreReport:
+    """Restores ``pruned_model`` in place from ``dense_model`` and the kept channels in ``structure``.
+
+    Raises:
+        InputError: unknown method or parameter, ``lstsq``/``bn`` without ``calib``, a repeated
+            compensation method.
+        CheckpointError: no channel structure, or a dense model that does not fit it.
+    """
+    import torch
+
+    from prunecli.restoration import parse_methods, resolve_params
+    from prunecli.restoration.core import RestoreContext, channel_plan, pruned_producers, reconstruction_errors
+    from prunecli.restoration.graph import find_pairs
+
+    methods = parse_methods(method)
+    resolved = resolve_params(methods, params)
+    plan = channel_plan(structure)
+    producers = pruned_producers(plan)
+    if not producers:
+        raise CheckpointError("the checkpoint's structure prunes no output channel: nothing to restore")
+    needs_data = [m.name for m in methods if m.needs_data]
+    limit = max([int(p.get("samples", 0)) for p in resolved] + [1])
+    calib_list = _inputs_only(calib, limit)
+    if needs_data and not calib_list:
+        raise InputError(f"{needs_data[0]} needs calibration data", hint="pass --data SPEC (e.g. --data digits:train)")
+    dev = torch.device(device) if not isinstance(device, torch.device) else device
+    needs_dense = any(m.needs_dense for m in methods)
+    if needs_dense and dense_model is None:
+        raise InputError(f"{methods[0].name} needs the dense parent model")
+    pruned_model.eval()
+    report = RestoreReport([m.name for m in methods], {m.name: p for m, p in zip(methods, resolved, strict=True)})
+    ctx = RestoreContext(pruned_model, dense_model, plan, calib=calib_list or None, device=dev)
+    if dense_model is not None:
+        dense_model.eval()
+        _check_dense(dense_model, producers)
+        x = example_input
+        if x is None:
+            x = calib_list[0][:1] if calib_list else _example(dense_model)
+        convlin = [n for n in producers if isinstance(dense_model.get_submodule(n), (torch.nn.Conv2d, torch.nn.Linear))]
+        ctx.pairs = find_pairs(dense_model, x, convlin)
+        report.refused = dict(sorted(ctx.pairs.refused.items()))
+    before = copy.deepcopy(pruned_model) if (calib_list and dense_model is not None) or val is not None else None
+    for m, p in zip(methods, resolved, strict=True):
+        ctx.layers = {}
+        start = time.perf_counter()
+        m.run(ctx, p)
+        report.seconds[m.name] = round(time.perf_counter() - start, 4)
+        report.layers[m.name] = ctx.layers
+    pruned_model.to("cpu").eval()
+    report.warnings = list(ctx.warnings)
+    if calib_list and dense_model is not None and ctx.pairs is not None and before is not None:
+        consumers = sorted({c.name for n in producers if n in ctx.pairs.pairs for c in ctx.pairs.pairs[n].consumers})
+        batches = calib_list[:_RECON_BATCHES]
+        report.recon = reconstruction_errors(
+            dense_model, {"before": before, "after": pruned_model}, plan, consumers, batches, dev
+        )
+        for mod in (dense_model, before, pruned_model):
+            mod.to("cpu")
+    if val is not None:
+        from prunecli.evaluation import evaluate_model
+
+        val_list = list(val)
+        report.accuracy = {
+            "before": evaluate_model(before, val_list, dev),
+            "after": evaluate_model(pruned_model, val_list, dev),
+        }
+        before.to("cpu")
+        pruned_model.to("cpu")
+    return report
+
+
+def _check_dense(dense_model: Any, producers: Mapping[str, tuple[list[int], int]]) -> None:
+    for name, (_, width) in producers.items():
+        try:
+            mod = dense_model.get_submodule(name)
+        except AttributeError:
+            raise CheckpointError(f"the dense parent has no module {name!r}", hint="pass the right --dense") from None
+        w = getattr(mod, "weight", None)
+        if w is not None and w.ndim >= 1 and w.shape[0] != width:
+            raise CheckpointError(
+                f"the dense parent's {name} has {w.shape[0]} output channels, the structure says {width}",
+                hint="pass the checkpoint that was pruned as --dense",
+            )
+
+
+def _example(model: Any) -> Any:
+    import torch
+
+    cfg = getattr(model, "pretrained_cfg", None) or {}
+    size = cfg.get("input_size")
+    if not size:
+        raise InputError("cannot tell the model's input size to trace it", hint="pass calibration data")
+    return torch.randn(1, *[int(s) for s in size])
+
+
+def _prune_step(lineage: list[dict[str, Any]]) -> tuple[int, dict[str, Any]] | None:
+    for i in range(len(lineage) - 1, -1, -1):
+        if lineage[i].get("command") == "prune":
+            return i, lineage[i]
+    return None
+
+
+def restore(
+    spec: str,
+    *,
+    method: str = "lbyl",
+    out: str,
+    dense: str | None = None,
+    data: str | None = None,
+    val: str | None = None,
+    params: Mapping[str, Any] | None = None,
+    force: bool = False,
+    inputs: InputOptions | None = None,
+    data_options: DataOptions | None = None,
+    device: str = "auto",
+    batch_size: int = 64,
+    workers: int = 0,
+    seed: int = 0,
+) -> Result:
+    """Restores a channel-pruned checkpoint and writes OUT.
+
+    Args:
+        spec: the channel-pruned CKPT (written by ``prune --structure channel``).
+        method: ``lbyl`` (default), ``merge``, ``lstsq``, ``bn``, or several joined by ``+``.
+        out: output checkpoint.
+        dense: the dense parent; default: the lineage's prune input. Its sha256 must match the lineage.
+        data: calibration data (split defaults to ``train``): needed by ``lstsq``/``bn``; with any
+            method it adds per-layer reconstruction errors to the record.
+        val: evaluation data (split defaults to ``test``): adds top-1 before and after restoration.
+        params: method parameters (``lambda1``, ``lambda2``, ``mode``, ``threshold``, ``lambda``,
+            ``ridge``, ``samples``).
+        force: overwrite an existing OUT.
+        inputs: how to read CKPT when it does not describe itself.
+        data_options: input size / mean / std overrides.
+        device: ``auto``, ``cpu``, ``cuda[:i]``.
+        batch_size: calibration/evaluation batch size.
+        workers: DataLoader workers.
+        seed: seeds the data loaders.
+
+    Example:
+        >>> restore("p50.safetensors", method="lbyl", out="p50r.safetensors").metrics["restored_layers"]
+    """
+    from prunecli.checkpoint.io import check_output, load_checkpoint
+    from prunecli.checkpoint.sources import resolve_source
+    from prunecli.data import make_loader
+    from prunecli.device import describe, resolve_device, seed_everything
+    from prunecli.restoration import parse_methods, resolve_params
+
+    methods = parse_methods(method)
+    resolve_params(methods, params)  # refuse unknown -p keys before any work
+    needs_data = [m.name for m in methods if m.needs_data]
+    if needs_data and not data:
+        raise InputError(f"{needs_data[0]} needs calibration data", hint="pass --data SPEC (e.g. --data digits:train)")
+    check_output(out, force=force)
+    opts = inputs or InputOptions()
+    source = resolve_source(spec)
+    check_output(out, force=force, inputs=[source.path, source.weights])
+    dev = resolve_device(device)
+    seed_everything(seed)
+    loaded = load_checkpoint(spec, arch=opts.arch, num_classes=opts.num_classes, ema=opts.ema,
+                             model_args=dict(opts.model_args), source=source)  # fmt: skip
+    manifest = loaded.manifest
+    structure = manifest.structure
+    if not structure or not (structure.get("channels") if isinstance(structure, dict) else None):
+        raise InputError(
+            f"{spec} is not channel-pruned: restore rebuilds channels removed by structured pruning",
+            hint="prune with --structure channel first (unstructured/N:M masks have nothing to restore)",
+        )
+    lineage = list(manifest.lineage)
+    found = _prune_step(lineage)
+    if any(m.compensates for m in methods) and found is not None:
+        for step in lineage[found[0] + 1 :]:
+            prev = str((step.get("options") or {}).get("method", ""))
+            if step.get("command") == "restore" and any(p in ("lbyl", "merge", "nm") for p in prev.split("+")):
+                raise InputError(
+                    f"{spec} was already restored with {prev}: folding the pruned channels again would double them",
+                    hint="restore the output of prune, or use lstsq/bn on top",
+                )
+    dense_loaded, dense_path, dense_sha = None, None, None
+    if any(m.needs_dense for m in methods):
+        dense_loaded = _load_dense(spec, dense, found, manifest, opts)
+        dense_path = str(dense_loaded.source.path or dense_loaded.source.spec)
+        dense_sha = dense_loaded.sha256
+    calib_loader = val_loader = None
+    if data:
+        ds, _ = load_data(data, loaded, data_options, default_split="train")
+        calib_loader = make_loader(ds, batch_size=batch_size, workers=workers, shuffle=True, seed=seed)
+    if val:
+        vs, _ = load_data(val, loaded, data_options, default_split="test")
+        val_loader = make_loader(vs, batch_size=batch_size, workers=workers, seed=seed)
+    report = restore_model(
+        loaded.model, dense_loaded.model if dense_loaded else None, structure, method,
+        params=params,
+        calib=calib_loader, val=val_loader, device=dev,
+    )  # fmt: skip
+    options = {
+        "method": "+".join(m.name for m in methods), "params": report.params, "dense": dense_path,
+        "dense_sha256": dense_sha, "data": data, "val": val, "seed": seed,
+    }  # fmt: skip
+    path, sha = _save(out, loaded, options, force)
+    metrics = report.metrics()
+    metrics["arch"] = manifest.arch
+    from prunecli.evaluation import count_params
+
+    metrics.update(count_params(loaded.model))
+    return Result(checkpoint=path, sha256=sha, metrics=metrics, device=describe(dev))
+
+
+def _save(out: str, loaded: Any, options: dict[str, Any], force: bool) -> tuple[str, str]:
+    from prunecli.api._common import save_output
+
+    return save_output(out, loaded.model, loaded, command="restore", options=options, force=force)
+
+
+def _load_dense(
+    spec: str, dense: str | None, found: tuple[int, dict[str, Any]] | None, manifest: Any, opts: InputOptions
+) -> Any:
+    from pathlib import Path
+
+    from prunecli.checkpoint.io import load_checkpoint
+
+    step = found[1] if found else {}
+    want_sha = step.get("input_sha256")
+    target = dense or step.get("input")
+    if not target:
+        raise CheckpointError(
+            f"{spec}: the lineage names no dense parent (no prune step)", hint="pass --dense PATH to the unpruned model"
+        )
+    if dense is None and not str(target).startswith(("timm:", "arch:")) and not Path(str(target)).exists():
+        raise CheckpointError(
+            f"the dense parent {target} recorded in the lineage does not exist", hint="pass --dense PATH to it"
+        )
+    if str(target).startswith("arch:"):
+        raise CheckpointError(f"the dense parent {target} is a random initialisation, not a file",
+                              hint="pass --dense PATH to the weights that were pruned")  # fmt: skip
+    loaded = load_checkpoint(str(target), arch=opts.arch or manifest.arch, num_classes=opts.num_classes or
+                             manifest.num_classes)  # fmt: skip
+    if want_sha and loaded.sha256 and loaded.sha256 != want_sha:
+        raise CheckpointError(
+            f"dense parent {target} has sha256 {loaded.sha256[:12]}…, the lineage's prune step read {want_sha[:12]}…",
+            hint="pass the exact checkpoint that was pruned as --dense",
+        )
+    return loaded

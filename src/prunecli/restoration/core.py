@@ -1,0 +1,331 @@
+"""What every restoration method shares: the kept/pruned channels, the producer's dense statistics,
+and the one consumer update of METHODS §2.4 / §2.7.
+
+A method computes, for each pruned producer, a coefficient matrix ``S'`` (``|J| × p``: how much of
+pruned channel ``j`` each kept channel ``i`` takes over) and :meth:`RestoreContext.compensate` folds it
+into every consumer of the channels::
+
+    W_new[:, P] = W_pruned[:, P] + W_dense[kept rows][:, J] · S'
+
+(conv: on the input-channel axis; linear after Flatten: per ``H·W`` block). The consumer's dense rows
+are taken at its own kept output indices, so a consumer that was itself pruned works. The pruned
+model is only ever *added to*: it need not equal the dense model sliced (a fine-tuned or already
+bias-compensated pruned model keeps its changes).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from prunecli.errors import CheckpointError
+from prunecli.restoration.graph import Pair, PairMap
+
+__all__ = [
+    "ProducerStats",
+    "RestoreContext",
+    "channel_plan",
+    "pruned_producers",
+    "reconstruction_errors",
+]
+
+log = logging.getLogger("prunecli.restoration")
+
+_ACT_FN: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
+    "identity": lambda t: t,
+    "relu": F.relu,
+    "gelu": F.gelu,
+    "silu": F.silu,
+    "hardswish": F.hardswish,
+    "relu6": F.relu6,
+    "sigmoid": torch.sigmoid,
+    "tanh": torch.tanh,
+    "elu": F.elu,
+    "mish": F.mish,
+    "softplus": F.softplus,
+}
+
+
+def channel_plan(structure: Mapping[str, Any] | None) -> dict[str, dict[str, Any]]:
+    """The ``structure["channels"]`` map of a channel-pruned manifest, validated.
+
+    Format (written by ``prune --structure channel``): ``{module: {"out": {"kept": [...], "dense": C},
+    "in": {"kept": [...], "dense": C_in}}}`` with sorted indices into the dense parent's axis.
+
+    Raises:
+        CheckpointError: the structure is missing or malformed.
+    """
+    channels = (structure or {}).get("channels") if isinstance(structure, Mapping) else None
+    if not isinstance(channels, Mapping) or not channels:
+        raise CheckpointError("the checkpoint records no channel-pruned structure")
+    plan: dict[str, dict[str, Any]] = {}
+    for name, entry in channels.items():
+        if not isinstance(entry, Mapping):
+            raise CheckpointError(f"structure entry {name!r} is not a mapping")
+        plan[name] = {}
+        for axis in ("out", "in"):
+            if axis not in entry or entry[axis] is None:
+                continue
+            kept, dense = entry[axis].get("kept"), entry[axis].get("dense")
+            if not isinstance(kept, list) or not isinstance(dense, int):
+                raise CheckpointError(f"structure entry {name!r}/{axis} needs 'kept' (list) and 'dense' (int)")
+            if sorted(set(kept)) != list(kept) or (kept and (kept[0] < 0 or kept[-1] >= dense)):
+                raise CheckpointError(f"structure entry {name!r}/{axis}: kept indices must be sorted, unique, < dense")
+            plan[name][axis] = {"kept": [int(k) for k in kept], "dense": dense}
+    return plan
+
+
+def pruned_producers(plan: Mapping[str, Mapping[str, Any]]) -> dict[str, tuple[list[int], int]]:
+    """Module name → (kept output indices, dense width) for every module that lost output channels."""
+    out = {}
+    for name, entry in plan.items():
+        o = entry.get("out")
+        if o is not None and len(o["kept"]) < o["dense"]:
+            out[name] = (o["kept"], o["dense"])
+    return dict(sorted(out.items()))
+
+
+@dataclass
+class ProducerStats:
+    """Dense producer filters and BatchNorm statistics, float64 (METHODS §2.2).
+
+    Attributes:
+        weight: ``C × d`` flattened dense filters (full fan-in).
+        bias: ``C`` producer bias (zeros if none). With BN it is folded into ``mean``.
+        gamma, beta, mean, var, eps: the BN after the producer (None without BN).
+    """
+
+    weight: torch.Tensor
+    bias: torch.Tensor
+    gamma: torch.Tensor | None = None
+    beta: torch.Tensor | None = None
+    mean: torch.Tensor | None = None
+    var: torch.Tensor | None = None
+    eps: float = 0.0
+
+    @property
+    def has_bn(self) -> bool:
+        return self.gamma is not None
+
+    def pre_activation_constant(self, j: int) -> float:
+        """The value of channel ``j`` when its filter (or γ) is zero: a constant channel (§2.9)."""
+        if not self.has_bn:
+            return float(self.bias[j])
+        if float(self.gamma[j]) == 0.0:
+            return float(self.beta[j])
+        sigma = float(torch.sqrt(self.var[j] + self.eps))
+        return float(self.gamma[j] * (self.bias[j] - self.mean[j]) / sigma + self.beta[j])
+
+
+@dataclass
+class RestoreContext:
+    """The models and bookkeeping one restoration run works on.
+
+    Attributes:
+        pruned: the channel-pruned model, rewritten in place.
+        dense: the dense parent (None for methods that do not need it, e.g. ``bn``).
+        plan: :func:`channel_plan` of the pruned model's structure.
+        pairs: producer → consumer paths of the dense model (None when no dense model is needed).
+        calib: calibration input batches (CPU tensors), or None.
+        device: where data-driven methods run.
+        warnings: messages for the record (also logged).
+        layers: per-producer report rows, filled by the methods.
+    """
+
+    pruned: nn.Module
+    dense: nn.Module | None
+    plan: dict[str, dict[str, Any]]
+    pairs: PairMap | None = None
+    calib: list[torch.Tensor] | None = None
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    warnings: list[str] = field(default_factory=list)
+    layers: dict[str, dict[str, Any]] = field(default_factory=dict)
+    _warned: set[str] = field(default_factory=set)
+
+    def warn(self, message: str) -> None:
+        """Records and logs ``message`` once."""
+        if message not in self._warned:
+            self._warned.add(message)
+            self.warnings.append(message)
+            log.warning(message)
+
+    def restorable(self) -> list[tuple[Pair, list[int], list[int]]]:
+        """(pair, kept P, pruned J) for every pruned producer with a restorable path; warns for the rest."""
+        assert self.pairs is not None
+        found = []
+        for name, (kept, dense) in pruned_producers(self.plan).items():
+            pair = self.pairs.pairs.get(name)
+            if pair is None:
+                reason = self.pairs.refused.get(name)
+                if (
+                    reason is not None and "no conv/linear consumer" not in reason
+                ):  # norms etc. are not producers  # e.g. a pruned head: nothing to compensate
+                    self.warn(f"{name}: not restored: {reason}")
+                continue
+            for why in pair.approximate:
+                self.warn(f"{name}: restoration is approximate ({why} between it and its consumers)")
+            pruned = sorted(set(range(dense)) - set(kept))
+            found.append((pair, list(kept), pruned))
+        return found
+
+    def producer_stats(self, pair: Pair) -> ProducerStats:
+        """Dense filters, bias and BN of ``pair.producer`` in float64."""
+        assert self.dense is not None
+        mod = self.dense.get_submodule(pair.producer)
+        w = mod.weight.detach().to(torch.float64).reshape(mod.weight.shape[0], -1).cpu()
+        b = mod.bias.detach().to(torch.float64).cpu() if getattr(mod, "bias", None) is not None else torch.zeros(len(w))
+        if pair.norm is None:
+            return ProducerStats(w, b.double())
+        bn = self.dense.get_submodule(pair.norm)
+        c = len(w)
+        gamma = bn.weight.detach().double().cpu() if bn.weight is not None else torch.ones(c, dtype=torch.float64)
+        beta = bn.bias.detach().double().cpu() if bn.bias is not None else torch.zeros(c, dtype=torch.float64)
+        if bn.running_mean is None or bn.running_var is None:
+            raise CheckpointError(f"{pair.norm}: BatchNorm without running statistics cannot be restored")
+        mean = bn.running_mean.detach().double().cpu() - b  # fold the producer bias into μ (§0.1)
+        return ProducerStats(w, b, gamma, beta, mean, bn.running_var.detach().double().cpu(), float(bn.eps))
+
+    def constant_channels(self, stats: ProducerStats, pruned: Sequence[int]) -> dict[int, float]:
+        """Pruned channels whose filter or γ is zero: index → their constant pre-activation value."""
+        norms = stats.weight.norm(dim=1)
+        scale = float(norms.max()) if len(norms) else 0.0
+        out = {}
+        for j in pruned:
+            zero_gamma = stats.has_bn and abs(float(stats.gamma[j])) <= 1e-12 * max(1.0, float(stats.gamma.abs().max()))
+            if zero_gamma or float(norms[j]) <= 1e-12 * max(scale, 1e-30):
+                out[j] = stats.pre_activation_constant(j)
+        return out
+
+    def compensate(
+        self,
+        pair: Pair,
+        kept: Sequence[int],
+        pruned: Sequence[int],
+        s_prime: torch.Tensor,
+        constants: Mapping[int, float] | None = None,
+    ) -> list[str]:
+        """Folds ``S'`` (``|J| × p``) into every consumer of ``pair``; returns the consumers updated.
+
+        ``constants`` (pruned channel → constant pre-activation value) adds ``act(const)`` times the
+        consumer's spatial weight sums to its bias (or to the following BN's running mean when the
+        consumer has no bias), exact away from zero-padding borders (METHODS §2.9).
+        """
+        assert self.dense is not None
+        done = []
+        for cons in pair.consumers:
+            dmod, pmod = self.dense.get_submodule(cons.name), self.pruned.get_submodule(cons.name)
+            rows = self._rows(cons.name, dmod.weight.shape[0])
+            wd = dmod.weight.detach().to(torch.float64).cpu()[rows]
+            o = wd.shape[0]
+            if tuple(pmod.weight.shape[:1]) != (o,):
+                raise CheckpointError(
+                    f"{cons.name}: pruned weight has {pmod.weight.shape[0]} output rows, the structure keeps {o}"
+                )
+            c_dense = wd.shape[1] // cons.block
+            wd3 = wd.reshape(o, c_dense, cons.block, -1)  # (out, channel, block, kernel)
+            cols = self._columns(cons.name, kept, cons.block, pmod.weight.shape[1], wd.shape[1])
+            delta = torch.einsum("ojbk,jp->opbk", wd3[:, list(pruned)], s_prime.to(torch.float64))
+            with torch.no_grad():
+                w = pmod.weight
+                flat = w.reshape(o, w.shape[1], -1) if cons.block == 1 else w.reshape(o, -1, 1)
+                upd = delta.reshape(o, len(kept) * cons.block, -1).to(w.dtype).to(w.device)
+                flat[:, cols] += upd
+                if constants:
+                    act = _ACT_FN.get(pair.activation, _ACT_FN["identity"])
+                    vals = act(torch.tensor(list(constants.values()), dtype=torch.float64))
+                    shift = torch.einsum("ojbk,j->o", wd3[:, list(constants)], vals)
+                    self._add_bias(cons.name, pmod, shift)
+            done.append(cons.name)
+        return done
+
+    def _rows(self, name: str, dense_rows: int) -> list[int]:
+        o = self.plan.get(name, {}).get("out")
+        return list(o["kept"]) if o is not None else list(range(dense_rows))
+
+    def _columns(self, name: str, kept: Sequence[int], block: int, pruned_in: int, dense_in: int) -> list[int]:
+        """Positions on the pruned consumer's input axis of the kept producer channels (block-expanded)."""
+        entry = self.plan.get(name, {}).get("in")
+        wanted = [k * block + t for k in kept for t in range(block)]
+        if entry is None:
+            if pruned_in == len(wanted):
+                return list(range(len(wanted)))
+            if pruned_in == dense_in:
+                return wanted
+            raise CheckpointError(f"{name}: the structure records no kept input indices and the widths do not fit")
+        pos = {d: i for i, d in enumerate(entry["kept"])}
+        missing = [d for d in wanted if d not in pos]
+        if missing:
+            raise CheckpointError(f"{name}: input column {missing[0]} of a kept producer channel is not kept")
+        return [pos[d] for d in wanted]
+
+    def _add_bias(self, name: str, mod: nn.Module, shift: torch.Tensor) -> None:
+        if getattr(mod, "bias", None) is not None:
+            mod.bias.add_(shift.to(mod.bias.dtype).to(mod.bias.device))
+            return
+        norm = self.pairs.norm_after.get(name) if self.pairs is not None else None
+        if norm is not None:
+            bn = self.pruned.get_submodule(norm)
+            if bn.running_mean is not None and bn.running_mean.shape == shift.shape:
+                bn.running_mean.sub_(shift.to(bn.running_mean.dtype).to(bn.running_mean.device))
+                return
+        self.warn(f"{name}: a constant pruned channel could not be folded (no bias, no BatchNorm after it)")
+
+
+def _consumer_outputs(
+    model: nn.Module, names: Sequence[str], batches: Iterable[torch.Tensor], device: torch.device
+) -> Iterable[dict[str, torch.Tensor]]:
+    store: dict[str, torch.Tensor] = {}
+    hooks = [
+        model.get_submodule(n).register_forward_hook(lambda _m, _i, out, n=n: store.__setitem__(n, out.detach()))
+        for n in names
+    ]
+    try:
+        model.eval().to(device)
+        with torch.inference_mode():
+            for x in batches:
+                store.clear()
+                model(x.to(device))
+                yield dict(store)
+    finally:
+        for h in hooks:
+            h.remove()
+
+
+def reconstruction_errors(
+    dense: nn.Module,
+    models: Mapping[str, nn.Module],
+    plan: Mapping[str, Mapping[str, Any]],
+    consumers: Sequence[str],
+    batches: Sequence[torch.Tensor],
+    device: torch.device,
+) -> dict[str, dict[str, float]]:
+    """Relative error ``‖Y − Y_dense‖ / ‖Y_dense‖`` of each consumer's output (pre-activation), per model.
+
+    The dense output is taken at the consumer's kept output rows. Returns ``{consumer: {key: error}}``
+    for each key of ``models`` (e.g. ``before`` and ``after``).
+    """
+    names = sorted(set(consumers))
+    if not names or not batches:
+        return {}
+    channel_dim1 = {n: isinstance(dense.get_submodule(n), nn.Conv2d) for n in names}
+    num = {k: dict.fromkeys(names, 0.0) for k in models}
+    den = dict.fromkeys(names, 0.0)
+    ref_iter = _consumer_outputs(dense, names, batches, device)
+    iters = {k: _consumer_outputs(m, names, batches, device) for k, m in models.items()}
+    for ref in ref_iter:
+        outs = {k: next(it) for k, it in iters.items()}
+        for n in names:
+            o = plan.get(n, {}).get("out")
+            y = ref[n].double()
+            if o is not None:
+                y = y[:, o["kept"]] if channel_dim1[n] else y[..., o["kept"]]
+            den[n] += float((y**2).sum())
+            for k in models:
+                num[k][n] += float(((outs[k][n].double() - y) ** 2).sum())
+    return {n: {k: (num[k][n] / den[n]) ** 0.5 if den[n] > 0 else float("nan") for k in models} for n in names}

@@ -1,0 +1,259 @@
+"""Producer → consumer pairs of a (dense) model: which layers read the output channels of which.
+
+Restoration (METHODS §2.7) rewrites the *consumers* of a pruned layer's channels, so it must know,
+for every producer (a Conv2d or Linear whose output channels were pruned), the BatchNorm directly
+after it, the operations between it and its consumers, and how one producer channel maps onto the
+consumer's input axis (one input channel for a conv, one column for a linear, a contiguous block of
+``H·W`` columns after ``Flatten``). The graph comes from Torch-Pruning's dependency graph (DESIGN §1:
+no home-made tracer); this module only walks it and classifies the operations on the way:
+
+* BatchNorm right after the producer → the producer's BN (folded into the LBYL algebra);
+* ReLU-like activations, average pooling, Flatten/reshape → exact for LBYL's theory;
+* other activations (GELU, SiLU, …) and max pooling → allowed, marked approximate;
+* anything that mixes channels or adds a second input (residual add, concat, LayerNorm, a BN after
+  the activation, grouped/depthwise convs as consumers) → the producer is refused with a reason.
+"""
+
+from __future__ import annotations
+
+import logging
+import warnings
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+__all__ = ["Consumer", "Pair", "PairMap", "find_pairs"]
+
+log = logging.getLogger(__name__)
+
+# grad_fn names of single-input ops, by how they affect restoration.
+_RELU_LIKE = {"ReluBackward0", "ReluBackward1", "ThresholdBackward0", "LeakyReluBackward0", "LeakyReluBackward1"}
+_APPROX_ACT = {
+    "GeluBackward0": "gelu",
+    "SiluBackward0": "silu",
+    "HardswishBackward0": "hardswish",
+    "HardtanhBackward0": "relu6",
+    "SigmoidBackward0": "sigmoid",
+    "TanhBackward0": "tanh",
+    "EluBackward0": "elu",
+    "MishBackward0": "mish",
+    "SoftplusBackward0": "softplus",
+}
+_LINEAR_OPS = {
+    "AvgPool2DBackward0",
+    "AvgPool1DBackward0",
+    "AdaptiveAvgPool2DBackward0",
+    "AdaptiveAvgPool1DBackward0",
+    "MeanBackward0",
+    "MeanBackward1",
+    "CloneBackward0",
+    "ViewBackward0",
+    "UnsafeViewBackward0",
+    "ReshapeAliasBackward0",
+    "FlattenBackward0",
+    "AddmmBackward0",  # Torch-Pruning's node for a Linear applied to a (B, T, C) input
+    "MmBackward0",
+    "NativeDropoutBackward0",
+}
+_MAX_POOL = {"MaxPool2DWithIndicesBackward0", "MaxPool1DWithIndicesBackward0", "AdaptiveMaxPool2DBackward0"}
+
+
+@dataclass(frozen=True)
+class Consumer:
+    """A layer that reads a producer's output channels.
+
+    Attributes:
+        name: module name of the consumer (Conv2d with groups=1, or Linear).
+        block: consumer input features per producer channel (1, or H·W after Flatten).
+    """
+
+    name: str
+    block: int = 1
+
+
+@dataclass
+class Pair:
+    """A producer and everything restoration needs to know about the path to its consumers.
+
+    Attributes:
+        producer: module name of the Conv2d/Linear whose output channels are pruned.
+        norm: the BatchNorm directly after it, or None (METHODS §2.5 no-BN form).
+        activation: ``relu`` (positively homogeneous: the §2.3 theory holds), ``identity`` (no
+            activation: the identity is exact), or the name of an approximate one (``gelu``…).
+        approximate: reasons why restoration is only approximate (non-ReLU activation, max pooling).
+        consumers: every layer that reads the channels.
+    """
+
+    producer: str
+    norm: str | None = None
+    activation: str = "identity"
+    approximate: list[str] = field(default_factory=list)
+    consumers: list[Consumer] = field(default_factory=list)
+
+
+@dataclass
+class PairMap:
+    """Result of :func:`find_pairs`.
+
+    Attributes:
+        pairs: producer name → restorable pair.
+        refused: producer name → one-line reason why its channels cannot be restored.
+        norm_after: conv/linear name → the BatchNorm directly after it (to fold constant bias shifts
+            into ``running_mean`` when a consumer has no bias).
+        order: conv/linear module names in definition order (a topological proxy for timm models).
+    """
+
+    pairs: dict[str, Pair]
+    refused: dict[str, str]
+    norm_after: dict[str, str]
+    order: list[str]
+
+
+class _Refuse(Exception):
+    pass
+
+
+def _is_norm(mod: nn.Module) -> bool:
+    return isinstance(mod, nn.modules.batchnorm._BatchNorm)
+
+
+def find_pairs(
+    model: nn.Module,
+    example_inputs: torch.Tensor,
+    producers: list[str] | None = None,
+) -> PairMap:
+    """Traces ``model`` with Torch-Pruning's dependency graph and classifies producer → consumer paths.
+
+    Args:
+        model: the dense model (eval mode; it is run once on ``example_inputs``).
+        example_inputs: one input batch of the right shape.
+        producers: restrict the walk to these conv/linear names (default: all).
+
+    Returns:
+        the pairs, the refusals with their reasons, and the BN after each layer.
+    """
+    import torch_pruning as tp
+
+    names = {mod: name for name, mod in model.named_modules()}
+    was_training = model.training
+    model.eval()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "unwrapped parameters" chatter for ViT cls_token/pos_embed
+        graph = tp.DependencyGraph().build_dependency(model, example_inputs=example_inputs)
+    model.train(was_training)
+    layers = {n: m for n, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))}
+    norm_after: dict[str, str] = {}
+    for name, mod in layers.items():
+        node = graph.module2node.get(mod)
+        if node is not None and len(node.outputs) == 1 and _is_norm(node.outputs[0].module):
+            norm_after[name] = names[node.outputs[0].module]
+    pairs: dict[str, Pair] = {}
+    refused: dict[str, str] = {}
+    for name in producers if producers is not None else list(layers):
+        mod = layers.get(name)
+        if mod is None:
+            refused[name] = "not a Conv2d or Linear layer"
+            continue
+        node = graph.module2node.get(mod)
+        if node is None:
+            refused[name] = "not reached by the traced forward pass"
+            continue
+        if isinstance(mod, nn.Conv2d) and mod.groups != 1:
+            refused[name] = f"grouped/depthwise conv (groups={mod.groups}) as producer: filters see different inputs"
+            continue
+        try:
+            pairs[name] = _walk(name, mod, node, names)
+        except _Refuse as why:
+            refused[name] = str(why)
+    return PairMap(pairs, refused, norm_after, list(layers))
+
+
+def _walk(name: str, producer: nn.Module, start: object, names: dict[nn.Module, str]) -> Pair:
+    channels = producer.out_channels if isinstance(producer, nn.Conv2d) else producer.out_features
+    pair = Pair(producer=name)
+    consumers: dict[str, Consumer] = {}
+    acts: set[str] = set()
+    stack = [(out, True) for out in start.outputs]  # (node, still directly after the producer)
+    seen: set[int] = set()
+    while stack:
+        node, first = stack.pop()
+        if id(node) in seen:
+            continue
+        seen.add(id(node))
+        mod = node.module
+        if isinstance(mod, (nn.Conv2d, nn.Linear)):
+            consumers[names[mod]] = _consumer(names[mod], mod, channels)
+            continue
+        if _is_norm(mod):
+            if not first or pair.norm is not None:
+                raise _Refuse(f"BatchNorm {names.get(mod, '?')} after the activation mixes scales")
+            pair.norm = names[mod]
+            fused = getattr(mod, "act", None)  # timm BatchNormAct2d: BN and activation in one module
+            if isinstance(fused, nn.Module) and not isinstance(fused, nn.Identity):
+                kind = "relu" if isinstance(fused, (nn.ReLU, nn.LeakyReLU)) else type(fused).__name__.lower()
+                acts.add(kind)
+                if kind != "relu":
+                    pair.approximate.append(f"{kind} activation")
+            stack.extend((out, True) for out in node.outputs)
+            continue
+        if isinstance(mod, nn.Module) and mod in names:  # LayerNorm, GroupNorm, attention, embeddings …
+            raise _Refuse(f"{type(mod).__name__} {names[mod]} mixes channels")
+        kind = _op_kind(node)
+        if kind == "refuse":
+            op = getattr(node, "name", type(mod).__name__)
+            if "Add" in op or "Sub" in op:
+                raise _Refuse(f"its channels reach a residual add ({op}): residual-stream channels are not restorable")
+            raise _Refuse(f"its channels reach an operation restoration does not support ({op})")
+        if kind == "relu":
+            acts.add("relu")
+        elif kind == "maxpool":
+            if "max pooling" not in pair.approximate:
+                pair.approximate.append("max pooling")
+        elif kind not in ("linear", "reshape"):
+            acts.add(kind)
+            if f"{kind} activation" not in pair.approximate:
+                pair.approximate.append(f"{kind} activation")
+        stack.extend((out, False) for out in node.outputs)
+    if not consumers:
+        raise _Refuse("no conv/linear consumer found (the channels feed the output)")
+    if len(acts) > 1:
+        raise _Refuse(f"several activations on the path ({', '.join(sorted(acts))})")
+    pair.activation = next(iter(acts)) if acts else "identity"
+    pair.consumers = [consumers[k] for k in sorted(consumers)]
+    return pair
+
+
+def _op_kind(node: object) -> str:
+    import torch_pruning as tp
+
+    mod = node.module
+    if isinstance(mod, tp.ops._ReshapeOp):
+        return "reshape"
+    if not isinstance(mod, tp.ops._ElementWiseOp):
+        return "refuse"
+    fn = getattr(mod, "_grad_fn", None)
+    op = fn if isinstance(fn, str) else (fn.name() if fn is not None and hasattr(fn, "name") else "")
+    op = op.split(".")[-1]
+    if op in _RELU_LIKE:
+        return "relu"
+    if op in _APPROX_ACT:
+        return _APPROX_ACT[op]
+    if op in _LINEAR_OPS:
+        return "linear"
+    if op in _MAX_POOL:
+        return "maxpool"
+    return "refuse"
+
+
+def _consumer(name: str, mod: nn.Module, channels: int) -> Consumer:
+    if isinstance(mod, nn.Conv2d):
+        if mod.groups != 1:
+            raise _Refuse(f"consumer {name} is a grouped/depthwise conv (groups={mod.groups}): no cross-channel "
+                          "weights to compensate with")  # fmt: skip
+        if mod.in_channels != channels:
+            raise _Refuse(f"consumer {name} reads {mod.in_channels} channels, the producer makes {channels}")
+        return Consumer(name, 1)
+    if mod.in_features % channels:
+        raise _Refuse(f"consumer {name} reads {mod.in_features} features, not a multiple of {channels} channels")
+    return Consumer(name, mod.in_features // channels)
