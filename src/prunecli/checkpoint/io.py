@@ -36,6 +36,7 @@ __all__ = [
     "load_checkpoint",
     "load_state_dict",
     "save_checkpoint",
+    "write_safetensors",
 ]
 
 _SHA_CACHE: dict[tuple[str, int, int], str] = {}
@@ -361,6 +362,55 @@ def _tensors_for_save(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tens
     return out
 
 
+# safetensors dtype names of the torch dtypes a checkpoint may hold.
+_ST_DTYPES: dict[torch.dtype, str] = {
+    torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
+    torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
+    torch.bool: "BOOL", torch.complex64: "C64",
+    **{getattr(torch, a): b for a, b in (("float8_e4m3fn", "F8_E4M3"), ("float8_e5m2", "F8_E5M2"),
+                                           ("uint16", "U16"), ("uint32", "U32"), ("uint64", "U64"))
+       if hasattr(torch, a)},
+}  # fmt: skip
+
+
+def write_safetensors(path: str | Path, tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str]) -> None:
+    """Writes a safetensors file whose bytes depend only on the tensors and the metadata.
+
+    ``safetensors.torch.save_file`` keeps ``__metadata__`` in a Rust hash map, so two saves of the same
+    checkpoint can order its keys differently; determinism (same inputs, same bytes) needs a writer that
+    fixes the order. The layout is the library's own: 8-byte little-endian header length, a JSON header
+    padded with spaces to a multiple of 8, then the tensors' little-endian bytes, largest dtypes first so
+    that every tensor is aligned to its element size. The safetensors library reads the result.
+    """
+    import sys
+
+    if sys.byteorder != "little":  # pragma: no cover - no big-endian CI
+        from safetensors.torch import save_file
+
+        save_file(dict(tensors), str(path), metadata=dict(metadata))
+        return
+    entries = []
+    for name, t in tensors.items():
+        if t.dtype not in _ST_DTYPES:
+            raise CheckpointError(f"tensor {name!r} has dtype {t.dtype}, which safetensors cannot store")
+        entries.append((name, t.detach().to("cpu").contiguous()))
+    entries.sort(key=lambda e: (-e[1].element_size(), e[0]))
+    header: dict[str, Any] = {"__metadata__": {k: str(metadata[k]) for k in sorted(metadata)}} if metadata else {}
+    offset = 0
+    for name, t in entries:
+        nbytes = t.numel() * t.element_size()
+        header[name] = {"dtype": _ST_DTYPES[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + nbytes]}
+        offset += nbytes
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)
+    with open(path, "wb") as fh:
+        fh.write(len(raw).to_bytes(8, "little"))
+        fh.write(raw)
+        for _, t in entries:
+            if t.numel():
+                fh.write(memoryview(t.reshape(-1).view(torch.uint8).numpy()))
+
+
 def save_checkpoint(
     out: str | Path,
     state: nn.Module | Mapping[str, torch.Tensor],
@@ -375,8 +425,6 @@ def save_checkpoint(
     ``out`` ending in ``/`` (or an existing folder) writes a timm folder: ``model.safetensors`` plus a
     ``config.json`` that ``timm.create_model('local-dir:…')`` reads. Anything else is one file.
     """
-    from safetensors.torch import save_file
-
     folder = _is_folder_output(out)
     path = check_output(out, force=force, inputs=inputs)
     if isinstance(state, nn.Module):
@@ -389,7 +437,7 @@ def save_checkpoint(
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=parent)
         os.close(fd)
         try:
-            save_file(tensors, tmp, metadata=metadata)
+            write_safetensors(tmp, tensors, metadata)
             _fsync(Path(tmp))
             os.replace(tmp, path)
         except BaseException:
@@ -399,7 +447,7 @@ def save_checkpoint(
         return str(path), file_sha256(path)
     tmpdir = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=parent))
     try:
-        save_file(tensors, str(tmpdir / "model.safetensors"), metadata=metadata)
+        write_safetensors(tmpdir / "model.safetensors", tensors, metadata)
         config = {
             "architecture": manifest.arch,
             "num_classes": manifest.num_classes,
