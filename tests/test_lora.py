@@ -1,0 +1,319 @@
+"""finetune-lora: B = 0 start, effective weights, merges that keep the sparsity, peft-format adapters, bad input.
+
+Every expectation is computed independently of prunecli.lora: masks come from
+``torch.nn.utils.prune``, effective weights are written out by hand (``W + (α/r)·B A``, the 1×1-conv
+form for convolutions), logits of a kept adapter come from peft's own ``PeftModel.from_pretrained``
+on a model rebuilt by hand from the safetensors file.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+
+import pytest
+import timm
+import torch
+import torch.nn.functional as F
+import torch.nn.utils.prune as P
+from safetensors.torch import load_file
+from torch import nn
+
+import prunecli.archs  # noqa: F401  (registers improved_cnn / fc_mlp)
+from prunecli import lora
+from prunecli.checkpoint.manifest import Manifest
+
+
+def _mlp(seed: int = 0, **kw: object) -> nn.Module:
+    torch.manual_seed(seed)
+    return timm.create_model("fc_mlp", num_classes=10, **kw).eval()
+
+
+def _prune_global(model: nn.Module, names: list[str], amount: float) -> None:
+    """Global magnitude pruning with torch.nn.utils.prune, made permanent (the independent reference)."""
+    params = [(model.get_submodule(n), "weight") for n in names]
+    P.global_unstructured(params, pruning_method=P.L1Unstructured, amount=amount)
+    for mod, name in params:
+        P.remove(mod, name)
+
+
+def _randomise_adapters(peft_model: nn.Module, seed: int = 1) -> None:
+    """Non-zero B (as PEFT's own tests do), otherwise every merge test passes trivially."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in peft_model.named_parameters():
+            if "lora_B" in name:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.1)
+
+
+# ----------------------------------------------------------------------------------------- start point
+
+
+@pytest.mark.parametrize(
+    ("arch", "opts"),
+    [
+        ("fc_mlp", lora.LoraOptions()),
+        ("improved_cnn", lora.LoraOptions(targets=("features.*.conv",))),
+        ("fc_mlp", lora.LoraOptions(rank=4, alpha=8, dropout=0.1)),
+    ],
+)
+def test_lora_starts_exactly_at_the_pruned_model(arch: str, opts: lora.LoraOptions) -> None:
+    torch.manual_seed(0)
+    model = timm.create_model(arch, num_classes=10).eval()
+    _prune_global(model, [n for n, m in model.named_modules() if isinstance(m, (nn.Linear, nn.Conv2d))], 0.5)
+    x = torch.randn(5, *model.pretrained_cfg["input_size"])
+    reference = copy.deepcopy(model)(x)
+    peft_model = lora.attach_lora(model, opts).eval()
+    assert torch.equal(peft_model(x), reference)  # bit-identical: B = 0
+    assert all(torch.count_nonzero(p) == 0 for n, p in peft_model.named_parameters() if "lora_B" in n)
+    trainable = lora.trainable_params(peft_model)
+    assert trainable and all(("lora_A" in n) or ("lora_B" in n) for n in trainable)
+
+
+def test_paper_a_trainable_parameter_count() -> None:
+    # METHODS §1.3: r = 8 on fc1 (4096→512) and fc2 (512→10): 8·(4096+512) + 8·(512+10) = 41,040.
+    model = timm.create_model("improved_cnn", num_classes=10)
+    peft_model = lora.attach_lora(model, lora.LoraOptions())
+    assert sum(p.numel() for p in lora.trainable_params(peft_model).values()) == 8 * (4096 + 512) + 8 * (512 + 10)
+
+
+def test_dora_also_starts_at_the_pruned_model() -> None:
+    model = _mlp()
+    _prune_global(model, ["fc1", "fc2"], 0.5)
+    x = torch.randn(7, 1, 8, 8)
+    ref = copy.deepcopy(model)(x)
+    peft_model = lora.attach_lora(model, lora.LoraOptions(dora=True)).eval()
+    torch.testing.assert_close(peft_model(x), ref, rtol=1e-5, atol=1e-6)
+
+
+# ----------------------------------------------------------------------------------------- effective weights
+
+
+def test_effective_weights_match_the_hand_formula_and_the_forward() -> None:
+    torch.manual_seed(0)
+    model = timm.create_model("improved_cnn", num_classes=10).eval()
+    opts = lora.LoraOptions(rank=4, alpha=12, targets=("features.1.conv",))
+    peft_model = lora.attach_lora(model, opts)
+    _randomise_adapters(peft_model)
+    eff = lora.effective_weights(peft_model)
+    layers = lora.lora_layers(peft_model)
+    for name in ("fc1", "fc2"):
+        layer = layers[name]
+        a, b = layer.lora_A["default"].weight, layer.lora_B["default"].weight
+        expect = layer.base_layer.weight + 3.0 * (b @ a)
+        torch.testing.assert_close(eff[f"{name}.weight"], expect)
+        x = torch.randn(3, layer.base_layer.in_features)
+        torch.testing.assert_close(layer(x), F.linear(x, expect, layer.base_layer.bias), rtol=1e-5, atol=1e-5)
+    conv = layers["features.1.conv"]
+    a, b = conv.lora_A["default"].weight, conv.lora_B["default"].weight  # (r, C, 3, 3), (O, r, 1, 1)
+    expect = conv.base_layer.weight + 3.0 * torch.einsum("or,rchw->ochw", b[:, :, 0, 0], a)
+    torch.testing.assert_close(eff["features.1.conv.weight"], expect)
+    x = torch.randn(2, 64, 16, 16)
+    torch.testing.assert_close(conv(x), F.conv2d(x, expect, conv.base_layer.bias, padding=1), rtol=1e-4, atol=1e-4)
+
+
+def test_wcr_on_effective_weights_equals_the_formula() -> None:
+    from prunecli.wcr import WCR
+
+    peft_model = lora.attach_lora(_mlp(), lora.LoraOptions())
+    _randomise_adapters(peft_model)
+    reg = WCR(lora.effective_weight_fns(peft_model), lam=0.5)
+    expect = 0.0
+    for layer in lora.lora_layers(peft_model).values():
+        a, b = layer.lora_A["default"].weight.detach(), layer.lora_B["default"].weight.detach()
+        w = layer.base_layer.weight.detach() + 2.0 * b @ a
+        u = torch.sqrt(w.double() ** 2 + 1e-8)
+        expect += 1.0 / (float(((u - u.mean()) ** 2).mean()) + 1e-8)
+    value = reg()
+    assert value.item() == pytest.approx(0.5 * expect, rel=1e-4)
+    value.backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in lora.trainable_params(peft_model).values())
+
+
+# ----------------------------------------------------------------------------------------- merges
+
+
+def _pruned_mlp_with_masks() -> tuple[nn.Module, dict[str, torch.Tensor]]:
+    model = _mlp()
+    _prune_global(model, ["fc1", "fc2"], 0.7)
+    keep = {n: model.get_parameter(n).detach() != 0 for n in ("fc1.weight", "fc2.weight")}
+    return model, keep
+
+
+def test_masked_merge_keeps_every_pruned_zero_and_adds_the_update_elsewhere() -> None:
+    model, keep = _pruned_mlp_with_masks()
+    peft_model = lora.attach_lora(model, lora.LoraOptions())
+    _randomise_adapters(peft_model)
+    expect = {k: v.detach().clone() for k, v in lora.effective_weights(peft_model).items()}
+    outcome = lora.MERGE_MODES.get("masked")(peft_model, lora.masks_of(_pruned_mlp_with_masks()[0], keep))
+    merged = outcome.model
+    assert outcome.mode == "masked" and outcome.masked == ["fc1.weight", "fc2.weight"]
+    assert not lora.lora_layers(merged)
+    for name, k in keep.items():
+        w = merged.get_parameter(name)
+        assert torch.equal(w != 0, k)  # exactly the pruning mask of torch.nn.utils.prune
+        torch.testing.assert_close(w, expect[name] * k)
+    torch.testing.assert_close(merged.get_parameter("head.weight"), expect["head.weight"])  # unmasked: dense merge
+
+
+def test_dense_merge_drops_masks_of_adapted_layers() -> None:
+    model, keep = _pruned_mlp_with_masks()
+    peft_model = lora.attach_lora(model, lora.LoraOptions(exclude=("fc2",)))
+    _randomise_adapters(peft_model)
+    expect = {k: v.detach().clone() for k, v in lora.effective_weights(peft_model).items()}
+    outcome = lora.MERGE_MODES.get("dense")(peft_model, keep)
+    assert outcome.masked == ["fc2.weight"]  # fc2 was not adapted: its zeros are still masks
+    torch.testing.assert_close(outcome.model.get_parameter("fc1.weight"), expect["fc1.weight"])
+    assert torch.count_nonzero(outcome.model.get_parameter("fc1.weight")) > keep["fc1.weight"].sum()
+
+
+def test_masked_merge_without_masks_falls_back_to_dense() -> None:
+    peft_model = lora.attach_lora(_mlp(), lora.LoraOptions())
+    outcome = lora.MERGE_MODES.get("masked")(peft_model, {})
+    assert outcome.mode == "dense" and outcome.warnings
+
+
+# ----------------------------------------------------------------------------------------- target selection
+
+
+def test_targets_default_to_every_linear_and_globs_add_and_remove() -> None:
+    model = timm.create_model("improved_cnn", num_classes=10)
+    assert lora.select_targets(model, lora.LoraOptions()) == ["fc1", "fc2"]
+    got = lora.select_targets(model, lora.LoraOptions(targets=("features.*.conv",), exclude=("fc2",)))
+    assert got == ["features.0.conv", "features.1.conv", "features.2.conv", "fc1"]
+    assert lora.select_targets(model, lora.LoraOptions(linear=False, targets=("fc2",))) == ["fc2"]
+
+
+@pytest.mark.parametrize(
+    ("opts", "message"),
+    [
+        (lora.LoraOptions(rank=0), "--rank must be at least 1"),
+        (lora.LoraOptions(rank=11), "larger than layer 'head'"),  # head is 100→10
+        (lora.LoraOptions(targets=("nothing.*",)), "matches no module"),
+        (lora.LoraOptions(exclude=("nope",)), "matches no module"),
+        (lora.LoraOptions(targets=("act1",)), "is a ReLU"),
+        (lora.LoraOptions(linear=False), "no layer to adapt"),
+    ],
+)
+def test_bad_lora_options_are_refused(opts: lora.LoraOptions, message: str) -> None:
+    from prunecli.errors import InputError
+
+    with pytest.raises(InputError, match=message):
+        lora.select_targets(_mlp(), opts)
+
+
+# ----------------------------------------------------------------------------------------- the command
+
+
+@pytest.fixture
+def pruned_mlp(tmp_path: Path) -> Path:
+    """A trained-for-a-moment fc_mlp (with BatchNorm) pruned 50 % globally, saved with its masked tensors."""
+    from prunecli.checkpoint.io import save_checkpoint
+    from prunecli.models import default_pretrained_cfg
+
+    model = _mlp(bn=True)
+    _prune_global(model, ["fc1", "fc2"], 0.5)
+    path = tmp_path / "p50.safetensors"
+    save_checkpoint(path, model, Manifest("fc_mlp", 10, {"bn": True}, default_pretrained_cfg("fc_mlp"),
+                                          masked=["fc1.weight", "fc2.weight"]))  # fmt: skip
+    return path
+
+
+def _sparsity(path: Path, names: list[str]) -> float:
+    sd = load_file(str(path))
+    return sum(int((sd[n] == 0).sum()) for n in names) / sum(sd[n].numel() for n in names)
+
+
+def test_cli_masked_keeps_sparsity_exactly_and_reports_recovery(cli, pruned_mlp: Path, tmp_path: Path) -> None:
+    out = tmp_path / "lora.safetensors"
+    r = cli("finetune-lora", pruned_mlp, "--data", "digits:train", "--val", "digits:test", "--epochs", "2",
+            "--lr", "1e-2", "--device", "cpu", "-o", out)  # fmt: skip
+    assert r.exit_code == 0, r.stderr
+    m = r.record["metrics"]
+    before, after = load_file(str(pruned_mlp)), load_file(str(out))
+    for name in ("fc1.weight", "fc2.weight"):
+        assert torch.equal(after[name] != 0, before[name] != 0)  # same zeros, exactly
+    assert not torch.equal(after["fc1.weight"], before["fc1.weight"])  # and the kept weights did train
+    prunable = ["fc1.weight", "fc2.weight", "head.weight"]
+    assert m["sparsity_after"] == m["sparsity_before"] == _sparsity(pruned_mlp, prunable)
+    assert m["trainable_params"] == 8 * (64 + 300) + 8 * (300 + 100) + 8 * (100 + 10)
+    assert len(m["train_loss"]) == 2 and 0 <= m["train_acc"] <= 1
+    assert m["lora_improvement"] == pytest.approx(m["top1_after"] - m["top1_before"])
+    assert m["merge"] == "masked" and m["targets"] == ["fc1", "fc2", "head"]
+    header = json.loads(__import__("prunecli.checkpoint.header", fromlist=["x"]).read_header(out).metadata["prunecli"])
+    assert header["masked"] == ["fc1.weight", "fc2.weight"] and header["adapters"] is None
+    assert header["lineage"][-1]["command"] == "finetune-lora"
+
+
+def test_cli_bn_eval_freezes_running_statistics(cli, pruned_mlp: Path, tmp_path: Path) -> None:
+    before = load_file(str(pruned_mlp))
+    for mode, frozen in (("eval", True), ("train", False)):
+        out = tmp_path / f"{mode}.safetensors"
+        r = cli("finetune-lora", pruned_mlp, "--bn", mode, "--max-steps", "2", "--device", "cpu", "-o", out)
+        assert r.exit_code == 0, r.stderr
+        after = load_file(str(out))
+        assert torch.equal(after["bn1.running_mean"], before["bn1.running_mean"]) is frozen
+
+
+def test_cli_merge_none_adapter_loads_with_peft_to_the_same_logits_as_eval(
+    cli, pruned_mlp: Path, tmp_path: Path
+) -> None:
+    from peft import PeftModel
+
+    from prunecli.api._common import load_data, load_input
+    from prunecli.data import make_loader
+
+    out = tmp_path / "kept.safetensors"
+    r = cli("finetune-lora", pruned_mlp, "--merge", "none", "--max-steps", "3", "--lr", "1e-2", "--device", "cpu",
+            "-o", out)  # fmt: skip
+    assert r.exit_code == 0, r.stderr
+    folder = tmp_path / "kept.adapter"
+    assert (folder / "adapter_config.json").is_file() and (folder / "adapter_model.safetensors").is_file()
+    assert r.record["metrics"]["sparsity_after"] == r.record["metrics"]["sparsity_before"]  # base untouched
+    assert r.record["metrics"]["sparsity_effective"] < r.record["metrics"]["sparsity_before"]
+
+    # A peft user: rebuild the base by hand from the weights, then load the adapter with peft.
+    base = timm.create_model("fc_mlp", num_classes=10, bn=True)
+    base.load_state_dict(load_file(str(out)))
+    plain = copy.deepcopy(base).eval()
+    user = PeftModel.from_pretrained(base.eval(), str(folder)).eval()
+
+    loaded = load_input(str(out))  # what prunecli eval builds
+    data, _ = load_data("digits:test", loaded)
+    x, y = next(iter(make_loader(data, batch_size=360)))
+    with torch.no_grad():
+        expect, got = user(x), loaded.model(x)
+    assert not torch.allclose(expect, plain(x))  # the adapter does change the logits
+    torch.testing.assert_close(got, expect, rtol=0, atol=0)
+    r = cli("eval", out, "--data", "digits:test", "--device", "cpu")
+    assert r.exit_code == 0, r.stderr
+    assert r.record["metrics"]["top1"] == pytest.approx(float((expect.argmax(1) == y).float().mean()))
+    assert r.record["metrics"]["loss"] == pytest.approx(float(F.cross_entropy(expect, y)), rel=1e-5)
+
+
+def test_cli_masked_on_a_checkpoint_without_masks_warns_and_merges_dense(cli, save_model, tmp_path: Path) -> None:
+    src = save_model(_mlp(), tmp_path / "dense.safetensors", "fc_mlp", 10)
+    r = cli("finetune-lora", src, "--max-steps", "1", "--device", "cpu", "-o", tmp_path / "o.safetensors")
+    assert r.exit_code == 0, r.stderr
+    assert r.record["metrics"]["merge"] == "dense" and r.record["metrics"]["merge_requested"] == "masked"
+    assert "Warning:" in r.stderr and "merged dense" in r.stderr
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--rank", "0"], "--rank must be at least 1"),
+        (["--rank", "11"], "larger than layer 'head'"),
+        (["--targets", "conv*"], "matches no module"),
+        (["--merge", "sideways"], "unknown merge mode"),
+        (["--bn", "maybe"], "unknown BatchNorm mode"),
+        (["--wcr", "-1"], "--wcr must be >= 0"),
+    ],
+)
+def test_cli_bad_input_exits_1_without_output(cli, pruned_mlp: Path, tmp_path: Path, args: list[str], message: str):
+    out = tmp_path / "bad.safetensors"
+    r = cli("finetune-lora", pruned_mlp, *args, "--max-steps", "1", "--device", "cpu", "-o", out)
+    assert r.exit_code == 1
+    assert message in r.stderr and "Traceback" not in r.stderr
+    assert not out.exists() and not (tmp_path / "bad.adapter").exists()
