@@ -1,0 +1,190 @@
+"""``biascomp``: bias-compensated importance and the optimal bias shift of every weight (paper E).
+
+METHODS §5 [DERIVED]. Removing ``w_ij`` changes output ``i`` of sample ``s`` by ``−w_ij x_{s,j}``; a bias
+shift ``δ`` adds ``δ``. With per-sample sensitivity weights ``a_{s,i}`` (``g²`` of the sum-reduced loss's
+output gradient by default; ``Σ_k J_{s,k,i}²`` with ``-p sensitivity=jacobian``):
+
+```
+δ*_ij = argmin_δ Σ_s a_{s,i} (δ − w_ij x_{s,j})² = w_ij M1_ij / A_i
+I_ij  = min_δ (…)                              = w_ij² (M2_ij − M1_ij² / A_i)
+A = Σ_s a_s,   M1 = Σ_s a_s x_sᵀ,   M2 = Σ_s a_s (x_s²)ᵀ        (§5.3, float64 accumulators)
+```
+
+For convolutions every output position is a sample and ``M1``/``M2`` are the convolution's weight
+gradient with ``a = (∂L/∂y)²`` in place of ``∂L/∂y`` (of ``x`` and ``x²``, §5.4). Bias-free layers
+feeding a BatchNorm are compensated through its running mean (§5.5; ``prune --compensate bias`` applies
+it); bias-free layers without one either get a new bias (``-p missing_bias=add``, default) or are
+ranked without compensation, ``I⁰ = w² M2`` (``skip``). ``A_i = 0`` gives ``δ* = 0, I = 0`` (§5.8).
+The shifts are stored beside the scores (``NAME::bias_shift``); each row's shifts add up exactly at
+first order (§5.2).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Literal
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from prunecli.criteria._base import Criterion, CriterionOutput, ScoreContext
+from prunecli.criteria._conv import conv_weight_stat
+
+__all__ = ["BiasComp", "BiasCompOptions"]
+
+_MAX_EXACT_OUTPUTS = 16  # METHODS §5.3: exact Jacobian for ≤ 16 outputs, Hutchinson otherwise
+
+
+@dataclass(frozen=True)
+class BiasCompOptions:
+    sensitivity: Literal["loss", "jacobian", "hutchinson"] = field(
+        default="loss",
+        metadata={"help": "a = g² of the summed loss (one backward), Σ_k J² of the outputs (exact up to 16 "
+                  "outputs, Hutchinson beyond), or a Hutchinson estimate."},
+    )  # fmt: skip
+    probes: int = field(default=16, metadata={"help": "Rademacher probes for the Hutchinson estimate."})
+    missing_bias: Literal["add", "skip"] = field(
+        default="add",
+        metadata={"help": "Layers with neither bias nor BatchNorm: compensate via a new bias (add) or rank by "
+                  "the uncompensated I⁰ = w²·M2 (skip)."},
+    )  # fmt: skip
+    precision: Literal["float32", "float64"] = field(
+        default="float32",
+        metadata={"help": "Per-batch products (accumulators are always float64)."},
+    )
+
+    def __post_init__(self) -> None:
+        if self.probes < 1:
+            raise ValueError(f"probes must be at least 1, got {self.probes}")
+
+
+class BiasComp(Criterion):
+    """Importance of each weight after the optimal compensation of its output's bias, plus that shift."""
+
+    name = "biascomp"
+    Options = BiasCompOptions
+    requires: ClassVar[frozenset[str]] = frozenset({"data", "grads"})
+    granularity = "weight"
+
+    def begin(self, ctx: ScoreContext) -> None:
+        follow = ctx.followers()
+        self._names = list(ctx.params)
+        self._layers = list(ctx.layers.values())
+        self._compensate: dict[str, str] = {}
+        for (lname, layer), pname in zip(ctx.layers.items(), self._names):
+            if getattr(layer, "bias", None) is not None:
+                self._compensate[pname] = "bias"
+            elif follow[lname].norm:
+                self._compensate[pname] = f"bn:{follow[lname].norm}"
+            else:
+                self._compensate[pname] = "add" if self.options.missing_bias == "add" else "none"
+        self._A: dict[str, torch.Tensor] = {}
+        self._M1: dict[str, torch.Tensor] = {}
+        self._M2: dict[str, torch.Tensor] = {}
+        for pname, w in ctx.params.items():
+            self._A[pname] = torch.zeros(w.shape[0], dtype=torch.float64, device=w.device)
+            self._M1[pname] = torch.zeros(w.shape, dtype=torch.float64, device=w.device)
+            self._M2[pname] = torch.zeros(w.shape, dtype=torch.float64, device=w.device)
+        self._x: dict[str, torch.Tensor] = {}
+        self._y: dict[str, torch.Tensor] = {}
+        self._a: dict[str, torch.Tensor] = {}
+        self._scale = 1.0
+        self._batch = 0
+        self._seed = ctx.seed
+        for (lname, layer), pname in zip(ctx.layers.items(), self._names):
+            self.hook(layer.register_forward_hook(self._capture(pname, follow[lname].inplace_after)))
+
+    def _capture(self, pname: str, inplace_after: bool) -> Any:
+        def hook(m: nn.Module, args: tuple, out: torch.Tensor) -> torch.Tensor | None:
+            if not out.requires_grad:
+                return None
+            self._x[pname] = args[0].detach()
+            self._y[pname] = out
+            # the output is modified in place downstream (e.g. inplace ReLU): hand the model a copy
+            # so that ∂L/∂y stays the gradient w.r.t. the pre-activation value
+            return out.clone() if inplace_after else None
+
+        return hook
+
+    def objectives(self, logits: torch.Tensor, targets: torch.Tensor) -> Iterable[torch.Tensor]:
+        logits = logits.float()
+        mode = self.options.sensitivity
+        k = logits.shape[-1]
+        self._scale = 1.0
+        if mode == "loss":
+            return [F.cross_entropy(logits, targets, reduction="sum")]
+        if mode == "jacobian" and k <= _MAX_EXACT_OUTPUTS:
+            return [logits[..., i].sum() for i in range(k)]
+        g = torch.Generator().manual_seed(self._seed * 1_000_003 + self._batch)
+        r = self.options.probes
+        self._scale = 1.0 / r
+        probes = (torch.randint(0, 2, (r, *logits.shape), generator=g) * 2 - 1).to(logits)
+        return [(v * logits).sum() for v in probes]
+
+    def grad_targets(self, ctx: ScoreContext) -> Sequence[torch.Tensor]:
+        self._order = [n for n in self._names if n in self._y]
+        return [self._y[n] for n in self._order]
+
+    def on_grads(self, ctx: ScoreContext, grads: Sequence[torch.Tensor | None]) -> None:
+        for name, g in zip(self._order, grads):
+            if g is None:
+                continue
+            a = g.detach().square()
+            if self._scale != 1.0:
+                a.mul_(self._scale)
+            if name in self._a:
+                self._a[name].add_(a)
+            else:
+                self._a[name] = a
+
+    def end_batch(self, ctx: ScoreContext, n: int) -> None:
+        dtype = torch.float64 if self.options.precision == "float64" else torch.float32
+        for name, layer in zip(self._names, self._layers):
+            a = self._a.pop(name, None)
+            x = self._x.pop(name, None)
+            if a is None or x is None:
+                continue
+            a, x = a.to(dtype), x.to(dtype)
+            if isinstance(layer, nn.Linear):
+                a2 = a.reshape(-1, a.shape[-1])
+                xs = x.reshape(-1, x.shape[-1])
+                self._A[name].add_(a2.sum(0, dtype=torch.float64))
+                m = a2.t() @ torch.cat([xs, xs.square()], dim=1)
+                self._M1[name].add_(m[:, : xs.shape[1]])
+                self._M2[name].add_(m[:, xs.shape[1] :])
+            else:
+                self._A[name].add_(a.sum([d for d in range(a.ndim) if d != 1], dtype=torch.float64))
+                if layer.groups == 1:  # one weight-gradient GEMM for x and x² together
+                    m = conv_weight_stat(layer, torch.cat([x, x.square()], dim=1), a)
+                    c = layer.weight.shape[1]
+                    self._M1[name].add_(m[:, :c])
+                    self._M2[name].add_(m[:, c:])
+                else:
+                    self._M1[name].add_(conv_weight_stat(layer, x, a))
+                    self._M2[name].add_(conv_weight_stat(layer, x.square(), a))
+        self._y.clear()
+        self._x.clear()
+        self._a.clear()
+        self._batch += 1
+
+    def finish(self, ctx: ScoreContext) -> CriterionOutput:
+        scores, shifts, notes = {}, {}, {}
+        for name, w in ctx.params.items():
+            w = w.detach().double()
+            A = self._A[name].reshape(-1, *([1] * (w.ndim - 1)))
+            M1, M2 = self._M1[name], self._M2[name]
+            live = A > 0
+            safe = torch.where(live, A, torch.ones_like(A))
+            if self._compensate[name] == "none":
+                imp = w.square() * M2
+                delta = torch.zeros_like(w)
+            else:
+                imp = w.square() * (M2 - M1.square() / safe)
+                delta = torch.where(live, w * M1 / safe, torch.zeros_like(w))
+            imp = torch.where(live, imp.clamp_min(0), torch.zeros_like(imp))
+            scores[name] = imp.float().cpu()
+            shifts[name] = delta.float().cpu()
+            notes[name] = {"compensate": self._compensate[name]}
+        return CriterionOutput(scores, extras={"bias_shift": shifts}, notes=notes)

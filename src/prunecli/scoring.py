@@ -1,0 +1,324 @@
+"""The scoring engine: calibration batches in, a :class:`~prunecli.scores.ScoresFile` out.
+
+Criteria (:mod:`prunecli.criteria`) declare what they need; this module supplies it. It picks the
+calibration samples (``--batches N`` of a seeded shuffled loader, or ``--fraction F`` as a
+class-balanced subset, paper D App. E), puts the model in eval mode (METHODS §0.2; ``score_mode='train'``
+for paper reproduction), runs the forward passes and, for gradient criteria, one ``autograd.grad`` per
+objective w.r.t. exactly the tensors the criterion asks for (so e.g. biascomp never pays for weight
+gradients it does not use). Parameters are never updated. No AMP: half-precision gradients would
+change the statistics the criteria accumulate (float32 products, float32/float64 accumulators).
+``prune --method M`` calls :func:`compute_scores` directly.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Iterable, Iterator, Mapping
+from typing import Any
+
+import torch
+
+from prunecli.criteria import Criterion, CriterionOutput, ScoreContext, get_criterion
+from prunecli.criteria._base import options_dict
+from prunecli.errors import InputError
+from prunecli.prunable import prunable_layers
+from prunecli.scores import ScoresFile
+
+__all__ = ["SCORE_MODES", "balanced_indices", "compute_scores", "layer_stats", "run_criterion"]
+
+_LOG = logging.getLogger("prunecli")
+SCORE_MODES = ("eval", "train")
+
+
+def balanced_indices(targets: list[int] | None, n: int, fraction: float, seed: int) -> list[int]:
+    """A class-balanced random subset: ``max(1, round(F·n_c))`` samples of every class ``c``.
+
+    Without labels (``synthetic``) it is a uniform subset of ``max(1, round(F·n))``. The result is
+    shuffled (seeded) so every batch mixes classes.
+    """
+    g = torch.Generator().manual_seed(seed)
+    if targets is None:
+        k = max(1, round(fraction * n))
+        picked = torch.randperm(n, generator=g)[:k].tolist()
+    else:
+        by_class: dict[int, list[int]] = {}
+        for i, t in enumerate(targets):
+            by_class.setdefault(int(t), []).append(i)
+        picked = []
+        for c in sorted(by_class):
+            idx = by_class[c]
+            k = max(1, round(fraction * len(idx)))
+            perm = torch.randperm(len(idx), generator=g)[:k].tolist()
+            picked += [idx[j] for j in perm]
+    order = torch.randperm(len(picked), generator=g).tolist()
+    return [picked[j] for j in order]
+
+
+def layer_stats(scores: Mapping[str, torch.Tensor], notes: Mapping[str, Mapping[str, Any]]) -> dict[str, Any]:
+    """Per-parameter min/max/mean/std/count of the scores (float64), plus the criterion's notes."""
+    out: dict[str, Any] = {}
+    for name, s in scores.items():
+        d = s.detach().double().flatten()
+        entry = {
+            "count": d.numel(),
+            "min": float(d.min()) if d.numel() else None,
+            "max": float(d.max()) if d.numel() else None,
+            "mean": float(d.mean()) if d.numel() else None,
+            "std": float(d.std(unbiased=False)) if d.numel() else None,
+        }
+        entry.update(notes.get(name, {}))
+        out[name] = entry
+    return out
+
+
+def run_criterion(
+    model: torch.nn.Module,
+    criterion: Criterion,
+    batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
+    *,
+    device: torch.device,
+    seed: int = 0,
+    example: torch.Tensor | None = None,
+    score_mode: str = "eval",
+) -> tuple[CriterionOutput, int, int]:
+    """Drives one criterion over ``batches`` (ignored for data-free criteria).
+
+    Args:
+        model: the model, already on ``device``.
+        criterion: a criterion instance (:func:`prunecli.criteria.get_criterion`).
+        batches: ``(images, labels)`` pairs (moved to ``device`` here).
+        device: where the model runs.
+        seed: for the random criterion and Hutchinson probes.
+        example: one input batch for structure tracing; defaults to the first calibration batch.
+        score_mode: ``eval`` (METHODS §0.2) or ``train``.
+
+    Returns:
+        The criterion's output, the number of samples and the number of batches used.
+    """
+    needs_data = "data" in criterion.requires
+    needs_grads = "grads" in criterion.requires
+    was_training = model.training
+    model.train(score_mode == "train")
+    layers = prunable_layers(model)
+    params = {f"{n}.weight": m.weight for n, m in layers.items()}
+    it: Iterator[tuple[torch.Tensor, torch.Tensor]] = iter(batches) if needs_data else iter(())
+    first = next(it, None) if needs_data else None
+    if needs_data and first is None:
+        raise InputError("the calibration data holds no samples")
+
+    def example_input() -> torch.Tensor:
+        if example is not None:
+            return example.to(device)
+        if first is not None:
+            return first[0][:2].to(device)
+        size = (getattr(model, "pretrained_cfg", None) or {}).get("input_size")
+        if size:
+            return torch.zeros(1, *size, device=device)
+        raise InputError(f"method {criterion.name!r} needs an example input; pass --data")
+
+    ctx = ScoreContext(model=model, layers=layers, params=params, device=device, seed=seed, example=example_input)
+    samples = n_batches = 0
+    was_grad = {n: p.requires_grad for n, p in model.named_parameters()}
+    try:
+        if needs_grads:
+            model.requires_grad_(True)
+        criterion.begin(ctx)
+        if first is not None:
+            for x, y in _chain(first, it):
+                x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+                with torch.set_grad_enabled(needs_grads):
+                    logits = model(x)
+                    if needs_grads:
+                        objectives = list(criterion.objectives(logits, y))
+                        targets = list(criterion.grad_targets(ctx))
+                        for k, obj in enumerate(objectives):
+                            grads = torch.autograd.grad(
+                                obj, targets, retain_graph=k < len(objectives) - 1, allow_unused=True
+                            )
+                            criterion.on_grads(ctx, grads)
+                    criterion.end_batch(ctx, int(x.shape[0]))
+                samples += int(x.shape[0])
+                n_batches += 1
+        with torch.no_grad():
+            out = criterion.finish(ctx)
+    finally:
+        criterion.close()
+        model.train(was_training)
+        for n, p in model.named_parameters():
+            p.requires_grad_(was_grad.get(n, p.requires_grad))
+    _check_output(out, params, criterion)
+    return out, samples, n_batches
+
+
+def _chain(first: Any, rest: Iterator[Any]) -> Iterator[Any]:
+    yield first
+    yield from rest
+
+
+def _check_output(out: CriterionOutput, params: Mapping[str, torch.Tensor], criterion: Criterion) -> None:
+    for name, w in params.items():
+        s = out.scores.get(name)
+        want = tuple(w.shape) if criterion.granularity == "weight" else (w.shape[0],)
+        if s is None or tuple(s.shape) != want:  # a bug in the criterion, not the user's input
+            raise RuntimeError(f"{criterion.name}: score of {name} has shape {None if s is None else tuple(s.shape)}")
+        if not torch.isfinite(s).all():
+            raise InputError(
+                f"{criterion.name}: scores of {name} are not finite",
+                hint="check the checkpoint for NaN/inf weights (prunecli inspect --layers)",
+            )
+
+
+def _calibration(
+    loaded: Any,
+    data: str,
+    data_options: Any,
+    *,
+    batches: int | None,
+    fraction: float | None,
+    default_batches: int | None,
+    batch_size: int,
+    workers: int,
+    seed: int,
+) -> tuple[Iterable[tuple[torch.Tensor, torch.Tensor]], int]:
+    """The calibration batches and their count."""
+    from itertools import islice
+
+    from prunecli.api._common import load_data
+    from prunecli.data import make_loader
+    from prunecli.progress import progress
+
+    ds, _ = load_data(data, loaded, data_options, default_split="train")
+    n = len(ds.dataset)
+    if fraction is not None:
+        idx = balanced_indices(ds.targets, n, fraction, seed)
+        loader = make_loader(ds, batch_size=batch_size, workers=workers, seed=seed, sampler=idx)
+        total = math.ceil(len(idx) / batch_size)
+        return progress(loader, total=total, description="scoring"), total
+    loader = make_loader(ds, batch_size=batch_size, workers=workers, seed=seed, shuffle=True)
+    limit = batches if batches is not None else default_batches
+    total = len(loader) if limit is None else min(limit, len(loader))
+    if batches is not None and batches > len(loader):
+        _LOG.warning("--batches %d: the data holds only %d batches of %d; using all", batches, len(loader), batch_size)
+    return progress(islice(loader, total), total=total, description="scoring"), total
+
+
+def _example_from_config(loaded: Any, data_options: Any) -> torch.Tensor:
+    from prunecli.data import data_config
+
+    dopts = data_options
+    cfg = data_config(
+        loaded.manifest.pretrained_cfg or {},
+        input_size=getattr(dopts, "input_size", None),
+        mean=getattr(dopts, "mean", None),
+        std=getattr(dopts, "std", None),
+    )
+    return torch.zeros(1, *cfg["input_size"])
+
+
+def compute_scores(
+    loaded: Any,
+    method: str,
+    *,
+    data: str | None = None,
+    data_options: Any = None,
+    batches: int | None = None,
+    fraction: float | None = None,
+    params: Mapping[str, Any] | None = None,
+    device: str = "auto",
+    batch_size: int = 64,
+    workers: int = 0,
+    seed: int = 0,
+    score_mode: str = "eval",
+) -> ScoresFile:
+    """Scores every prunable parameter of ``loaded.model`` with criterion ``method``.
+
+    Args:
+        loaded: a :class:`prunecli.checkpoint.io.Loaded` (its model is moved to ``device``).
+        method: criterion name or alias (``taylor``, ``l1``, …).
+        data: calibration data spec (split defaults to ``train``); required by data-driven methods.
+        data_options: :class:`prunecli.api._common.DataOptions` transform overrides.
+        batches: use the first N batches of a seeded shuffled loader.
+        fraction: use a class-balanced subset of this fraction of the split, in (0, 1].
+        params: ``-p`` options (strings or Python values), checked against the criterion's options.
+        device: ``auto``, ``cpu``, ``cuda[:i]``.
+        batch_size: calibration batch size.
+        workers: DataLoader workers.
+        seed: sampling, shuffling, random scores, Hutchinson probes.
+        score_mode: ``eval`` (default, METHODS §0.2) or ``train`` (BN batch statistics, dropout on).
+
+    Returns:
+        The scores with their metadata (method, granularity, options, data, samples, checkpoint sha256,
+        per-layer stats); write it with :func:`prunecli.scores.save_scores`.
+
+    Raises:
+        InputError: missing ``data`` for a data-driven method, bad ``batches``/``fraction``/``score_mode``.
+        UnknownNameError: unknown method or option.
+
+    Example:
+        >>> sf = compute_scores(load_input("base.safetensors"), "taylor", data="digits:train", batches=4)
+        >>> save_scores("taylor.scores", sf)
+    """
+    from prunecli.device import describe, resolve_device, seed_everything
+
+    criterion = get_criterion(method, params or {})
+    validate_request(criterion, data=data, batches=batches, fraction=fraction, score_mode=score_mode)
+    if data is not None and "data" not in criterion.requires:
+        _LOG.warning("method %r is data-free; --data is ignored", criterion.name)
+        data = None
+    dev = resolve_device(device)
+    seed_everything(seed)
+    model = loaded.model.to(dev)
+    example = None
+    if data is not None:
+        it, _ = _calibration(
+            loaded, data, data_options, batches=batches, fraction=fraction,
+            default_batches=criterion.default_batches, batch_size=batch_size, workers=workers, seed=seed,
+        )  # fmt: skip
+    else:
+        it, example = [], _example_from_config(loaded, data_options)
+    _LOG.debug("scoring with %s on %s", criterion.name, describe(dev))
+    out, samples, n_batches = run_criterion(
+        model, criterion, it, device=dev, seed=seed, example=example, score_mode=score_mode
+    )
+    stats = layer_stats(out.scores, out.notes)
+    options = options_dict(criterion.options)
+    if data is not None:
+        options.update({"batches": n_batches, "batch_size": batch_size, "score_mode": score_mode})
+        if fraction is not None:
+            options["fraction"] = fraction
+    options["seed"] = seed
+    return ScoresFile(
+        method=criterion.name,
+        granularity=criterion.granularity,  # type: ignore[arg-type]
+        scores={k: v.detach().float().cpu() for k, v in out.scores.items()},
+        extras={kind: {k: v.detach().float().cpu() for k, v in g.items()} for kind, g in out.extras.items()},
+        options=options,
+        data=data,
+        samples=samples,
+        checkpoint_sha256=loaded.sha256,
+        stats=stats,
+    )
+
+
+def validate_request(
+    criterion: Criterion,
+    *,
+    data: str | None,
+    batches: int | None,
+    fraction: float | None,
+    score_mode: str = "eval",
+) -> None:
+    """Checks the data options against the criterion before any model or data is loaded."""
+    if "data" in criterion.requires and not data:
+        raise InputError(
+            f"method {criterion.name!r} needs calibration data", hint="pass --data SPEC (e.g. --data digits:train)"
+        )
+    if batches is not None and fraction is not None:
+        raise InputError("--batches and --fraction are exclusive", hint="give one of them")
+    if batches is not None and (isinstance(batches, bool) or batches < 1):
+        raise InputError(f"--batches must be a positive integer, got {batches}")
+    if fraction is not None and not (0.0 < fraction <= 1.0):
+        raise InputError(f"--fraction must be in (0, 1], got {fraction}")
+    if score_mode not in SCORE_MODES:
+        raise InputError(f"--score-mode {score_mode!r}: choose from {', '.join(SCORE_MODES)}")
