@@ -175,9 +175,11 @@ def prune(
         sf=sf, compensate=compensate, data_options=data_options, round_to=round_to, min_channels=min_channels,
     )  # fmt: skip
     job.select_layers(exclude, include_head, pairs)
-    if sf is None and not (name.lower() in _MAGNITUDE and kind != "channel"):
-        from prunecli.scoring import compute_scores
-
+    if sf is None and not (name.lower() in _MAGNITUDE and (kind != "channel" or not params)):
+        try:
+            from prunecli.scoring import compute_scores
+        except ModuleNotFoundError:
+            raise InputError(f"--method {name} is not available in this build", hint="pass --scores FILE") from None
         job.sf = compute_scores(
             loaded, name, data=data, data_options=data_options, batches=batches, fraction=fraction,
             params=dict(params or {}), device=device, batch_size=batch_size, seed=seed, score_mode=score_mode,
@@ -229,6 +231,7 @@ class _Job:
             if not hits:
                 _LOG.warning("--layer-ratio %r matches no layer being pruned", pattern)
             self.per_layer.update({n: r for n in hits})
+        self.ratio_pairs = list(pairs)
 
     def score_of(self) -> Callable[[str], Any]:
         """Parameter name → scores: from the scores file, or ``|w|`` computed on the fly."""
@@ -315,11 +318,45 @@ def _nm(job: _Job) -> tuple[dict[str, Any], Any]:
 
 
 def _channel(job: _Job) -> tuple[dict[str, Any], Any]:
-    try:
-        from prunecli.pruning import channel  # noqa: F401
-    except ModuleNotFoundError:
-        raise InputError("--structure channel is not available in this build yet") from None
-    raise InputError("--structure channel is not wired into prune yet")
+    """Channel pruning through :func:`prunecli.pruning.channel.prune_channels` (torch-pruning's DepGraph)."""
+    import torch
+
+    from prunecli.evaluation import count_params
+    from prunecli.pruning.channel import prune_channels
+
+    before = sum(w.numel() for w in job.weights.values())
+    sf = job.sf
+    ratios: dict[str, float] = {}
+    for pattern, r in reversed(job.ratio_pairs):  # prune_channels takes the first match; ours is the last
+        ratios.setdefault(pattern, r)
+    result = prune_channels(
+        job.model,
+        example_input=torch.zeros(1, *job.input_size()),
+        ratio=job.ratio,
+        channel_scores=sf.scores if sf is not None and sf.granularity == "channel" else None,
+        weight_scores=sf.scores if sf is not None and sf.granularity == "weight" else None,
+        scope=job.scope,
+        layer_ratios=ratios,
+        exclude=[n.removesuffix(".weight") for n in job.excluded],
+        round_to=job.round_to if job.round_to > 1 else None,
+        min_channels=job.min_channels,
+    )
+    from prunecli.prunable import prunable_params
+
+    after = sum(p.numel() for p in prunable_params(job.model).values())
+    manifest = dataclasses.replace(job.loaded.manifest, structure=result.structure)
+    metrics = {
+        "structure": "channel",
+        "method": job.method,
+        "scope": job.scope,
+        "target_ratio": job.ratio,
+        "excluded": job.excluded,
+        **result.metrics,
+        "sparsity": 1.0 - after / max(before, 1),
+        **count_params(job.model),
+        **_storage(job.model, set(job.loaded.manifest.masked)),
+    }
+    return metrics, manifest
 
 
 _ENGINES: dict[str, Callable[[_Job], tuple[dict[str, Any], Any]]] = {
