@@ -75,6 +75,19 @@ def _from_header(header: SafetensorsHeader, layers: bool) -> dict[str, Any]:
     return out
 
 
+def _st_dtype(dtype: Any) -> str:
+    """The safetensors name of a torch dtype (``F32``), so both inspect paths report dtypes alike."""
+    from prunecli.checkpoint.io import _ST_DTYPES
+
+    return _ST_DTYPES.get(dtype, str(dtype).removeprefix("torch."))
+
+
+def _size(path: Path | None) -> int | None:
+    if path is None:
+        return None
+    return sum(f.stat().st_size for f in path.iterdir() if f.is_file()) if path.is_dir() else path.stat().st_size
+
+
 def _from_model(loaded: Any, layers: bool) -> dict[str, Any]:
     import torch
 
@@ -84,15 +97,15 @@ def _from_model(loaded: Any, layers: bool) -> dict[str, Any]:
     out: dict[str, Any] = {
         "params": sum(p.numel() for p in model.parameters()),
         "tensors": len(state),
-        "bytes": loaded.source.weights.stat().st_size if loaded.source.weights else None,
-        "dtypes": sorted({str(t.dtype).removeprefix("torch.") for t in state.values()}),
+        "bytes": _size(loaded.source.path),
+        "dtypes": sorted({_st_dtype(t.dtype) for t in state.values()}),
     }
     if layers:
         rows, z_all, n_all = [], 0, 0
         for name in sorted(names):
             t = state[name]
             z = int(t.numel() - torch.count_nonzero(t))
-            rows.append({"name": name, "shape": list(t.shape), "params": t.numel(), "dtype": str(t.dtype),
+            rows.append({"name": name, "shape": list(t.shape), "params": t.numel(), "dtype": _st_dtype(t.dtype),
                          "sparsity": z / t.numel() if t.numel() else 0.0})  # fmt: skip
             if t.ndim > 1:
                 z_all, n_all = z_all + z, n_all + t.numel()
