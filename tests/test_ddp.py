@@ -1,0 +1,106 @@
+"""Multi-process runs: torchrun with 2 gloo processes on CPU reproduces the one-process run.
+
+How the runs are made comparable (``prunecli.distributed``): the same global batch (128 in one
+process = 2 × 64 under torchrun), the same per-epoch permutation on every rank (ShardSampler), the
+incomplete last global batch dropped, and no per-process randomness in the forward pass — no
+augmentation (``--no-augment``), an MLP without dropout or BatchNorm — so the only difference left
+is the float summation order of DDP's gradient all-reduce.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from prunecli.distributed import ShardSampler
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _torchrun(args: list[str], nproc: int = 2, timeout: float = 240) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PRUNECLI_NO_PROGRESS": "1", "GLOO_SOCKET_IFNAME": "lo"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc),
+           "--master-addr", "127.0.0.1", "--master-port", str(_free_port()), "-m", "prunecli", *args]  # fmt: skip
+    return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout, check=False)
+
+
+@pytest.mark.parametrize(("n", "batch", "drop_last"), [(37, 8, True), (37, 8, False), (64, 16, True)])
+def test_shards_of_each_step_make_up_the_one_process_batch(n: int, batch: int, drop_last: bool) -> None:
+    one = list(ShardSampler(n, shuffle=True, seed=3, global_batch=batch, drop_last=drop_last))
+    for world in (2, 4):
+        kw = {"shuffle": True, "seed": 3, "world_size": world, "global_batch": batch, "drop_last": drop_last}
+        shards = [list(ShardSampler(n, rank=r, **kw)) for r in range(world)]
+        per = batch // world
+        for k in range(0, len(one), batch):
+            local = [s[k // world : k // world + per] for s in shards]
+            assert sorted(i for part in local for i in part) == sorted(one[k : k + batch])
+        assert sorted(i for s in shards for i in s) == sorted(one)  # no sample repeated or lost
+    if drop_last:
+        assert len(one) == n - n % batch
+
+
+def test_sampler_reshuffles_each_epoch_like_one_process() -> None:
+    s = ShardSampler(20, shuffle=True, seed=0)
+    first, second = list(s), list(s)
+    assert first != second and sorted(first) == sorted(second) == list(range(20))
+    g = torch.Generator().manual_seed(1)  # epoch 1 uses seed + 1: independent of prunecli's code path
+    assert second == torch.randperm(20, generator=g).tolist()
+
+
+@pytest.fixture
+def pruned_mlp(tmp_path: Path) -> Path:
+    import timm
+    import torch.nn.utils.prune as P
+
+    import prunecli.archs  # noqa: F401
+    from prunecli.checkpoint.io import save_checkpoint
+    from prunecli.checkpoint.manifest import Manifest
+    from prunecli.models import default_pretrained_cfg
+
+    torch.manual_seed(0)
+    model = timm.create_model("fc_mlp", num_classes=10)
+    params = [(model.fc1, "weight"), (model.fc2, "weight")]
+    P.global_unstructured(params, pruning_method=P.L1Unstructured, amount=0.5)
+    for mod, name in params:
+        P.remove(mod, name)
+    path = tmp_path / "p50.safetensors"
+    save_checkpoint(path, model, Manifest("fc_mlp", 10, {}, default_pretrained_cfg("fc_mlp"),
+                                          masked=["fc1.weight", "fc2.weight"]))  # fmt: skip
+    return path
+
+
+def test_finetune_lora_two_gloo_processes_match_one_process(cli, pruned_mlp: Path, tmp_path: Path) -> None:
+    common = ["--data", "digits:train", "--val", "digits:test", "--epochs", "2", "--batch-size", "128",
+              "--lr", "1e-2", "--no-augment", "--device", "cpu", "--wcr", "1e-6"]  # fmt: skip
+    one = cli("finetune-lora", pruned_mlp, *common, "-o", tmp_path / "one.safetensors")
+    assert one.exit_code == 0, one.stderr
+    run = _torchrun(["finetune-lora", str(pruned_mlp), *common, "-o", str(tmp_path / "two.safetensors")])
+    assert run.returncode == 0, run.stderr[-3000:]
+    lines = [ln for ln in run.stdout.splitlines() if ln.strip()]
+    assert len(lines) == 1  # only rank 0 prints the record
+    two = json.loads(lines[0])
+    a, b = one.record["metrics"], two["metrics"]
+    assert b["world_size"] == 2 and a["world_size"] == 1
+    assert a["steps"] == b["steps"] == 2 * (1437 // 128)
+    for key in ("train_loss", "train_acc_per_epoch", "wcr_per_epoch"):
+        assert b[key] == pytest.approx(a[key], rel=1e-5), key
+    assert b["top1_before"] == a["top1_before"] and b["loss_before"] == pytest.approx(a["loss_before"], rel=1e-6)
+    assert b["top1_after"] == pytest.approx(a["top1_after"], abs=1 / 360)  # at most one borderline sample
+    assert b["sparsity_after"] == a["sparsity_after"] == a["sparsity_before"]
+    w1, w2 = load_file(str(tmp_path / "one.safetensors")), load_file(str(tmp_path / "two.safetensors"))
+    assert sorted(w1) == sorted(w2)
+    for name in w1:
+        torch.testing.assert_close(w2[name], w1[name], rtol=1e-3, atol=1e-4)  # Adam steps normalise float noise
+    assert not torch.equal(w1["fc1.weight"], load_file(str(pruned_mlp))["fc1.weight"])  # training did happen
