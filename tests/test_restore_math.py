@@ -266,8 +266,9 @@ def test_depthwise_consumer_is_refused_and_the_rest_restored() -> None:
 
     net = Net().eval()
     kept = [0, 2, 3, 5]
-    plan = {"channels": {"conv1": entry(kept, 6), "bn1": entry(kept, 6), "conv2": {**entry(kept, 6), **entry(kept, 6, "in")},
-                         "bn2": entry(kept, 6), "dw": entry(kept, 6)}}  # fmt: skip
+    conv2 = {**entry(kept, 6), **entry(kept, 6, "in")}
+    plan = {"channels": {"conv1": entry(kept, 6), "bn1": entry(kept, 6), "conv2": conv2, "bn2": entry(kept, 6),
+                         "dw": entry(kept, 6)}}  # fmt: skip
     pruned = slice_model(net, plan["channels"])
     pruned.dw.groups = 4
     before = pruned.conv2.weight.detach().clone()

@@ -29,7 +29,7 @@ from prunecli.cli._output import console, run_command
 
 EXAMPLES = [
     "prunecli restore p50.safetensors --method lbyl -o p50r.safetensors",
-    "prunecli restore p50.safetensors --method lbyl -p lambda2=0.01 --data digits:train --val digits:test -o r.safetensors",
+    "prunecli restore p50.safetensors -m lbyl -p lambda2=0.01 --data digits:train --val digits:test -o r.safetensors",
     "prunecli restore p50.safetensors --method lstsq+bn --data digits:train -o r.safetensors",
     "prunecli restore p50.safetensors --method merge --dense base.safetensors -o r.safetensors",
 ]
@@ -127,7 +127,7 @@ def restore_cmd(
             batch_size=batch_size,
             workers=workers,
             seed=seed,
-        ),  # fmt: skip
+        ),
         input=checkpoint,
         options={
             "method": method,
@@ -144,7 +144,7 @@ def restore_cmd(
             "batch_size": batch_size,
             "seed": seed,
             "output": str(output),
-        },  # fmt: skip
+        },
         metrics_file=metrics,
         quiet=quiet,
         summary=summary,

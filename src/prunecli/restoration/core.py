@@ -16,7 +16,7 @@ bias-compensated pruned model keeps its changes).
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -277,24 +277,20 @@ class RestoreContext:
         self.warn(f"{name}: a constant pruned channel could not be folded (no bias, no BatchNorm after it)")
 
 
-def _consumer_outputs(
-    model: nn.Module, names: Sequence[str], batches: Iterable[torch.Tensor], device: torch.device
-) -> Iterable[dict[str, torch.Tensor]]:
+def _consumer_outputs(model: nn.Module, names: Sequence[str], x: torch.Tensor) -> dict[str, torch.Tensor]:
+    """The outputs of modules ``names`` on one batch (no generator: grad mode must not leak across yields)."""
     store: dict[str, torch.Tensor] = {}
     hooks = [
         model.get_submodule(n).register_forward_hook(lambda _m, _i, out, n=n: store.__setitem__(n, out.detach()))
         for n in names
     ]
     try:
-        model.eval().to(device)
         with torch.inference_mode():
-            for x in batches:
-                store.clear()
-                model(x.to(device))
-                yield dict(store)
+            model(x)
     finally:
         for h in hooks:
             h.remove()
+    return store
 
 
 def reconstruction_errors(
@@ -316,10 +312,12 @@ def reconstruction_errors(
     channel_dim1 = {n: isinstance(dense.get_submodule(n), nn.Conv2d) for n in names}
     num = {k: dict.fromkeys(names, 0.0) for k in models}
     den = dict.fromkeys(names, 0.0)
-    ref_iter = _consumer_outputs(dense, names, batches, device)
-    iters = {k: _consumer_outputs(m, names, batches, device) for k, m in models.items()}
-    for ref in ref_iter:
-        outs = {k: next(it) for k, it in iters.items()}
+    for m in (dense, *models.values()):
+        m.eval().to(device)
+    for xb in batches:
+        xb = xb.to(device)
+        ref = _consumer_outputs(dense, names, xb)
+        outs = {k: _consumer_outputs(m, names, xb) for k, m in models.items()}
         for n in names:
             o = plan.get(n, {}).get("out")
             y = ref[n].double()

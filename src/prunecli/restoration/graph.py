@@ -138,7 +138,7 @@ def find_pairs(
     names = {mod: name for name, mod in model.named_modules()}
     was_training = model.training
     model.eval()
-    with warnings.catch_warnings():
+    with warnings.catch_warnings(), torch.enable_grad():  # the dependency graph traces autograd
         warnings.simplefilter("ignore")  # "unwrapped parameters" chatter for ViT cls_token/pos_embed
         graph = tp.DependencyGraph().build_dependency(model, example_inputs=example_inputs)
     model.train(was_training)
