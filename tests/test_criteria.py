@@ -1,0 +1,482 @@
+"""Each criterion against an independent computation on a small model.
+
+References are written out by hand: per-batch / per-sample autograd loops, brute-force minimisers,
+explicit im2col (``F.unfold``), an explicit parameter-injection module for PROscore, and direct
+formulas with Python loops. None of them calls the criterion code.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import pytest
+import timm
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import prunecli.archs  # noqa: F401  (registers improved_cnn)
+from prunecli.criteria import CRITERIA, get_criterion
+from prunecli.errors import InputError, UnknownNameError
+from prunecli.scoring import balanced_indices, run_criterion
+
+CPU = torch.device("cpu")
+
+
+def tiny_cnn() -> nn.Module:
+    torch.manual_seed(0)
+    m = timm.create_model("improved_cnn", widths=(4, 6, 8), hidden=12, num_classes=5)
+    with torch.no_grad():  # non-trivial BN statistics and affine parameters
+        for mod in m.modules():
+            if isinstance(mod, nn.BatchNorm2d):
+                mod.running_mean.uniform_(-0.2, 0.2)
+                mod.running_var.uniform_(0.5, 1.5)
+                mod.weight.uniform_(0.5, 1.5)
+                mod.bias.uniform_(-0.3, 0.3)
+    return m.eval()
+
+
+def batches(n: int = 3, b: int = 6, shape: tuple[int, ...] = (3, 32, 32), k: int = 5, seed: int = 1) -> list:
+    g = torch.Generator().manual_seed(seed)
+    return [(torch.randn(b, *shape, generator=g), torch.randint(0, k, (b,), generator=g)) for _ in range(n)]
+
+
+def run(model: nn.Module, method: str, data: list | None = None, **params: object):
+    out, _, _ = run_criterion(model, get_criterion(method, params), data or [], device=CPU, seed=0)
+    return out
+
+
+def weights(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {
+        f"{n}.weight": m.weight.detach().clone()
+        for n, m in model.named_modules()
+        if isinstance(m, (nn.Conv2d, nn.Linear))
+    }
+
+
+# ------------------------------------------------------------------------------ data-free criteria
+def test_magnitude_matches_torch_norms() -> None:
+    m = tiny_cnn()
+    w = weights(m)
+    for method, p in (("l1", 1), ("l2", 2), ("magnitude", 1)):
+        s = run(m, method).scores
+        c = run(m, method, granularity="channel").scores
+        for name, t in w.items():
+            torch.testing.assert_close(s[name], t.abs())
+            ref = torch.stack([torch.norm(t[o], p=p) for o in range(t.shape[0])])
+            torch.testing.assert_close(c[name], ref, rtol=1e-6, atol=1e-7)
+    with pytest.raises(InputError):
+        get_criterion("l1", {"norm": "2"})
+
+
+def test_random_is_seeded() -> None:
+    m = tiny_cnn()
+    crit = lambda: get_criterion("random")  # noqa: E731
+    a = run_criterion(m, crit(), [], device=CPU, seed=3)[0].scores
+    b = run_criterion(m, crit(), [], device=CPU, seed=3)[0].scores
+    c = run_criterion(m, crit(), [], device=CPU, seed=4)[0].scores
+    for name, t in weights(m).items():
+        assert a[name].shape == t.shape
+        assert torch.equal(a[name], b[name])
+        assert not torch.equal(a[name], c[name])
+    ch = run_criterion(m, get_criterion("random", {"granularity": "channel"}), [], device=CPU, seed=3)[0].scores
+    assert all(ch[n].shape == (t.shape[0],) for n, t in weights(m).items())
+
+
+def test_fpgm_is_distance_sum_by_loops() -> None:
+    m = tiny_cnn()
+    s = run(m, "fpgm").scores
+    for name, t in weights(m).items():
+        f = t.double().reshape(t.shape[0], -1).numpy()
+        ref = [sum(float(np.sqrt(((f[o] - f[j]) ** 2).sum())) for j in range(len(f))) for o in range(len(f))]
+        np.testing.assert_allclose(s[name].numpy(), ref, rtol=1e-5)
+    s1 = run(m, "fpgm", norm=1).scores["fc2.weight"].double().numpy()
+    f = m.fc2.weight.detach().double().numpy()
+    np.testing.assert_allclose(s1, [np.abs(f[o] - f).sum() for o in range(len(f))], rtol=1e-5)
+
+
+def test_bnscale_is_abs_gamma_with_l2_fallback() -> None:
+    m = tiny_cnn()
+    with torch.no_grad():
+        m.features[1].bn.weight[0] = -2.0
+    out = run(m, "bnscale")
+    for i in range(3):
+        torch.testing.assert_close(out.scores[f"features.{i}.conv.weight"], m.features[i].bn.weight.detach().abs())
+        assert out.notes[f"features.{i}.conv.weight"]["source"] == f"bn:features.{i}.bn"
+    torch.testing.assert_close(out.scores["fc1.weight"], m.fc1.weight.detach().norm(dim=1))
+    assert out.notes["fc1.weight"]["source"] == "l2"
+    with pytest.raises(InputError, match="not followed by an affine BatchNorm"):
+        run(m, "bnscale", fallback="error")
+
+
+# ------------------------------------------------------------------------------ gradient criteria
+def by_hand_grads(model: nn.Module, data: list) -> list[dict[str, torch.Tensor]]:
+    """Per batch: gradient of the batch's mean cross-entropy w.r.t. every conv/linear weight."""
+    out = []
+    for x, y in data:
+        model.zero_grad(set_to_none=True)
+        F.cross_entropy(model(x), y).backward()
+        out.append({f"{n}.weight": m.weight.grad.clone() for n, m in model.named_modules()
+                    if isinstance(m, (nn.Conv2d, nn.Linear))})  # fmt: skip
+    model.zero_grad(set_to_none=True)
+    return out
+
+
+@pytest.mark.parametrize("granularity", ["weight", "channel"])
+def test_taylor_matches_per_batch_autograd(granularity: str) -> None:
+    m, data = tiny_cnn(), batches()
+    grads = by_hand_grads(copy.deepcopy(m), data)
+    w = weights(m)
+    for agg in ("abs_sum", "sq_mean", "abs_of_mean"):
+        s = run(m, "taylor", data, agg=agg, granularity=granularity).scores
+        for name, t in w.items():
+            cs = [t * g[name] for g in grads]
+            if granularity == "channel":
+                cs = [c.reshape(c.shape[0], -1).sum(1) for c in cs]
+            ref = {
+                "abs_sum": sum(c.abs() for c in cs),
+                "sq_mean": sum(c**2 for c in cs) / len(cs),
+                "abs_of_mean": (sum(cs) / len(cs)).abs(),
+            }[agg]
+            torch.testing.assert_close(s[name], ref, rtol=1e-4, atol=1e-9)
+
+
+def test_snip_one_batch_normalised() -> None:
+    m, data = tiny_cnn(), batches(n=2)
+    g = by_hand_grads(copy.deepcopy(m), data[:1])[0]
+    w = weights(m)
+    raw = {n: (w[n] * g[n]).abs() for n in w}
+    total = sum(float(r.double().sum()) for r in raw.values())
+    s = run(m, "snip", data[:1]).scores
+    for name in w:
+        torch.testing.assert_close(s[name], raw[name] / total, rtol=1e-4, atol=1e-10)
+    assert abs(sum(float(v.double().sum()) for v in s.values()) - 1.0) < 1e-5
+
+
+# ------------------------------------------------------------------------------ biascomp (paper E)
+def per_sample_output_grads(model: nn.Module, layer: nn.Module, data: list, mode: str = "loss"):
+    """Per-sample (x_in, ∂ℓ_s/∂y) of ``layer`` by one forward/backward per sample (no sum trick)."""
+    xs, gs = [], []
+    store: dict[str, torch.Tensor] = {}
+
+    def hook(mod: nn.Module, args: tuple, out: torch.Tensor) -> torch.Tensor:
+        store["x"] = args[0].detach()
+        store["y"] = out  # the model continues with a copy, so inplace ReLU cannot touch ``out``
+        return out.clone()
+
+    h = layer.register_forward_hook(hook)
+    for x, y in data:
+        for s in range(x.shape[0]):
+            logits = model(x[s : s + 1])
+            if mode == "loss":
+                g = torch.autograd.grad(F.cross_entropy(logits, y[s : s + 1], reduction="sum"), store["y"])[0]
+                a = g**2
+            else:  # Σ_k (∂f_k/∂y)²
+                a = sum(
+                    torch.autograd.grad(logits[0, k], store["y"], retain_graph=True)[0] ** 2
+                    for k in range(logits.shape[1])
+                )
+            xs.append(store["x"][0])
+            gs.append(a[0])
+    h.remove()
+    return xs, gs
+
+
+def brute_min(a: np.ndarray, v: np.ndarray) -> tuple[float, float]:
+    """argmin_δ and min of Σ_s a_s (δ − v_s)² by dense grid search + local refinement (no closed form)."""
+    obj = lambda d: float(np.sum(a * (d - v) ** 2))  # noqa: E731
+    lo, hi = float(v.min()), float(v.max())
+    if hi == lo:
+        return lo, 0.0
+    best = lo
+    for _ in range(6):  # zoom in: 401-point grid, 6 times
+        grid = np.linspace(lo, hi, 401)
+        vals = [obj(d) for d in grid]
+        i = int(np.argmin(vals))
+        best = grid[i]
+        step = grid[1] - grid[0]
+        lo, hi = best - step, best + step
+    return best, obj(best)
+
+
+@pytest.mark.parametrize("precision", ["float64", "float32"])
+def test_biascomp_linear_matches_brute_force(precision: str) -> None:
+    m, data = tiny_cnn(), batches(n=2, b=5)
+    out = run(m, "biascomp", data, precision=precision)
+    ref_model = copy.deepcopy(m)
+    xs, a = per_sample_output_grads(ref_model, ref_model.fc1, data)
+    X = torch.stack(xs).double().numpy()  # (S, n)
+    A2 = torch.stack(a).double().numpy()  # (S, m)
+    W = m.fc1.weight.detach().double().numpy()
+    rng = np.random.default_rng(0)
+    tol = 5e-5 if precision == "float64" else 2e-3  # float32 forward: per-sample vs batched GEMMs differ
+    live = np.flatnonzero(A2.sum(0) > 0)
+    dead = np.flatnonzero(A2.sum(0) == 0)
+    for _ in range(12):
+        i, j = int(rng.choice(live)), int(rng.integers(W.shape[1]))
+        d_ref, imp_ref = brute_min(A2[:, i], W[i, j] * X[:, j])
+        d = float(out.extras["bias_shift"]["fc1.weight"][i, j])
+        imp = float(out.scores["fc1.weight"][i, j])
+        scale = abs(W[i, j] * X[:, j]).max() + 1e-12
+        i0 = float(np.sum(A2[:, i] * (W[i, j] * X[:, j]) ** 2))  # the uncompensated objective bounds the error
+        assert abs(d - d_ref) <= 1e-5 * scale + tol * abs(d_ref), (i, j, d, d_ref)
+        assert abs(imp - imp_ref) <= tol * abs(imp_ref) + max(tol, 1e-9) * i0, (i, j, imp, imp_ref)
+    for i in dead:  # A_i = 0: no sensitivity, no shift (METHODS §5.8)
+        assert not out.scores["fc1.weight"][i].any() and not out.extras["bias_shift"]["fc1.weight"][i].any()
+    assert out.notes["fc1.weight"]["compensate"] == "bias"
+
+
+def test_biascomp_conv_matches_im2col_and_brute_force() -> None:
+    m, data = tiny_cnn(), batches(n=2, b=3)
+    out = run(m, "biascomp", data, precision="float64")
+    ref_model = copy.deepcopy(m)
+    conv = ref_model.features[1].conv
+    xs, a = per_sample_output_grads(ref_model, conv, data)
+    x = torch.stack(xs).double()
+    a = torch.stack(a).double()  # (S, O, H, W)
+    U = F.unfold(x, conv.kernel_size, dilation=conv.dilation, padding=conv.padding, stride=conv.stride)  # (S, K, P)
+    a2 = a.reshape(a.shape[0], a.shape[1], -1)  # (S, O, P)
+    A = a2.sum((0, 2))
+    assert (A > 0).any()
+    M1 = torch.einsum("sop,skp->ok", a2, U)
+    M2 = torch.einsum("sop,skp->ok", a2, U**2)
+    W = conv.weight.detach().double().reshape(conv.weight.shape[0], -1)
+    safe = torch.where(A > 0, A, torch.ones_like(A))[:, None]  # dead channels: δ = I = 0 (§5.8)
+    delta = torch.where(A[:, None] > 0, W * M1 / safe, 0.0)
+    imp = torch.where(A[:, None] > 0, W**2 * (M2 - M1**2 / safe), 0.0)
+    name = "features.1.conv.weight"
+    torch.testing.assert_close(out.scores[name].double().reshape_as(imp), imp.clamp_min(0), rtol=1e-5, atol=1e-12)
+    torch.testing.assert_close(out.extras["bias_shift"][name].double().reshape_as(delta), delta, rtol=1e-5, atol=1e-9)
+    # and the im2col form is the minimiser over (sample, position) pairs
+    o, k = int(torch.argmax(A)), 7
+    v = (W[o, k] * U[:, k, :]).reshape(-1).numpy()
+    d_ref, i_ref = brute_min(a2[:, o, :].reshape(-1).numpy(), v)
+    assert abs(float(delta[o, k]) - d_ref) < 1e-6 * (abs(v).max() + 1e-12)
+    assert abs(float(imp[o, k]) - i_ref) <= 1e-6 * abs(i_ref) + 1e-14
+
+
+def test_biascomp_jacobian_sensitivity_and_row_additivity() -> None:
+    m, data = tiny_cnn(), batches(n=1, b=4)
+    out = run(m, "biascomp", data, sensitivity="jacobian", precision="float64")
+    ref_model = copy.deepcopy(m)
+    xs, a = per_sample_output_grads(ref_model, ref_model.fc2, data, mode="jacobian")
+    X, A2 = torch.stack(xs).double(), torch.stack(a).double()
+    W = m.fc2.weight.detach().double()
+    i = 1
+    d = out.extras["bias_shift"]["fc2.weight"][i].double()
+    torch.testing.assert_close(d, W[i] * (A2[:, i] @ X) / A2[:, i].sum(), rtol=1e-5, atol=1e-10)
+    # removing a set R of row i: the jointly optimal single shift is the sum of the individual shifts
+    R = [0, 3, 5]
+    v = (X[:, R] * W[i, R]).sum(1).numpy()
+    d_joint, _ = brute_min(A2[:, i].numpy(), v)
+    assert abs(float(d[R].sum()) - d_joint) < 1e-5 * (abs(v).max() + 1e-12)
+
+
+def test_biascomp_without_bias_or_bn_add_and_skip() -> None:
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Flatten(), nn.Linear(12, 7, bias=False), nn.Tanh(), nn.Linear(7, 4)).eval()
+    data = batches(n=2, b=5, shape=(3, 2, 2), k=4)
+    add = run(m, "biascomp", data, precision="float64")
+    skip = run(m, "biascomp", data, precision="float64", missing_bias="skip")
+    assert add.notes["1.weight"]["compensate"] == "add" and skip.notes["1.weight"]["compensate"] == "none"
+    ref = copy.deepcopy(m)
+    xs, a = per_sample_output_grads(ref, ref[1], data)
+    X, A2, W = torch.stack(xs).double(), torch.stack(a).double(), m[1].weight.detach().double()
+    i0 = torch.tensor(
+        [[float((A2[:, i] * (W[i, j] * X[:, j]) ** 2).sum()) for j in range(12)] for i in range(7)], dtype=torch.float64
+    )
+    torch.testing.assert_close(skip.scores["1.weight"].double(), i0, rtol=1e-5, atol=1e-12)
+    assert torch.count_nonzero(skip.extras["bias_shift"]["1.weight"]) == 0
+    assert (add.scores["1.weight"].double() <= i0 + 1e-9).all()  # compensation never hurts
+
+
+# ------------------------------------------------------------------------------ proscore (paper D)
+class Psi(nn.Module):
+    """ψ(x) = D x − D̄ x + σ(x) with D, D̄ explicit parameters (paper D eq. 5)."""
+
+    def __init__(self, d0: torch.Tensor, act: nn.Module, channel_dim: int) -> None:
+        super().__init__()
+        self.D = nn.Parameter(d0.clone())
+        self.Dbar = nn.Parameter(d0.clone())
+        self.act, self.dim = act, channel_dim
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = [1] * x.ndim
+        shape[self.dim] = -1
+        return self.D.view(shape) * x - self.Dbar.view(shape) * x + self.act(x)
+
+
+def proscore_by_injection(model: nn.Module, targets: dict, data: list, lam: float) -> dict[str, torch.Tensor]:
+    """targets: weight name → (filter params, ψ insertion (parent, attr, σ), channel dim)."""
+    ref = copy.deepcopy(model)
+    psis, filt = {}, {}
+    mods = dict(ref.named_modules())
+    for name, (fparams, (parent, attr, act), dim) in targets.items():
+        ps = [dict(ref.named_parameters())[p] for p in fparams]
+        F_ = torch.cat([p.detach().reshape(p.shape[0], -1) for p in ps], 1).double()
+        psi = Psi(F_.norm(dim=1).float(), act, dim)
+        old = getattr(mods[parent], attr)
+        setattr(mods[parent], attr, psi if not isinstance(act, nn.Identity) else nn.Sequential(old, psi))
+        psis[name], filt[name] = (psi, ps), F_
+    with torch.no_grad():
+        x0 = data[0][0]
+        torch.testing.assert_close(ref(x0), model(x0))  # injection leaves the forward unchanged
+    gD = {n: 0.0 for n in targets}
+    gF = {n: 0.0 for n in targets}
+    for x, y in data:
+        loss = F.cross_entropy(ref(x), y)
+        for name, (psi, ps) in psis.items():
+            grads = torch.autograd.grad(loss, [psi.D, *ps], retain_graph=True)
+            gD[name] = gD[name] + grads[0].double()
+            gF[name] = gF[name] + torch.cat([g.reshape(g.shape[0], -1) for g in grads[1:]], 1).double()
+    out = {}
+    for name in targets:
+        k = len(data)
+        num = (filt[name] - lam * gF[name] / k).norm(dim=1)
+        den = (filt[name].norm(dim=1) - lam * gD[name] / k).abs()
+        out[name] = num / den
+    return out
+
+
+def test_proscore_matches_parameter_injection_cnn() -> None:
+    m, data = tiny_cnn(), batches(n=2)
+    with torch.no_grad():
+        m.features[2].bn.weight[3] = 0.0  # a zero filter (γ=β=0) must score 0 (prune first)
+        m.features[2].bn.bias[3] = 0.0
+    targets = {
+        f"features.{i}.conv.weight": (
+            [f"features.{i}.bn.weight", f"features.{i}.bn.bias"], (f"features.{i}", "act", nn.ReLU()), 1
+        )
+        for i in range(3)
+    }  # fmt: skip
+    targets["fc1.weight"] = (["fc1.weight", "fc1.bias"], ("", "act", nn.ReLU()), -1)
+    targets["fc2.weight"] = (["fc2.weight", "fc2.bias"], ("", "fc2", nn.Identity()), -1)
+    for lam in (0.1, 1.0, 20.0):
+        ref = proscore_by_injection(m, targets, data, lam)
+        out = run(m, "proscore", data, **{"lambda": lam})
+        for name, r in ref.items():
+            r = torch.where(torch.isfinite(r), r, torch.zeros_like(r))
+            if name == "features.2.conv.weight":
+                r[3] = 0.0
+            # compare the deviation from 1 (the λ→0 value), which is what ranks the channels
+            torch.testing.assert_close(out.scores[name].double() - 1, r - 1, rtol=2e-3, atol=2e-6)
+    assert float(out.scores["features.2.conv.weight"][3]) == 0.0
+
+
+class ResBlock(nn.Module):
+    """conv-BN-ReLU(inplace)-conv-BN, shortcut added in place, then ReLU: BN2's σ is the identity."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1, self.bn1, self.act1 = nn.Conv2d(3, 3, 3, padding=1, bias=False), nn.BatchNorm2d(3), nn.ReLU(True)
+        self.conv2, self.bn2, self.act2 = nn.Conv2d(3, 3, 3, padding=1, bias=False), nn.BatchNorm2d(3), nn.ReLU(True)
+        self.head = nn.Linear(3, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        s = x
+        x = self.act1(self.bn1(self.conv1(x)))
+        x = self.bn2(self.conv2(x))
+        x += s
+        return self.head(self.act2(x).mean((2, 3)))
+
+
+def test_proscore_matches_parameter_injection_residual() -> None:
+    torch.manual_seed(0)
+    m = ResBlock().eval()
+    with torch.no_grad():
+        for bn in (m.bn1, m.bn2):
+            bn.weight.uniform_(0.5, 1.5), bn.bias.uniform_(-0.5, 0.5), bn.running_var.uniform_(0.5, 2)
+    data = batches(n=2, b=4, shape=(3, 6, 6), k=4)
+    targets = {
+        "conv1.weight": (["bn1.weight", "bn1.bias"], ("", "act1", nn.ReLU()), 1),
+        "conv2.weight": (["bn2.weight", "bn2.bias"], ("", "bn2", nn.Identity()), 1),
+        "head.weight": (["head.weight", "head.bias"], ("", "head", nn.Identity()), -1),
+    }
+    ref = proscore_by_injection(m, targets, data, 5.0)
+    out = run(m, "proscore", data, **{"lambda": 5.0})
+    for name, r in ref.items():
+        torch.testing.assert_close(out.scores[name].double() - 1, r - 1, rtol=2e-3, atol=2e-6)
+    assert out.notes["conv2.weight"] == {"target": "bn2", "act": "identity", "crossings": 0}
+
+
+def test_proscore_lambda_to_zero_limit_is_one() -> None:
+    m, data = tiny_cnn(), batches(n=1)
+    out = run(m, "proscore", data, **{"lambda": 1e-9})
+    for s in out.scores.values():
+        torch.testing.assert_close(s, torch.ones_like(s), rtol=0, atol=1e-6)
+    with pytest.raises(InputError, match="lambda must be a positive number"):
+        get_criterion("proscore", {"lambda": "0"})
+
+
+# ------------------------------------------------------------------------------ wanda
+def test_wanda_matches_direct_formula_with_groups() -> None:
+    torch.manual_seed(0)
+    m = nn.Sequential(
+        nn.Conv2d(4, 6, 3, padding=1, stride=2, groups=2), nn.ReLU(), nn.Conv2d(6, 6, 3, padding=1, groups=6),
+        nn.Flatten(), nn.Linear(6 * 4 * 4, 5),
+    ).eval()  # fmt: skip
+    data = batches(n=2, b=3, shape=(4, 8, 8))
+    s = run(m, "wanda", data).scores
+    x_all = torch.cat([x for x, _ in data])
+    inputs = {0: x_all, 2: m[1](m[0](x_all))}
+    for idx, x in inputs.items():
+        conv = m[idx]
+        g = conv.groups
+        cin = x.shape[1] // g
+        per_out = conv.out_channels // g
+        W = conv.weight.detach()
+        ref = torch.empty_like(W)
+        for o in range(conv.out_channels):
+            gr = o // per_out
+            U = F.unfold(x[:, gr * cin : (gr + 1) * cin], 3, padding=1, stride=conv.stride)  # (S, cin*9, P)
+            norm = U.pow(2).sum((0, 2)).sqrt().reshape(cin, 3, 3)
+            ref[o] = W[o].abs() * norm
+        torch.testing.assert_close(s[f"{idx}.weight"], ref, rtol=1e-5, atol=1e-7)
+    xl = m[3](m[2](inputs[2]))
+    torch.testing.assert_close(s["4.weight"], m[4].weight.detach().abs() * xl.norm(dim=0)[None], rtol=1e-5, atol=1e-7)
+
+
+# ------------------------------------------------------------------------------ registry-wide
+def test_options_are_validated() -> None:
+    with pytest.raises(UnknownNameError, match="unknown method 'nope'"):
+        get_criterion("nope")
+    with pytest.raises(UnknownNameError, match="unknown option 'foo'"):
+        get_criterion("taylor", {"foo": "1"})
+    with pytest.raises(InputError, match="expects a number"):
+        get_criterion("proscore", {"lambda": "abc"})
+    with pytest.raises(InputError, match="expects an integer"):
+        get_criterion("biascomp", {"probes": "2.5"})
+    with pytest.raises(InputError, match="not one of"):
+        get_criterion("taylor", {"agg": "max"})
+    assert get_criterion("biascomp", {"probes": "4"}).options.probes == 4
+
+
+def test_balanced_sampler_takes_the_fraction_of_every_class() -> None:
+    targets = [0] * 50 + [1] * 30 + [2] * 20
+    idx = balanced_indices(targets, 100, 0.1, seed=0)
+    counts = np.bincount([targets[i] for i in idx])
+    assert counts.tolist() == [5, 3, 2] and len(set(idx)) == len(idx)
+    assert idx == balanced_indices(targets, 100, 0.1, seed=0)
+    assert sorted(balanced_indices(targets, 100, 1.0, seed=1)) == list(range(100))
+
+
+MODELS = [("test_resnet", (3, 32, 32)), ("test_vit", (3, 160, 160)), ("improved_cnn", (3, 32, 32))]
+
+
+@pytest.mark.parametrize("arch,shape", MODELS, ids=[m for m, _ in MODELS])
+def test_every_criterion_scores_every_prunable_param(arch: str, shape: tuple[int, ...]) -> None:
+    from prunecli.prunable import prunable_params
+
+    torch.manual_seed(0)
+    kwargs = {"widths": (8, 8, 16), "hidden": 16} if arch == "improved_cnn" else {}
+    m = timm.create_model(arch, num_classes=10, **kwargs).eval()
+    params = prunable_params(m)
+    data = batches(n=2, b=2, shape=shape, k=10)
+    for name, cls in CRITERIA.items():
+        out = run(m, name, data)
+        assert set(out.scores) == set(params), name
+        for p, w in params.items():
+            s = out.scores[p]
+            assert s.shape == (w.shape if cls(cls.Options()).granularity == "weight" else w.shape[:1]), (name, p)
+            assert torch.isfinite(s).all(), (name, p)
