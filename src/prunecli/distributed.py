@@ -32,7 +32,7 @@ import contextlib
 import math
 import os
 import sys
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -46,12 +46,14 @@ __all__ = [
     "ShardSampler",
     "all_reduce_sums",
     "all_reduce_tensors",
+    "average_grads",
     "barrier",
     "broadcast_object",
     "init",
     "is_distributed",
     "is_main",
     "main_only_output",
+    "mean_over_ranks",
     "rank",
     "reduce_eval_metrics",
     "sync_buffers",
@@ -174,6 +176,35 @@ def all_reduce_sums(values: Mapping[str, float], device: torch.device | None = N
     buf = torch.tensor([float(values[k]) for k in keys], dtype=torch.float64, device=dev)
     dist.all_reduce(buf)
     return dict(zip(keys, buf.tolist(), strict=True))
+
+
+def mean_over_ranks(values: Sequence[float]) -> list[float]:
+    """The element-wise mean over processes of equal-length lists (e.g. per-epoch train losses).
+
+    Equals the one-process value when every rank averaged over the same number of samples (the
+    training shards of :class:`ShardSampler` with ``drop_last``).
+    """
+    if not is_distributed():
+        return [float(v) for v in values]
+    sums = all_reduce_sums({f"{i:08d}": v for i, v in enumerate(values)})
+    return [sums[f"{i:08d}"] / world_size() for i in range(len(values))]
+
+
+def average_grads(grads: Sequence[torch.Tensor | None]) -> list[torch.Tensor | None]:
+    """The mean over processes of per-batch gradients (None stays None), in place and returned.
+
+    For statistics that are non-linear in a batch's gradient (Taylor ``|θ·g|``, SNIP): with each rank
+    holding the mean loss of its equal share of the global batch, the average over ranks is the
+    gradient of the global batch's mean loss, so every rank then scores exactly as one process would.
+    """
+    if not is_distributed():
+        return list(grads)
+    n = world_size()
+    for g in grads:
+        if g is not None:
+            dist.all_reduce(g)
+            g.div_(n)
+    return list(grads)
 
 
 _MEAN_KEYS = ("top1", "top5", "loss", "agreement", "kl")

@@ -213,7 +213,7 @@ def finetune_lora(
     tm = result.metrics()
     for key in ("train_loss", "train_acc_per_epoch", "extra_loss"):  # equal shards: the mean over ranks is global
         if key in tm:
-            tm[key] = _mean_over_ranks(tm[key])
+            tm[key] = D.mean_over_ranks(tm[key])
     tm["train_acc"] = tm["train_acc_per_epoch"][-1] if tm["train_acc_per_epoch"] else float("nan")
     if "extra_loss" in tm:
         tm["wcr_per_epoch"] = tm.pop("extra_loss")
@@ -313,15 +313,6 @@ def _write(
             shutil.rmtree(staged, ignore_errors=True)
         raise
     return path, sha
-
-
-def _mean_over_ranks(values: list[float]) -> list[float]:
-    from prunecli import distributed as D
-
-    if D.world_size() == 1:
-        return list(values)
-    sums = D.all_reduce_sums({f"{i:06d}": v for i, v in enumerate(values)})
-    return [sums[f"{i:06d}"] / D.world_size() for i in range(len(values))]
 
 
 def _effective_sparsity(model: Any, names: list[str], effective: dict[str, Any]) -> float:
