@@ -44,6 +44,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from prunecli.errors import InputError
+from prunecli.evaluation import evaluate_model
 from prunecli.masks import Masks
 from prunecli.progress import progress
 from prunecli.registry import Registry
@@ -141,7 +142,7 @@ class TrainResult:
             "train_loss": [e.train_loss for e in self.epochs],
             "train_acc": self.epochs[-1].train_acc if self.epochs else float("nan"),
             "train_acc_per_epoch": [e.train_acc for e in self.epochs],
-            "lr": [e.lr for e in self.epochs],
+            "lr": [e.lr for e in self.epochs],  # the LR at the start of each epoch
             "amp": self.amp,
         }
         if any(e.extra_loss is not None for e in self.epochs):
@@ -241,8 +242,6 @@ def train(
         >>> result = train(model, loader, torch.device("cpu"), TrainConfig(epochs=2))
         >>> result.metrics()["train_loss"]
     """
-    from prunecli.evaluation import evaluate_model
-
     config.validate()
     flags = {n: p.requires_grad for n, p in model.named_parameters()}
     params = [(n, p) for n, p in model.named_parameters() if p.requires_grad and (trainable is None or trainable(n, p))]
@@ -252,7 +251,7 @@ def train(
     for _, p in model.named_parameters():
         p.requires_grad_(id(p) in chosen)
     try:
-        return _run(model, loader, device, config, params, extra_loss, masks, val_loader, on_epoch, evaluate_model)
+        return _run(model, loader, device, config, params, extra_loss, masks, val_loader, on_epoch)
     finally:
         for n, p in model.named_parameters():
             p.requires_grad_(flags.get(n, True))
@@ -269,7 +268,6 @@ def _run(
     masks: Masks | None,
     val_loader: Iterable[tuple[torch.Tensor, torch.Tensor]] | None,
     on_epoch: Callable[[EpochStats], None] | None,
-    evaluate_model: Callable[..., dict[str, Any]],
 ) -> TrainResult:
     model.to(device)
     if masks:
