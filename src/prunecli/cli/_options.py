@@ -32,8 +32,14 @@ OutputOpt = Annotated[
     typer.Option("-o", "--output", help="Output checkpoint: FILE.safetensors, or DIR/ for a timm folder.",
                  show_default=False),
 ]  # fmt: skip
-DataOpt = Annotated[str, typer.Option("--data", help="Data spec: digits[:train|test], imagefolder:PATH, "
-                                      "cifar10:PATH[:split], cifar100:…, mnist:…, fashionmnist:…, synthetic[:N].")]
+DataOpt = Annotated[
+    str,
+    typer.Option(
+        "--data",
+        help="Data spec: digits[:train|test], imagefolder:PATH, "
+        "cifar10:PATH[:split], cifar100:…, mnist:…, fashionmnist:…, synthetic[:N].",
+    ),
+]
 OptDataOpt = Annotated[Optional[str], typer.Option("--data", help="Data spec (see --data of eval).")]
 DeviceOpt = Annotated[str, typer.Option("--device", help="auto (GPU when present), cpu, cuda or cuda:N.")]
 SeedOpt = Annotated[int, typer.Option("--seed", help="Random seed (sampling, initialisation, shuffling).")]
@@ -49,10 +55,12 @@ InputSizeOpt = Annotated[
     typer.Option("--input-size", help="Override the input size: S, HxW or CxHxW.", rich_help_panel="Transforms"),
 ]
 MeanOpt = Annotated[
-    Optional[str], typer.Option("--mean", help="Override normalisation mean, e.g. 0.5,0.5,0.5.", rich_help_panel="Transforms")
+    Optional[str],
+    typer.Option("--mean", help="Override normalisation mean, e.g. 0.5,0.5,0.5.", rich_help_panel="Transforms"),
 ]
 StdOpt = Annotated[
-    Optional[str], typer.Option("--std", help="Override normalisation std, e.g. 0.5,0.5,0.5.", rich_help_panel="Transforms")
+    Optional[str],
+    typer.Option("--std", help="Override normalisation std, e.g. 0.5,0.5,0.5.", rich_help_panel="Transforms"),
 ]
 
 

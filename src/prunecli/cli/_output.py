@@ -6,6 +6,7 @@ Also the single place that turns exceptions into exit codes: 1 with a one-line `
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import sys
@@ -123,8 +124,6 @@ def run_command(
         raise typer.Exit(1) from None
     record = make_record(command, input, result, options, time.perf_counter() - start)
     if summary is not None and not quiet:
-        try:
+        with contextlib.suppress(Exception):  # a failed pretty table must never fail the run
             summary(result)
-        except Exception:  # a failed pretty table must never fail the run
-            pass
     emit(record, metrics_file)

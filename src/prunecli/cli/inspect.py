@@ -47,5 +47,3 @@ def inspect(
 
 def register(app: typer.Typer) -> None:
     app.command("inspect", epilog="Examples:  " + "  |  ".join(EXAMPLES))(inspect)
-
-
