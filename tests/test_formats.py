@@ -122,6 +122,16 @@ def test_ema_differs_from_plain(files: dict) -> None:
     assert any(not torch.equal(a[k], b[k]) for k in a if a[k].is_floating_point())
 
 
+def test_ema_against_plain_reference(cli, files: dict, weights: dict, images: Path) -> None:
+    """--ema applies to CKPT only: the same .pth.tar as --reference is read with its plain weights."""
+    ckpt = str(files["root"] / "train.pth.tar")
+    r = cli("eval", ckpt, "--ema", "--reference", ckpt, "--data", f"imagefolder:{images}")
+    assert r.exit_code == 0, r.stderr
+    assert r.record["metrics"]["kl"] > 0
+    same = cli("eval", ckpt, "--reference", ckpt, "--data", f"imagefolder:{images}")
+    assert same.record["metrics"]["kl"] == 0.0 and same.record["metrics"]["agreement"] == 1.0
+
+
 def _hand_eval(model: torch.nn.Module, root: Path, cfg: dict) -> tuple[int, float, int]:
     """An evaluation loop written from scratch: PIL, torchvision transforms, cross-entropy."""
     from torchvision import transforms as T

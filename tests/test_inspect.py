@@ -141,8 +141,9 @@ from typer.testing import CliRunner
 from prunecli.cli.main import app
 runner = CliRunner()
 assert runner.invoke(app, ["--help"]).exit_code == 0
-for name in ("inspect", "eval"):
-    assert runner.invoke(app, [name, "--help"]).exit_code == 0
+import typer
+for name in sorted(typer.main.get_command(app).commands):
+    assert runner.invoke(app, [name, "--help"]).exit_code == 0, name
 res = runner.invoke(app, ["inspect", sys.argv[1], "--layers"])
 assert res.exit_code == 0, res.output
 heavy = sorted(m for m in ("torch", "timm", "torchvision", "safetensors.torch", "huggingface_hub") if m in sys.modules)
@@ -174,3 +175,24 @@ def test_cli_modules_do_not_import_torch_at_import_time() -> None:
     p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False)
     assert p.returncode == 0, p.stderr
     assert p.stdout.strip().endswith("[]"), p.stdout
+
+
+def test_cli_modules_import_heavy_modules_only_inside_functions() -> None:
+    """Static check of every cli/*.py: no module-level import of torch, timm, numpy or prunecli.api.<cmd>."""
+    import ast
+
+    import prunecli.cli
+
+    heavy = ("torch", "timm", "torchvision", "numpy", "safetensors", "peft", "torch_pruning", "sklearn")
+    for path in sorted(Path(prunecli.cli.__file__).parent.glob("*.py")):
+        for node in ast.parse(path.read_text()).body:  # module level only
+            names = []
+            if isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.module:
+                names = [node.module]
+            for name in names:
+                assert name.split(".")[0] not in heavy, f"{path.name} imports {name} at module level"
+                assert not (name.startswith("prunecli.api.") and name != "prunecli.api._common"), (
+                    f"{path.name} imports {name} at module level; import it inside the command function"
+                )

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 from prunecli.api._common import DataOptions, InputOptions, load_data, load_input
 from prunecli.record import Result
 
@@ -28,7 +30,8 @@ def evaluate(
         data: a data spec; the split defaults to ``test``.
         inputs: how to read CKPT when it does not describe itself.
         data_options: input size / mean / std overrides.
-        reference: a second checkpoint (e.g. the dense parent): adds ``agreement`` and ``kl``.
+        reference: a second checkpoint (e.g. the dense parent): adds ``agreement`` and ``kl``. It is
+            read with ``inputs`` except ``ema``.
         benchmark: add median latency and throughput at ``batch_size`` on the device.
         device: ``auto``, ``cpu``, ``cuda[:i]``.
         batch_size: evaluation batch size.
@@ -46,7 +49,10 @@ def evaluate(
     seed_everything(seed)
     loaded = load_input(spec, inputs)
     ds, cfg = load_data(data, loaded, data_options)
-    ref_model = load_input(reference, inputs).model if reference else None
+    # The reference shares --arch/--num-classes (a bare parent state dict) but not --ema, so that
+    # `eval run.pth.tar --ema --reference run.pth.tar` compares the EMA weights with the plain ones.
+    ref_inputs = dataclasses.replace(inputs, ema=False) if inputs else None
+    ref_model = load_input(reference, ref_inputs).model if reference else None
     loader = make_loader(ds, batch_size=batch_size, workers=workers, seed=seed)
     metrics = evaluate_model(loaded.model, loader, dev, reference=ref_model, total=len(loader))
     metrics["data"] = data
