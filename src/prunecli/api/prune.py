@@ -321,7 +321,6 @@ def _channel(job: _Job) -> tuple[dict[str, Any], Any]:
     """Channel pruning through :func:`prunecli.pruning.channel.prune_channels` (torch-pruning's DepGraph)."""
     import torch
 
-    from prunecli.evaluation import count_params
     from prunecli.pruning.channel import prune_channels
 
     before = sum(w.numel() for w in job.weights.values())
@@ -344,6 +343,8 @@ def _channel(job: _Job) -> tuple[dict[str, Any], Any]:
     from prunecli.prunable import prunable_params
 
     after = sum(p.numel() for p in prunable_params(job.model).values())
+    state = job.model.state_dict()
+    nnz = _nonzero(state)
     manifest = dataclasses.replace(job.loaded.manifest, structure=result.structure)
     metrics = {
         "structure": "channel",
@@ -353,8 +354,8 @@ def _channel(job: _Job) -> tuple[dict[str, Any], Any]:
         "excluded": job.excluded,
         **result.metrics,
         "sparsity": 1.0 - after / max(before, 1),
-        **count_params(job.model),
-        **_storage(job.model, set(job.loaded.manifest.masked)),
+        **_param_counts(job.model, nnz),
+        **_storage(state, nnz, set(job.loaded.manifest.masked)),
     }
     return metrics, manifest
 
@@ -368,16 +369,15 @@ _ENGINES: dict[str, Callable[[_Job], tuple[dict[str, Any], Any]]] = {
 
 def _finish(job: _Job, trace: Any, removed: Mapping[str, int], target: float, comp: Any) -> tuple[dict[str, Any], Any]:
     """Metrics of DESIGN §3 for a masked (dense-shape) result, and the manifest listing the masks."""
-    import torch
-
-    from prunecli.evaluation import count_params
     from prunecli.pruning import count_macs
 
-    zeros = {n: int(w.numel() - torch.count_nonzero(w)) for n, w in job.weights.items()}
-    n_sel = sum(job.weights[n].numel() for n in job.selected)
-    n_all = sum(w.numel() for w in job.weights.values())
     masked = sorted(set(job.loaded.manifest.masked) | {n for n, c in removed.items() if c > 0})
     manifest = dataclasses.replace(job.loaded.manifest, masked=masked)
+    state = job.model.state_dict()
+    nnz = _nonzero(state)
+    zeros = {n: job.weights[n].numel() - nnz[n] for n in job.weights}
+    n_sel = sum(job.weights[n].numel() for n in job.selected)
+    n_all = sum(w.numel() for w in job.weights.values())
     metrics: dict[str, Any] = {
         "structure": "unstructured" if job.kind == "unstructured" else f"{job.nm[0]}:{job.nm[1]}",
         "method": job.method,
@@ -390,28 +390,36 @@ def _finish(job: _Job, trace: Any, removed: Mapping[str, int], target: float, co
         "prunable": n_sel,
         "excluded": job.excluded,
         "layers": {n: zeros[n] / max(w.numel(), 1) for n, w in job.weights.items()},
-        **count_params(job.model),
+        **_param_counts(job.model, nnz),
         **count_macs(job.model, trace, {n.removesuffix(".weight"): m for n, m in job.layers.items()}),
-        **_storage(job.model, set(masked)),
+        **_storage(state, nnz, set(masked)),
     }
     if comp is not None:
         metrics["compensated"] = comp.summary()
     return metrics, manifest
 
 
-def _storage(model: Any, masked: set[str]) -> dict[str, int]:
+def _nonzero(state: Mapping[str, Any]) -> dict[str, int]:
+    """Non-zero entries per tensor (``count_nonzero`` of ``t != 0``: the float kernel is branchy and slow)."""
+    import torch
+
+    return {n: int(torch.count_nonzero(t != 0)) for n, t in state.items()}
+
+
+def _param_counts(model: Any, nnz: Mapping[str, int]) -> dict[str, int]:
+    named = dict(model.named_parameters())  # deduplicated, as model.parameters()
+    return {"params": sum(p.numel() for p in named.values()), "params_nonzero": sum(nnz[n] for n in named)}
+
+
+def _storage(state: Mapping[str, Any], nnz: Mapping[str, int], masked: set[str]) -> dict[str, int]:
     """Bytes of the dense checkpoint tensors, and with masked tensors stored as bitmask + nonzero values.
 
     ``bitmask_bytes`` = Σ over masked tensors of ``ceil(numel/8) + nnz·itemsize`` plus every other
     tensor at its dense size (no header, no compression).
     """
-    import torch
-
     dense = packed = 0
-    for name, t in model.state_dict().items():
+    for name, t in state.items():
         size = t.numel() * t.element_size()
         dense += size
-        packed += (
-            (math.ceil(t.numel() / 8) + int(torch.count_nonzero(t)) * t.element_size()) if name in masked else size
-        )
+        packed += math.ceil(t.numel() / 8) + nnz[name] * t.element_size() if name in masked else size
     return {"dense_bytes": dense, "bitmask_bytes": packed}

@@ -83,12 +83,12 @@ def prune_nm(
         if bool(torch.isnan(groups).any()):
             raise InputError(f"scores of {name!r} hold NaN", hint="recompute the scores")
         order = torch.sort(groups, dim=-1, stable=True).indices[..., : m - n]  # ascending, ties by index
-        remove = torch.zeros(groups.shape, dtype=torch.bool).scatter_(-1, order, True).view(w.shape)
+        keep = torch.ones(groups.shape, dtype=torch.bool).scatter_(-1, order, False).view(w.shape)
         with torch.no_grad():
-            w.masked_fill_(remove, 0.0)
+            w.mul_(keep)  # as torch.nn.utils.prune applies masks
         if on_mask is not None:
-            on_mask(name, remove)
-        removed[name] = int(remove.sum())
+            on_mask(name, ~keep)
+        removed[name] = order.numel()
     if skipped:
         _LOG.warning(
             "N:M %d:%d skipped %d layer(s) whose input length is not a multiple of %d: %s",

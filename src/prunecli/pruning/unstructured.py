@@ -107,19 +107,20 @@ def check_ratio(ratio: float) -> None:
 def order_keys(scores: torch.Tensor, name: str = "scores") -> torch.Tensor:
     """Flat int32 keys whose integer order is the float order of ``scores`` (``-0.0`` equals ``0.0``).
 
-    The IEEE-754 bit pattern of a non-negative float grows with its value; for negative floats the
-    magnitude bits are flipped so that more negative means smaller. Equal floats get equal keys.
+    The IEEE-754 bit pattern of a non-negative float, read as an integer, grows with the value; a
+    negative float maps to minus its magnitude bits. Equal floats get equal keys, and the mapping
+    is a handful of branch-free integer operations (no sort, no copy of the model).
 
     Raises:
         InputError: a score is NaN (no order exists).
     """
-    s = scores.detach().reshape(-1).to(torch.float32) + 0.0  # a fresh copy; -0.0 becomes +0.0
-    if bool(torch.isnan(s).any()):
+    bits = scores.detach().reshape(-1).to(torch.float32).view(torch.int32)
+    keys = bits & 0x7FFFFFFF  # magnitude bits (a new tensor)
+    if bool((keys > 0x7F800000).any()):  # above +inf's pattern: NaN
         raise InputError(f"{name} holds NaN scores", hint="recompute the scores; NaN cannot be ranked")
-    keys = s.view(torch.int32)
-    flip = keys >> 31  # -1 (all bits) for negative floats, 0 otherwise
-    flip &= 0x7FFFFFFF
-    keys ^= flip
+    sign = bits >> 31  # -1 for negative floats, 0 otherwise
+    keys ^= sign
+    keys -= sign  # two's complement negation where negative: key = -magnitude
     return keys
 
 
@@ -162,7 +163,7 @@ def prune_unstructured(
     """Zeroes exactly ``scope.k`` lowest-scoring weights in every scope, in place.
 
     Args:
-        weights: parameter name → weight tensor (modified in place with ``masked_fill_``).
+        weights: parameter name → weight tensor (modified in place).
         score_of: parameter name → score tensor of the weight's shape (higher = keep); called once
             or a few times per layer, so it may compute scores on the fly.
         scopes: from :func:`plan_scopes`.
@@ -186,11 +187,10 @@ def prune_unstructured(
         if scope.k <= 0:
             removed.update({n: 0 for n in scope.names})
             continue
-        if len(scope.names) == 1:  # one layer: its keys fit in memory once, no radix passes needed
+        if len(scope.names) == 1:  # one layer: compute its keys once and keep them for the three passes
             name = scope.names[0]
             keys = order_keys(_checked_scores(name, weights[name], score_of), name)
-            t = int(torch.kthvalue(keys, scope.k).values)
-            below = int((keys < t).sum())
+            t, below = _kth_key(lambda keys=keys: iter((keys,)), scope.k)
             removed[name], _ = _apply(name, weights[name], keys, t, scope.k - below, on_mask, single=True)
             continue
 
@@ -216,22 +216,29 @@ def _apply(
     *,
     single: bool,
 ) -> tuple[int, int]:
-    """Removes keys < t and the first ``ties`` keys == t; returns (removed, ties taken)."""
-    remove = keys < t
+    """Removes keys < t and the first ``ties`` keys == t; returns (removed, ties taken).
+
+    The weight is multiplied by the keep mask, exactly as ``torch.nn.utils.prune`` does (so a removed
+    negative weight becomes ``-0.0`` there and here); ``masked_fill_`` and ``count_nonzero`` on floats
+    are branchy on CPU and several times slower on unpredictable masks.
+    """
+    keep = keys > t
     took = 0
     if ties > 0:
-        eq = (keys == t).nonzero().squeeze(1)[:ties]
-        remove[eq] = True
-        took = eq.numel()
-    count = int(remove.sum())
+        eq = (keys == t).nonzero().squeeze(1)
+        keep[eq[ties:]] = True  # ties beyond the first ``ties`` (in flat order) stay
+        took = min(ties, eq.numel())
+    else:
+        keep |= keys == t
+    count = weight.numel() - int(torch.count_nonzero(keep))
     if count >= weight.numel() and not single:
         raise InputError(
             f"the global selection would remove every weight of {name!r} ({weight.numel()} weights)",
             hint="lower --ratio, give this layer its own --layer-ratio, or --exclude it",
         )
-    remove = remove.view(weight.shape)
+    keep = keep.view(weight.shape)
     with torch.no_grad():
-        weight.masked_fill_(remove, 0.0)
+        weight.mul_(keep)
     if on_mask is not None:
-        on_mask(name, remove)
+        on_mask(name, ~keep)
     return count, took

@@ -1,0 +1,169 @@
+"""Unstructured global magnitude pruning of a large timm model: time and peak memory vs. the anchors.
+
+Three jobs run in fresh processes on the same safetensors file (a randomly initialised timm model,
+written first by prunecli so that it is self-describing):
+
+* ``io``     — the I/O limit: ``safetensors.torch.load_file`` + ``save_file`` of the same tensors;
+* ``prunecli`` — ``prunecli prune CKPT --method magnitude --ratio R --scope global -o OUT``;
+* ``torch``  — ``torch.nn.utils.prune.global_unstructured`` (L1) over the same weights (every
+  conv/linear weight except the classifier head), ``prune.remove``, then ``save_file``.
+
+Each process is started from a small wrapper that waits for it and reads
+``getrusage(RUSAGE_CHILDREN)``: wall time (including interpreter start and ``import torch``), CPU
+time (user + sys, less sensitive to other load on shared cores) and peak RSS. Finally the pruned
+tensors of ``prunecli`` and ``torch`` are compared for equality.
+
+Usage::
+
+    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/bench_prune_unstructured.py --arch vit_base_patch16_224 \\
+        --ratio 0.5 --workdir /tmp/bench_prune --repeat 1
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve()
+PRUNECLI = Path(sys.executable).with_name("prunecli")
+
+IO_JOB = """
+import sys
+from safetensors.torch import load_file, save_file
+from safetensors import safe_open
+with safe_open(sys.argv[1], "pt") as f:
+    meta = f.metadata()
+save_file(load_file(sys.argv[1]), sys.argv[2], metadata=meta)
+"""
+
+TORCH_JOB = """
+import sys, json
+import torch, timm
+from torch import nn
+from torch.nn.utils import prune
+from safetensors.torch import load_file, save_file
+import prunecli.archs  # noqa: F401
+src, dst, arch, ratio, head = sys.argv[1], sys.argv[2], sys.argv[3], float(sys.argv[4]), sys.argv[5]
+sd = load_file(src)
+with torch.device("meta"):
+    model = timm.create_model(arch, num_classes=int(sys.argv[6]))
+model.load_state_dict(sd, assign=True)
+del sd
+layers = [(m, "weight") for n, m in model.named_modules()
+          if isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)) and n != head and m.weight.ndim > 1]
+prune.global_unstructured(layers, pruning_method=prune.L1Unstructured, amount=ratio)
+for m, name in layers:
+    prune.remove(m, name)
+save_file({k: v.contiguous() for k, v in model.state_dict().items()}, dst)
+"""
+
+
+def _measure(cmd: list[str]) -> dict[str, float]:
+    """Runs ``cmd`` in a fresh wrapper process; returns wall s, cpu s and peak RSS MiB of ``cmd``."""
+    out = subprocess.run([sys.executable, str(HERE), "--wrap", "--", *cmd], capture_output=True, text=True, check=False)
+    if out.returncode != 0:
+        raise SystemExit(f"{cmd[:3]} failed:\n{out.stderr[-3000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def _wrap(cmd: list[str]) -> None:
+    start = time.perf_counter()
+    proc = subprocess.run(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, check=False)
+    wall = time.perf_counter() - start
+    if proc.returncode != 0:
+        sys.stderr.write(proc.stderr)
+        raise SystemExit(proc.returncode)
+    ru = resource.getrusage(resource.RUSAGE_CHILDREN)
+    print(json.dumps({"wall_s": wall, "cpu_s": ru.ru_utime + ru.ru_stime, "peak_mib": ru.ru_maxrss / 1024}))
+
+
+def _make_checkpoint(arch: str, path: Path, num_classes: int) -> tuple[int, str]:
+    import timm
+    import torch
+
+    from prunecli.checkpoint.io import save_checkpoint
+    from prunecli.checkpoint.manifest import Manifest
+    from prunecli.models import default_pretrained_cfg
+
+    torch.manual_seed(0)
+    model = timm.create_model(arch, num_classes=num_classes)
+    save_checkpoint(path, model, Manifest(arch, num_classes, {}, default_pretrained_cfg(arch)), force=True)
+    head = model.pretrained_cfg.get("classifier", "head")
+    return sum(p.numel() for p in model.parameters()), head
+
+
+def _compare(a: Path, b: Path) -> tuple[bool, int]:
+    from safetensors import safe_open
+
+    differ = 0
+    with safe_open(str(a), "pt") as fa, safe_open(str(b), "pt") as fb:
+        for key in fb.keys():  # noqa: SIM118 (safe_open has no __iter__)
+            if not (fa.get_tensor(key) == fb.get_tensor(key)).all():
+                differ += 1
+    return differ == 0, differ
+
+
+def main() -> None:
+    if len(sys.argv) > 1 and sys.argv[1] == "--wrap":
+        _wrap(sys.argv[3:])
+        return
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--arch", default="vit_base_patch16_224")
+    ap.add_argument("--num-classes", type=int, default=1000)
+    ap.add_argument("--ratio", type=float, default=0.5)
+    ap.add_argument("--workdir", type=Path, default=Path("/tmp/bench_prune_unstructured"))
+    ap.add_argument("--repeat", type=int, default=1, help="runs per job; the minimum is reported")
+    ap.add_argument("--skip-torch", action="store_true", help="skip the (slow, memory-hungry) torch baseline")
+    args = ap.parse_args()
+
+    args.workdir.mkdir(parents=True, exist_ok=True)
+    src = args.workdir / f"{args.arch}.safetensors"
+    params, head = _make_checkpoint(args.arch, src, args.num_classes)
+    size_mib = src.stat().st_size / 2**20
+    env_threads = os.environ.get("OMP_NUM_THREADS", "unset")
+    jobs = {
+        "io": [sys.executable, "-c", IO_JOB, str(src), str(args.workdir / "io.safetensors")],
+        "prunecli": [str(PRUNECLI), "prune", str(src), "--method", "magnitude", "--ratio", str(args.ratio),
+                     "--scope", "global", "-o", str(args.workdir / "prunecli.safetensors"), "--force", "--quiet"],
+        "torch": [sys.executable, "-c", TORCH_JOB, str(src), str(args.workdir / "torch.safetensors"), args.arch,
+                  str(args.ratio), head, str(args.num_classes)],
+    }  # fmt: skip
+    if args.skip_torch:
+        del jobs["torch"]
+    results: dict[str, dict[str, float]] = {}
+    for name, cmd in jobs.items():
+        runs = [_measure(cmd) for _ in range(args.repeat)]
+        results[name] = {k: min(r[k] for r in runs) for k in runs[0]}
+        print(f"{name:9s} wall {results[name]['wall_s']:7.2f} s  cpu {results[name]['cpu_s']:7.2f} s  "
+              f"peak {results[name]['peak_mib']:8.1f} MiB", flush=True)  # fmt: skip
+    io, pc = results["io"], results["prunecli"]
+    summary = {
+        "arch": args.arch,
+        "params": params,
+        "checkpoint_mib": round(size_mib, 1),
+        "ratio": args.ratio,
+        "omp_num_threads": env_threads,
+        "results": results,
+        "prunecli_vs_io_wall": pc["wall_s"] / io["wall_s"],
+        "prunecli_vs_io_cpu": pc["cpu_s"] / io["cpu_s"],
+        "prunecli_peak_over_io_mib": pc["peak_mib"] - io["peak_mib"],
+        "peak_budget_mib": 0.5 * size_mib,
+    }
+    if "torch" in results:
+        same, differ = _compare(args.workdir / "prunecli.safetensors", args.workdir / "torch.safetensors")
+        summary.update(torch_vs_prunecli_wall=results["torch"]["wall_s"] / pc["wall_s"], same_weights_as_torch=same,
+                       tensors_differing=differ)  # fmt: skip
+    print(json.dumps(summary, indent=2))
+    if os.environ.get("BENCH_KEEP") != "1":
+        shutil.rmtree(args.workdir, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
