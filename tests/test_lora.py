@@ -237,6 +237,7 @@ def test_cli_masked_keeps_sparsity_exactly_and_reports_recovery(cli, pruned_mlp:
     assert not torch.equal(after["fc1.weight"], before["fc1.weight"])  # and the kept weights did train
     prunable = ["fc1.weight", "fc2.weight", "head.weight"]
     assert m["sparsity_after"] == m["sparsity_before"] == _sparsity(pruned_mlp, prunable)
+    assert m["masked_sparsity_after"] == m["masked_sparsity_before"] == 0.5  # round(0.5·49,200) zeros exactly
     assert m["trainable_params"] == 8 * (64 + 300) + 8 * (300 + 100) + 8 * (100 + 10)
     assert len(m["train_loss"]) == 2 and 0 <= m["train_acc"] <= 1
     assert m["lora_improvement"] == pytest.approx(m["top1_after"] - m["top1_before"])

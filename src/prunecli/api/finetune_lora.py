@@ -134,8 +134,10 @@ def finetune_lora(
 
     Returns:
         A Result whose metrics hold per-epoch ``train_loss``, final ``train_acc``,
-        ``trainable_params``, ``targets``, ``sparsity_before``/``sparsity_after`` over the prunable
-        weights, ``merge``, and with ``val``: ``top1_before``, ``top1_after``, ``lora_improvement``
+        ``trainable_params``, ``targets``, ``sparsity_before``/``sparsity_after`` over all prunable
+        weights (head included), ``masked_sparsity_before``/``_after`` over the masked tensors (what
+        ``prune`` reports as ``sparsity`` with its default head exclusion), ``merge``, and with
+        ``val``: ``top1_before``, ``top1_after``, ``lora_improvement``
         (after − before, paper A's metric) and ``top1_unmerged`` (the adapted model before merging).
 
     Raises:
@@ -185,6 +187,7 @@ def finetune_lora(
     prunable = sorted(prunable_params(model))
     masks = lora.masks_of(model, loaded.manifest.masked)
     sparsity_before = _prunable_sparsity(model, prunable)
+    masked_before = _prunable_sparsity(model, sorted(masks))
     train_ds, _ = load_data(data, loaded, data_options, default_split="train", train=True, augment=augment)
     val_ds = load_data(val, loaded, data_options, default_split="test")[0] if val else None
     eval_bs = max(batch_size, 256)
@@ -230,6 +233,8 @@ def finetune_lora(
         lora.log.warning(w)
     final = outcome.model.eval()
     metrics["sparsity_after"] = _prunable_sparsity(final, prunable)
+    metrics["masked_sparsity_before"] = masked_before  # over the tensors the checkpoint lists as masked
+    metrics["masked_sparsity_after"] = _prunable_sparsity(final, sorted(masks))
     if outcome.adapter_state is not None:
         eff = {k: v.detach() for k, v in lora.effective_weights(outcome.adapter_state).items()}
         metrics["sparsity_effective"] = _effective_sparsity(final, prunable, eff)
