@@ -233,10 +233,10 @@ class _Job:
             self.per_layer.update({n: r for n in hits})
         self.ratio_pairs = list(pairs)
 
-    def score_of(self) -> Callable[[str], Any]:
-        """Parameter name → scores: from the scores file, or ``|w|`` computed on the fly."""
+    def score_of(self) -> Callable[[str], Any] | None:
+        """Parameter name → scores from the scores file; None for magnitude (``|w|`` on the fly)."""
         if self.sf is None:
-            return lambda n: self.weights[n].abs()
+            return None
         table = self.sf.scores
 
         def lookup(n: str) -> Any:

@@ -42,7 +42,7 @@ def parse_nm(text: str) -> tuple[int, int] | None:
 
 def prune_nm(
     weights: Mapping[str, torch.Tensor],
-    score_of: Callable[[str], torch.Tensor],
+    score_of: Callable[[str], torch.Tensor] | None,
     names: Sequence[str],
     n: int,
     m: int,
@@ -53,7 +53,7 @@ def prune_nm(
 
     Args:
         weights: parameter name → weight (modified in place).
-        score_of: parameter name → scores of the weight's shape (higher = keep).
+        score_of: parameter name → scores of the weight's shape (higher = keep); None: ``|w|``.
         names: the parameters to prune, in layer order.
         n: weights kept per group.
         m: group size.
@@ -73,7 +73,7 @@ def prune_nm(
         if row == 0 or row % m:
             skipped.append(name)
             continue
-        s = score_of(name)
+        s = torch.abs(w) if score_of is None else score_of(name)
         if tuple(s.shape) != tuple(w.shape):
             raise InputError(
                 f"scores of {name!r} have shape {list(s.shape)}, the weight has {list(w.shape)}",

@@ -143,6 +143,15 @@ def _kth_key(keys_of: Callable[[], Iterator[torch.Tensor]], k: int) -> tuple[int
     return (hi - _HALF) * _BINS + lo, below
 
 
+def _keys(name: str, weight: torch.Tensor, score_of: ScoreFn | None) -> torch.Tensor:
+    """Order keys of one layer's scores; ``score_of=None`` is magnitude: the bits of ``|w|``, in one op."""
+    if score_of is None:
+        if weight.dtype != torch.float32:
+            return order_keys(torch.abs(weight), name)
+        return weight.detach().reshape(-1).view(torch.int32) & 0x7FFFFFFF
+    return order_keys(_checked_scores(name, weight, score_of), name)
+
+
 def _checked_scores(name: str, weight: torch.Tensor, score_of: ScoreFn) -> torch.Tensor:
     s = score_of(name)
     if tuple(s.shape) != tuple(weight.shape):
@@ -155,7 +164,7 @@ def _checked_scores(name: str, weight: torch.Tensor, score_of: ScoreFn) -> torch
 
 def prune_unstructured(
     weights: Mapping[str, torch.Tensor],
-    score_of: ScoreFn,
+    score_of: ScoreFn | None,
     scopes: Sequence[Scope],
     *,
     on_mask: MaskFn | None = None,
@@ -165,7 +174,9 @@ def prune_unstructured(
     Args:
         weights: parameter name → weight tensor (modified in place).
         score_of: parameter name → score tensor of the weight's shape (higher = keep); called once
-            or a few times per layer, so it may compute scores on the fly.
+            or a few times per layer, so it may compute scores on the fly. None ranks by magnitude
+            ``|w|`` (read from the float32 weights' bits; the weights must be finite, as loaded
+            checkpoints are).
         scopes: from :func:`plan_scopes`.
         on_mask: called as ``on_mask(name, removed)`` with the boolean mask of the weights removed
             from that layer (e.g. to apply bias compensation).
@@ -189,14 +200,14 @@ def prune_unstructured(
             continue
         if len(scope.names) == 1:  # one layer: compute its keys once and keep them for the three passes
             name = scope.names[0]
-            keys = order_keys(_checked_scores(name, weights[name], score_of), name)
+            keys = _keys(name, weights[name], score_of)
             t, below = _kth_key(lambda keys=keys: iter((keys,)), scope.k)
             removed[name], _ = _apply(name, weights[name], keys, t, scope.k - below, on_mask, single=True)
             continue
 
         def keys_of(names: tuple[str, ...] = scope.names) -> Iterator[torch.Tensor]:
             for n in names:
-                yield order_keys(_checked_scores(n, weights[n], score_of), n)
+                yield _keys(n, weights[n], score_of)
 
         t, below = _kth_key(keys_of, scope.k)
         need = scope.k - below
