@@ -155,7 +155,7 @@ def compare(paths: Sequence[str | Path]) -> Result:
     if len(paths) < 2:
         raise InputError("--compare needs at least two scores files")
     files = [load_scores(p) for p in paths]
-    labels = [f"{f.method}:{Path(p).name}" for f, p in zip(files, paths)]
+    labels = [f"{f.method}:{Path(p).name}" for f, p in zip(files, paths, strict=True)]
     shas = {f.checkpoint_sha256 for f in files if f.checkpoint_sha256}
     if len(shas) > 1:
         _LOG.warning("--compare: the scores files were computed on different checkpoints")

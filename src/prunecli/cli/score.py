@@ -34,7 +34,8 @@ METHODS_HELP = (
 )
 EXAMPLES = [
     "prunecli score base.safetensors --method taylor --data digits:train --batches 10 -o taylor.scores",
-    "prunecli score base.safetensors --method proscore --data digits:train --fraction 0.05 -p lambda=0.01 -o pro.scores",
+    "prunecli score base.safetensors --method proscore --data digits:train --fraction 0.05 -p lambda=0.01 "
+    "-o pro.scores",
     "prunecli score base.safetensors --method l1 -o l1.scores",
     "prunecli score --compare taylor.scores snip.scores biascomp.scores",
 ]

@@ -30,7 +30,7 @@ def padded_input(conv: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, tuple[
             padding = (0,) * len(k)
         else:  # 'same' (stride 1): total d·(k−1) per dim, the extra one on the right as torch does
             pads: list[int] = []
-            for d, kk in zip(reversed(conv.dilation), reversed(k)):
+            for d, kk in zip(reversed(conv.dilation), reversed(k), strict=True):
                 total = d * (kk - 1)
                 pads += [total // 2, total - total // 2]
             x = F.pad(x, pads, mode="constant" if conv.padding_mode == "zeros" else conv.padding_mode)

@@ -73,7 +73,7 @@ class BiasComp(Criterion):
         self._names = list(ctx.params)
         self._layers = list(ctx.layers.values())
         self._compensate: dict[str, str] = {}
-        for (lname, layer), pname in zip(ctx.layers.items(), self._names):
+        for (lname, layer), pname in zip(ctx.layers.items(), self._names, strict=True):
             if getattr(layer, "bias", None) is not None:
                 self._compensate[pname] = "bias"
             elif follow[lname].norm:
@@ -93,7 +93,7 @@ class BiasComp(Criterion):
         self._scale = 1.0
         self._batch = 0
         self._seed = ctx.seed
-        for (lname, layer), pname in zip(ctx.layers.items(), self._names):
+        for (lname, layer), pname in zip(ctx.layers.items(), self._names, strict=True):
             self.hook(layer.register_forward_hook(self._capture(pname, follow[lname].inplace_after)))
 
     def _capture(self, pname: str, inplace_after: bool) -> Any:
@@ -128,7 +128,7 @@ class BiasComp(Criterion):
         return [self._y[n] for n in self._order]
 
     def on_grads(self, ctx: ScoreContext, grads: Sequence[torch.Tensor | None]) -> None:
-        for name, g in zip(self._order, grads):
+        for name, g in zip(self._order, grads, strict=True):
             if g is None:
                 continue
             a = g.detach().square()
@@ -141,7 +141,7 @@ class BiasComp(Criterion):
 
     def end_batch(self, ctx: ScoreContext, n: int) -> None:
         dtype = torch.float64 if self.options.precision == "float64" else torch.float32
-        for name, layer in zip(self._names, self._layers):
+        for name, layer in zip(self._names, self._layers, strict=True):
             a = self._a.pop(name, None)
             x = self._x.pop(name, None)
             if a is None or x is None:

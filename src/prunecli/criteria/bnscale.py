@@ -38,7 +38,7 @@ class BnScale(Criterion):
         follow = ctx.followers()
         modules = dict(ctx.model.named_modules())
         scores, notes = {}, {}
-        for (lname, layer), (pname, w) in zip(ctx.layers.items(), ctx.params.items()):
+        for (lname, _layer), (pname, w) in zip(ctx.layers.items(), ctx.params.items(), strict=True):
             bn = modules.get(follow[lname].norm or "")
             gamma = getattr(bn, "weight", None) if bn is not None else None
             if gamma is not None:

@@ -72,7 +72,7 @@ class ProScore(Criterion):
         follow = ctx.followers()
         modules = dict(ctx.model.named_modules())
         self._targets: list[_Target] = []
-        for (lname, layer), pname in zip(ctx.layers.items(), ctx.params):
+        for (lname, layer), pname in zip(ctx.layers.items(), ctx.params, strict=True):
             f = follow[lname]
             bn = modules[f.norm] if f.norm else None
             if bn is not None and getattr(bn, "weight", None) is not None and getattr(bn, "bias", None) is not None:

@@ -31,7 +31,7 @@ class Snip(Criterion):
         self._batches = 0
 
     def on_grads(self, ctx: ScoreContext, grads: Sequence[torch.Tensor | None]) -> None:
-        for name, g in zip(ctx.params, grads):
+        for name, g in zip(ctx.params, grads, strict=True):
             if g is not None:
                 self._grad[name].add_(g)
 

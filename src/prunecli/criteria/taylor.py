@@ -52,7 +52,7 @@ class Taylor(Criterion):
 
     def on_grads(self, ctx: ScoreContext, grads: Sequence[torch.Tensor | None]) -> None:
         agg = self.options.agg
-        for (name, w), g in zip(ctx.params.items(), grads):
+        for (name, w), g in zip(ctx.params.items(), grads, strict=True):
             if g is None:
                 continue
             c = w.detach() * g

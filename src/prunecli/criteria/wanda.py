@@ -29,7 +29,7 @@ class Wanda(Criterion):
 
     def begin(self, ctx: ScoreContext) -> None:
         self._sq: dict[str, torch.Tensor] = {}
-        for (lname, layer), pname in zip(ctx.layers.items(), ctx.params):
+        for layer, pname in zip(ctx.layers.values(), ctx.params, strict=True):
             self.hook(layer.register_forward_hook(self._capture(pname)))
 
     def _capture(self, pname: str) -> Any:
@@ -46,7 +46,7 @@ class Wanda(Criterion):
 
     def finish(self, ctx: ScoreContext) -> CriterionOutput:
         scores = {}
-        for (lname, layer), (pname, w) in zip(ctx.layers.items(), ctx.params.items()):
+        for layer, (pname, w) in zip(ctx.layers.values(), ctx.params.items(), strict=True):
             w = w.detach().double()
             sq = self._sq.get(pname)
             if sq is None:
