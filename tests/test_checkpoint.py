@@ -241,6 +241,8 @@ def test_manifest_json() -> None:
         Manifest.from_json("{")
     with pytest.raises(CheckpointError, match="no 'arch'"):
         Manifest.from_json("{}")
+    with pytest.raises(CheckpointError, match="invalid format version"):
+        Manifest.from_json(json.dumps({"arch": "x", "format": "one"}))
     step = m.with_step({"command": "x"})
     assert step.lineage == [{"command": "x"}] and m.lineage == []
 

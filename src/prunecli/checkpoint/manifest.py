@@ -62,7 +62,11 @@ class Manifest:
             raise CheckpointError(f"{where}: prunecli metadata is not valid JSON") from None
         if not isinstance(doc, dict) or not isinstance(doc.get("arch"), str):
             raise CheckpointError(f"{where}: prunecli metadata has no 'arch'")
-        if int(doc.get("format", 1)) > FORMAT_VERSION:
+        try:
+            version = int(doc.get("format", 1))
+        except (TypeError, ValueError):
+            raise CheckpointError(f"{where}: prunecli metadata has an invalid format version") from None
+        if version > FORMAT_VERSION:
             raise CheckpointError(
                 f"{where}: written by a newer prunecli (metadata format {doc['format']})",
                 hint="upgrade prunecli",

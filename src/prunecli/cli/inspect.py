@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from typing import Annotated
 
 import typer
@@ -30,7 +31,7 @@ def inspect(
 
     def summary(result: object) -> None:
         m = result.metrics  # type: ignore[attr-defined]
-        if not console().is_terminal:
+        if not sys.stderr.isatty():  # before console(): importing rich costs ~40 ms of a fast command
             return
         console().print(f"{m.get('arch')}: {m['params']:,} params, {m['bytes']:,} bytes, {len(m['lineage'])} step(s)")
 
