@@ -160,7 +160,7 @@ class ScoreImportance(tp.importance.Importance):
         for item in group:
             dep, idxs, root_idxs = item.dep, item.idxs, item.root_idxs
             layer = dep.target.module
-            if dep.handler not in _OUT_FNS or not isinstance(layer, _ROOT_TYPES):
+            if not _is_scored_member(item):
                 continue
             if root_idxs is None or any(r is None for r in root_idxs):
                 continue
@@ -289,6 +289,15 @@ def _attention_modules(model: nn.Module) -> tuple[dict[str, nn.Module], list[str
     return fused, other
 
 
+def _is_out(dg: Any, item: Any) -> bool:
+    return bool(dg.is_out_channel_pruning_fn(item.dep.handler))
+
+
+def _is_scored_member(item: Any) -> bool:
+    """A conv/linear whose output channels are in the group: the members whose scores vote."""
+    return item.dep.handler in _OUT_FNS and isinstance(item.dep.target.module, _ROOT_TYPES)
+
+
 def _under(name: str, roots: Sequence[str]) -> bool:
     return any(name == r or name.startswith(r + ".") for r in roots)
 
@@ -315,7 +324,6 @@ class _Pruner:
     def run(self, frozen: Sequence[str]) -> dict[str, Any]:
         """One attempt: build the graph, plan every group, prune; returns channel bookkeeping."""
         model = self.model
-        frozen_roots = [*frozen, *self.other_attn]
         num_heads = {m.qkv: int(m.num_heads) for m in self.attn.values()}
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # Torch-Pruning warns about every unwrapped parameter
@@ -336,52 +344,36 @@ class _Pruner:
         def member_name(module: Any) -> str:
             return param_names.get(module, "") if isinstance(module, nn.Parameter) else self.names.get(module, "")
 
-        ignored = [m for n, m in model.named_modules() if n in self.excluded or (_under(n, frozen_roots) and n)]
+        # frozen (after a broken forward): no group may touch the module, in or out;
+        # attention of unknown layout and excluded modules: their output channels stay.
+        keep_out = [*self.other_attn]
+        ignored = [m for n, m in model.named_modules() if n and (n in self.excluded or _under(n, [*frozen, *keep_out]))]
         importance = ScoreImportance(self.names, self.scores)
         plans: list[_Plan] = []
         unscored = skipped = 0
         for group in dg.get_all_groups(ignored_layers=ignored, root_module_types=list(_ROOT_TYPES)):
-            if any(num_heads and item.dep.target.module in num_heads and dg.is_out_channel_pruning_fn(item.dep.handler)
-                   for item in group):  # fmt: skip
+            if num_heads and any(_is_out(dg, it) and it.dep.target.module in num_heads for it in group):
                 group = self._reroot_attention(dg, group)
-                if group is None:
-                    skipped += 1
-                    continue
-            members = [member_name(item.dep.target.module) for item in group]
-            if any(_under(n, frozen_roots) for n in members if n):
-                skipped += 1
-                continue
-            if any(self.names.get(item.dep.target.module) in self.excluded and dg.is_out_channel_pruning_fn(item.dep.handler)
-                   for item in group):  # fmt: skip
+            if group is None or not self._allowed(dg, group, member_name, frozen, keep_out):
                 skipped += 1
                 continue
             imp = importance(group)
             if imp is None:
                 unscored += 1
                 continue
-            slices = max([out_groups[it.dep.target.module] for it in group
-                          if dg.is_out_channel_pruning_fn(it.dep.handler) and it.dep.target.module in out_groups]
-                         + [in_groups[it.dep.target.module] for it in group
-                            if dg.is_in_channel_pruning_fn(it.dep.handler) and it.dep.target.module in in_groups]
-                         + [1])  # fmt: skip
+            slices = max(
+                [out_groups.get(it.dep.target.module, 1) for it in group if _is_out(dg, it)]
+                + [in_groups.get(it.dep.target.module, 1) for it in group if not _is_out(dg, it)]
+            )
             if len(imp) % slices or len(imp) // slices <= 1:
                 skipped += 1
                 continue
-            out_names = [self.names[it.dep.target.module] for it in group
-                         if it.dep.handler in _OUT_FNS and isinstance(it.dep.target.module, _ROOT_TYPES)]  # fmt: skip
-            ratio = self._group_ratio(out_names)
+            out_names = [self.names[it.dep.target.module] for it in group if _is_scored_member(it)]
             root = group[0].dep.target.module
-            plans.append(
-                _Plan(
-                    root,
-                    group[0].dep.handler,
-                    len(imp) // slices,
-                    slices,
-                    imp.view(slices, -1).mean(0),
-                    ratio,
-                    self.names.get(root, "?"),
-                )  # fmt: skip
-            )
+            size = len(imp) // slices
+            dim_imp = imp.view(slices, -1).mean(0)
+            ratio = self._group_ratio(out_names)
+            plans.append(_Plan(root, group[0].dep.handler, size, slices, dim_imp, ratio, self.names.get(root, "?")))
 
         keeps = self._counts(plans)
         channels: dict[tuple[str, str], list[int]] = {}
@@ -396,8 +388,9 @@ class _Pruner:
             group = dg.get_pruning_group(plan.root, plan.handler, idxs)
             if not dg.check_pruning_group(group):
                 continue
-            self._record(dg, group, member_name, channels, dense)
+            companions = self._record(dg, group, member_name, channels, dense)
             group.prune()
+            _prune_companions(companions)
             pruned_groups += 1
         self._fix_attention()
         return {
@@ -408,6 +401,17 @@ class _Pruner:
             "groups_unscored": unscored,
             "groups_skipped": skipped,
         }
+
+    def _allowed(self, dg: Any, group: Any, member_name: Any, frozen: Sequence[str], keep_out: Sequence[str]) -> bool:
+        for it in group:
+            name = member_name(it.dep.target.module)
+            if not name:
+                continue
+            if _under(name, frozen):
+                return False
+            if _is_out(dg, it) and (name in self.excluded or _under(name, keep_out)):
+                return False
+        return True
 
     def _reroot_attention(self, dg: Any, group: Any) -> Any:
         """Roots an attention group at the output projection's input, where heads are contiguous slices."""
@@ -443,9 +447,14 @@ class _Pruner:
                 keeps[i] = _round_and_clamp(int(per[i]), p.size, self.round_to, self.min_channels, p.slices)
         return keeps
 
-    def _record(self, dg: Any, group: Any, member_name: Any, channels: dict, dense: dict) -> None:
-        """Maps each pruned dim's current indices back to dense indices (kept lists for restore)."""
+    def _record(self, dg: Any, group: Any, member_name: Any, channels: dict, dense: dict) -> list:
+        """Maps each pruned dim's current indices back to dense indices (kept lists for restore).
+
+        Returns the conv/linear layers whose output channels this group removes, with the positions kept
+        and the width before, so that :func:`_prune_companions` can slice their extra per-channel tensors.
+        """
         done: set[tuple[str, str]] = set()
+        companions = []
         for item in group:
             module, handler = item.dep.target.module, item.dep.handler
             if not isinstance(module, (nn.Module, nn.Parameter)) or isinstance(module, nn.Sequential):
@@ -470,6 +479,10 @@ class _Pruner:
                 current = channels[key]
                 drop = set(int(i) for i in item.idxs)
                 channels[key] = [c for j, c in enumerate(current) if j not in drop]
+                if kind == "out" and isinstance(module, _ROOT_TYPES):
+                    keep = [j for j in range(len(current)) if j not in drop]
+                    companions.append((module, keep, len(current)))
+        return companions
 
     @staticmethod
     def _dim_size(dg: Any, module: Any, kind: str) -> int | None:
@@ -486,6 +499,23 @@ class _Pruner:
                 m.head_dim = head_dim
             if isinstance(getattr(m, "attn_dim", None), int):
                 m.attn_dim = heads * head_dim
+
+
+def _prune_companions(companions: Sequence[tuple[nn.Module, list[int], int]]) -> None:
+    """Slices the extra per-output-channel tensors of pruned conv/linear subclasses.
+
+    Torch-Pruning slices ``weight`` and ``bias``; subclasses may own more tensors indexed by output
+    channel (timm's ``ScaledStdConv2d.gain``, shape ``[C_out, 1, 1, 1]``). Any other direct parameter or
+    buffer whose first dimension equals the layer's width before pruning is sliced the same way.
+    """
+    for module, keep, width in companions:
+        index = torch.as_tensor(keep, dtype=torch.long)
+        for store in (module._parameters, module._buffers):
+            for name, t in list(store.items()):
+                if name in ("weight", "bias") or t is None or t.ndim == 0 or t.shape[0] != width:
+                    continue
+                new = torch.index_select(t.detach(), 0, index.to(t.device))
+                store[name] = nn.Parameter(new, requires_grad=t.requires_grad) if isinstance(t, nn.Parameter) else new
 
 
 def _stack_forward(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -522,8 +552,10 @@ def _culprit(model: nn.Module, stack: Sequence[str], frozen_types: set[type]) ->
     modules = dict(model.named_modules())
     for name in reversed(stack):
         mod = modules.get(name)
-        if mod is None or name == "" or isinstance(mod, _LEAF_TYPES) or type(mod) in frozen_types:
+        if mod is None or name == "" or type(mod) in frozen_types:
             continue
+        if type(mod).__module__.startswith("torch.nn") or type(mod) in _LEAF_TYPES:
+            continue  # torch's own layers are pruned correctly; the cause is the custom module around them
         return type(mod)
     return None
 
