@@ -104,3 +104,54 @@ def test_finetune_lora_two_gloo_processes_match_one_process(cli, pruned_mlp: Pat
     for name in w1:
         torch.testing.assert_close(w2[name], w1[name], rtol=1e-3, atol=1e-4)  # Adam steps normalise float noise
     assert not torch.equal(w1["fc1.weight"], load_file(str(pruned_mlp))["fc1.weight"])  # training did happen
+
+
+def _score_worker(rank: int, world: int, port: int, x: torch.Tensor, y: torch.Tensor, out: str) -> None:
+    """One rank of a Taylor-style score (Σ_batches |θ·g|) over its share of every global batch."""
+    import torch.distributed as dist
+
+    from prunecli import distributed as D
+
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    D.init(torch.device("cpu"))
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(6, 5), torch.nn.ReLU(), torch.nn.Linear(5, 3))
+    params = [model[0].weight, model[2].weight]
+    acc = {"0.weight": torch.zeros_like(params[0]), "2.weight": torch.zeros_like(params[1])}
+    sampler = ShardSampler(len(x), shuffle=False, rank=rank, world_size=world, global_batch=8, drop_last=True)
+    idx = list(sampler)
+    for k in range(0, len(idx), 8 // world):
+        b = idx[k : k + 8 // world]
+        loss = torch.nn.functional.cross_entropy(model(x[b]), y[b])
+        grads = D.average_grads(list(torch.autograd.grad(loss, params)))
+        for a, p, g in zip(acc.values(), params, grads, strict=True):
+            a.add_((p.detach() * g).abs())
+    counts = D.all_reduce_sums({"samples": len(idx)})
+    if D.is_main():
+        torch.save({"scores": acc, "samples": counts["samples"]}, out)
+    dist.destroy_process_group()
+
+
+def test_score_helpers_two_gloo_processes_match_full_batches(tmp_path: Path) -> None:
+    """score under torchrun: per-batch gradients averaged over ranks give the one-process Taylor scores.
+
+    The reference is computed here directly: |θ·∂L/∂θ| of the mean loss of each full batch, summed.
+    """
+    import torch.multiprocessing as mp
+
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(37, 6, generator=g), torch.randint(0, 3, (37,), generator=g)
+    out = tmp_path / "scores.pt"
+    mp.spawn(_score_worker, args=(2, _free_port(), x, y, str(out)), nprocs=2, join=True)
+    got = torch.load(out)
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(6, 5), torch.nn.ReLU(), torch.nn.Linear(5, 3))
+    params = [model[0].weight, model[2].weight]
+    expect = [torch.zeros_like(p) for p in params]
+    for k in range(0, 32, 8):  # 37 samples, global batch 8, last incomplete batch dropped
+        grads = torch.autograd.grad(torch.nn.functional.cross_entropy(model(x[k : k + 8]), y[k : k + 8]), params)
+        for e, p, gr in zip(expect, params, grads, strict=True):
+            e.add_((p.detach() * gr).abs())
+    assert got["samples"] == 32
+    torch.testing.assert_close(got["scores"]["0.weight"], expect[0], rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(got["scores"]["2.weight"], expect[1], rtol=1e-5, atol=1e-7)
