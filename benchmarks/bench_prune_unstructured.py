@@ -130,19 +130,44 @@ def main() -> None:
     env_threads = os.environ.get("OMP_NUM_THREADS", "unset")
     jobs = {
         "io": [sys.executable, "-c", IO_JOB, str(src), str(args.workdir / "io.safetensors")],
-        "prunecli": [str(PRUNECLI), "prune", str(src), "--method", "magnitude", "--ratio", str(args.ratio),
-                     "--scope", "global", "-o", str(args.workdir / "prunecli.safetensors"), "--force", "--quiet"],
-        "torch": [sys.executable, "-c", TORCH_JOB, str(src), str(args.workdir / "torch.safetensors"), args.arch,
-                  str(args.ratio), head, str(args.num_classes)],
-    }  # fmt: skip
+        "prunecli": [
+            str(PRUNECLI),
+            "prune",
+            str(src),
+            "--method",
+            "magnitude",
+            "--ratio",
+            str(args.ratio),
+            "--scope",
+            "global",
+            "-o",
+            str(args.workdir / "prunecli.safetensors"),
+            "--force",
+            "--quiet",
+        ],
+        "torch": [
+            sys.executable,
+            "-c",
+            TORCH_JOB,
+            str(src),
+            str(args.workdir / "torch.safetensors"),
+            args.arch,
+            str(args.ratio),
+            head,
+            str(args.num_classes),
+        ],
+    }
     if args.skip_torch:
         del jobs["torch"]
     results: dict[str, dict[str, float]] = {}
     for name, cmd in jobs.items():
         runs = [_measure(cmd) for _ in range(args.repeat)]
         results[name] = {k: min(r[k] for r in runs) for k in runs[0]}
-        print(f"{name:9s} wall {results[name]['wall_s']:7.2f} s  cpu {results[name]['cpu_s']:7.2f} s  "
-              f"peak {results[name]['peak_mib']:8.1f} MiB", flush=True)  # fmt: skip
+        print(
+            f"{name:9s} wall {results[name]['wall_s']:7.2f} s  cpu {results[name]['cpu_s']:7.2f} s  "
+            f"peak {results[name]['peak_mib']:8.1f} MiB",
+            flush=True,
+        )
     io, pc = results["io"], results["prunecli"]
     summary = {
         "arch": args.arch,
@@ -158,8 +183,11 @@ def main() -> None:
     }
     if "torch" in results:
         same, differ = _compare(args.workdir / "prunecli.safetensors", args.workdir / "torch.safetensors")
-        summary.update(torch_vs_prunecli_wall=results["torch"]["wall_s"] / pc["wall_s"], same_weights_as_torch=same,
-                       tensors_differing=differ)  # fmt: skip
+        summary.update(
+            torch_vs_prunecli_wall=results["torch"]["wall_s"] / pc["wall_s"],
+            same_weights_as_torch=same,
+            tensors_differing=differ,
+        )
     print(json.dumps(summary, indent=2))
     if os.environ.get("BENCH_KEEP") != "1":
         shutil.rmtree(args.workdir, ignore_errors=True)

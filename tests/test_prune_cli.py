@@ -76,8 +76,20 @@ def test_scores_file_default_global_scope(cli, mlp_ckpt: Path, tmp_path: Path) -
 
 
 def test_exclude_that_matches_nothing_warns(cli, mlp_ckpt: Path, tmp_path: Path) -> None:
-    r = cli("prune", mlp_ckpt, "--method", "l1", "--ratio", "0.2", "--exclude", "nothing*", "-x", "fc1",
-            "-o", tmp_path / "p.safetensors")  # fmt: skip
+    r = cli(
+        "prune",
+        mlp_ckpt,
+        "--method",
+        "l1",
+        "--ratio",
+        "0.2",
+        "--exclude",
+        "nothing*",
+        "-x",
+        "fc1",
+        "-o",
+        tmp_path / "p.safetensors",
+    )
     assert r.exit_code == 0, r.stderr
     assert "Warning: --exclude 'nothing*' matches no prunable layer" in r.stderr
     assert r.record["metrics"]["layers"]["fc1.weight"] == 0.0
@@ -85,8 +97,21 @@ def test_exclude_that_matches_nothing_warns(cli, mlp_ckpt: Path, tmp_path: Path)
 
 
 def test_include_head_and_layer_ratio(cli, mlp_ckpt: Path, tmp_path: Path) -> None:
-    r = cli("prune", mlp_ckpt, "--method", "magnitude", "--ratio", "0.5", "--include-head",
-            "--layer-ratio", "fc*=0.1", "--layer-ratio", "fc2=0.25", "-o", tmp_path / "p.safetensors")  # fmt: skip
+    r = cli(
+        "prune",
+        mlp_ckpt,
+        "--method",
+        "magnitude",
+        "--ratio",
+        "0.5",
+        "--include-head",
+        "--layer-ratio",
+        "fc*=0.1",
+        "--layer-ratio",
+        "fc2=0.25",
+        "-o",
+        tmp_path / "p.safetensors",
+    )
     assert r.exit_code == 0, r.stderr
     layers = r.record["metrics"]["layers"]
     assert layers == {"fc1.weight": 0.1, "fc2.weight": 0.25, "head.weight": 0.5}  # the last matching pattern wins
@@ -140,8 +165,18 @@ def test_scores_of_another_checkpoint(cli, mlp_ckpt: Path, tmp_path: Path, save_
 def test_channel_scores_for_unstructured(cli, mlp_ckpt: Path, tmp_path: Path) -> None:
     scores = _scores(tmp_path, mlp_ckpt, "fpgm", "channel")
     for structure in ("unstructured", "2:4"):
-        r = cli("prune", mlp_ckpt, "--scores", scores, "--ratio", "0.5", "--structure", structure,
-                "-o", tmp_path / "p.safetensors")  # fmt: skip
+        r = cli(
+            "prune",
+            mlp_ckpt,
+            "--scores",
+            scores,
+            "--ratio",
+            "0.5",
+            "--structure",
+            structure,
+            "-o",
+            tmp_path / "p.safetensors",
+        )
         assert r.exit_code == 1 and "per-weight scores" in r.stderr, r.stderr
 
 
@@ -169,3 +204,24 @@ def test_help_lists_examples(cli) -> None:
     r = cli("prune", "--help")
     assert r.exit_code == 0
     assert "--structure" in r.stdout and "prunecli prune base.safetensors" in r.stdout
+
+
+def test_channel_restore_in_one_step_equals_two_steps(cli, tmp_path: Path, save_model) -> None:
+    """``prune --structure channel --restore lbyl`` == ``prune --structure channel`` then ``restore --method lbyl``."""
+    import timm
+
+    torch.manual_seed(0)
+    src = save_model(timm.create_model("improved_cnn"), tmp_path / "base.safetensors", "improved_cnn", 10)
+    args = ("--method", "magnitude", "--ratio", "0.3", "--structure", "channel")
+    one = cli("prune", src, *args, "--restore", "lbyl", "-o", tmp_path / "one.safetensors")
+    assert one.exit_code == 0, one.stderr
+    assert one.record["metrics"]["restore"]["method"] == "lbyl"
+    assert one.record["metrics"]["params"] < one.record["metrics"]["params_before"]
+    two_a = cli("prune", src, *args, "-o", tmp_path / "two_a.safetensors")
+    assert two_a.exit_code == 0, two_a.stderr
+    two = cli("restore", tmp_path / "two_a.safetensors", "--method", "lbyl", "-o", tmp_path / "two.safetensors")
+    assert two.exit_code == 0, two.stderr
+    a, b = _weights(tmp_path / "one.safetensors"), _weights(tmp_path / "two.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    piped = cli("eval", "-", "--data", "digits", input=one.stdout)
+    assert piped.exit_code == 0 and piped.record["metrics"]["samples"] == 360

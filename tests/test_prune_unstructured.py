@@ -409,8 +409,9 @@ def test_compensation_skips_layers_without_bias_or_bn(caplog) -> None:
 
     model = nn.Sequential(nn.Linear(4, 3, bias=False), nn.LayerNorm(3))
     trace = trace_layers(model, (4,))
-    comp = BiasCompensation({"0.weight": model[0]}, {"0.weight": torch.ones(3, 4)}, trace.bn_after,
-                            dict(model.named_modules()))  # fmt: skip
+    comp = BiasCompensation(
+        {"0.weight": model[0]}, {"0.weight": torch.ones(3, 4)}, trace.bn_after, dict(model.named_modules())
+    )
     before = model.state_dict()
     comp("0.weight", torch.ones(3, 4, dtype=torch.bool))
     assert comp.summary()["skipped"] == ["0.weight"]

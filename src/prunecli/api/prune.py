@@ -18,6 +18,7 @@ matching pattern wins) gives matching layers their own ratio and scope.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import logging
 import math
@@ -143,8 +144,10 @@ def prune(
     if nm:
         implied = (nm[1] - nm[0]) / nm[1]
         if ratio is not None and not math.isclose(ratio, implied):
-            raise InputError(f"--ratio {ratio:g} contradicts --structure {structure} (removes {implied:g})",
-                             hint="omit --ratio with N:M")  # fmt: skip
+            raise InputError(
+                f"--ratio {ratio:g} contradicts --structure {structure} (removes {implied:g})",
+                hint="omit --ratio with N:M",
+            )
         ratio = implied
     if ratio is None:
         raise InputError("--ratio is required", hint="e.g. --ratio 0.5")
@@ -157,8 +160,10 @@ def prune(
     if scope not in (None, "layer", "global"):
         raise InputError(f"unknown scope {scope!r}; choose from global, layer")
     if compensate and kind == "channel":
-        raise InputError("--compensate bias applies to removed weights, not to removed channels",
-                         hint="use it with --structure unstructured or N:M")  # fmt: skip
+        raise InputError(
+            "--compensate bias applies to removed weights, not to removed channels",
+            hint="use it with --structure unstructured or N:M",
+        )
     if restore and kind != "channel":
         raise InputError("--restore needs --structure channel", hint="restoration rebuilds removed channels")
     scores_path = Path(scores).expanduser().resolve() if scores is not None else None
@@ -171,9 +176,24 @@ def prune(
     sf = _load_scores(scores_path, loaded, kind) if scores_path else None
     name = sf.method if sf else str(method)
     job = _Job(
-        loaded=loaded, kind=kind, nm=nm, ratio=float(ratio), scope=scope or default_scope(name), method=name,
-        sf=sf, compensate=compensate, data_options=data_options, round_to=round_to, min_channels=min_channels,
-    )  # fmt: skip
+        loaded=loaded,
+        kind=kind,
+        nm=nm,
+        ratio=float(ratio),
+        scope=scope or default_scope(name),
+        method=name,
+        sf=sf,
+        compensate=compensate,
+        data=data,
+        data_options=data_options,
+        round_to=round_to,
+        min_channels=min_channels,
+        restore=restore,
+        device=device,
+        batch_size=batch_size,
+        workers=workers,
+        seed=seed,
+    )
     job.select_layers(exclude, include_head, pairs)
     if sf is None and not (name.lower() in _MAGNITUDE and (kind != "channel" or not params)):
         try:
@@ -181,17 +201,34 @@ def prune(
         except ModuleNotFoundError:
             raise InputError(f"--method {name} is not available in this build", hint="pass --scores FILE") from None
         job.sf = compute_scores(
-            loaded, name, data=data, data_options=data_options, batches=batches, fraction=fraction,
-            params=dict(params or {}), device=device, batch_size=batch_size, seed=seed, score_mode=score_mode,
-        )  # fmt: skip
+            loaded,
+            name,
+            data=data,
+            data_options=data_options,
+            batches=batches,
+            fraction=fraction,
+            params=dict(params or {}),
+            device=device,
+            batch_size=batch_size,
+            seed=seed,
+            score_mode=score_mode,
+        )
         _check_granularity(job.sf, kind)
     metrics, manifest = _ENGINES[kind](job)
     options = {
-        "ratio": ratio, "structure": structure, "scope": job.scope, "scores": str(scores_path) if scores_path else None,
-        "scores_sha256": file_sha256(scores_path) if scores_path else None, "method": name, "data": data,
-        "params": dict(params or {}), "exclude": list(exclude), "include_head": include_head,
-        "layer_ratios": [f"{g}={r:g}" for g, r in pairs], "compensate": compensate,
-    }  # fmt: skip
+        "ratio": ratio,
+        "structure": structure,
+        "scope": job.scope,
+        "scores": str(scores_path) if scores_path else None,
+        "scores_sha256": file_sha256(scores_path) if scores_path else None,
+        "method": name,
+        "data": data,
+        "params": dict(params or {}),
+        "exclude": list(exclude),
+        "include_head": include_head,
+        "layer_ratios": [f"{g}={r:g}" for g, r in pairs],
+        "compensate": compensate,
+    }
     if kind == "channel":
         options.update(round_to=round_to, min_channels=min_channels, restore=restore)
     path, sha = save_output(out, loaded.model, loaded, command="prune", options=options, force=force, manifest=manifest)
@@ -328,9 +365,11 @@ def _channel(job: _Job) -> tuple[dict[str, Any], Any]:
     ratios: dict[str, float] = {}
     for pattern, r in reversed(job.ratio_pairs):  # prune_channels takes the first match; ours is the last
         ratios.setdefault(pattern, r)
+    example = torch.zeros(1, *job.input_size())
+    dense = copy.deepcopy(job.model) if job.restore else None  # restore needs the dense filters
     result = prune_channels(
         job.model,
-        example_input=torch.zeros(1, *job.input_size()),
+        example_input=example,
         ratio=job.ratio,
         channel_scores=sf.scores if sf is not None and sf.granularity == "channel" else None,
         weight_scores=sf.scores if sf is not None and sf.granularity == "weight" else None,
@@ -340,6 +379,7 @@ def _channel(job: _Job) -> tuple[dict[str, Any], Any]:
         round_to=job.round_to if job.round_to > 1 else None,
         min_channels=job.min_channels,
     )
+    restored = _restore(job, dense, result.structure, example) if dense is not None else None
     from prunecli.prunable import prunable_params
 
     after = sum(p.numel() for p in prunable_params(job.model).values())
@@ -357,7 +397,36 @@ def _channel(job: _Job) -> tuple[dict[str, Any], Any]:
         **_param_counts(job.model, nnz),
         **_storage(state, nnz, set(job.loaded.manifest.masked)),
     }
+    if restored is not None:
+        metrics["restore"] = restored
     return metrics, manifest
+
+
+def _restore(job: _Job, dense: Any, structure: Any, example: Any) -> dict[str, Any]:
+    """``--restore METHOD``: training-free restoration in the same step (``prunecli restore``'s library call).
+
+    Calibration data for ``lstsq``/``bn`` (and the reconstruction errors) come from ``--data`` (train split).
+    """
+    from prunecli.api._common import load_data
+    from prunecli.api.restore import restore_model
+    from prunecli.data import make_loader
+    from prunecli.device import resolve_device
+
+    calib = None
+    if job.data:
+        ds, _ = load_data(job.data, job.loaded, job.data_options, default_split="train")
+        calib = make_loader(ds, batch_size=job.batch_size, workers=job.workers, shuffle=True, seed=job.seed)
+    report = restore_model(
+        job.model,
+        dense,
+        structure,
+        job.restore,
+        calib=calib,
+        device=resolve_device(job.device),
+        example_input=example,
+    )
+    job.model.cpu()
+    return report.metrics()
 
 
 _ENGINES: dict[str, Callable[[_Job], tuple[dict[str, Any], Any]]] = {
@@ -391,7 +460,7 @@ def _finish(job: _Job, trace: Any, removed: Mapping[str, int], target: float, co
         "excluded": job.excluded,
         "layers": {n: zeros[n] / max(w.numel(), 1) for n, w in job.weights.items()},
         **_param_counts(job.model, nnz),
-        **count_macs(job.model, trace, {n.removesuffix(".weight"): m for n, m in job.layers.items()}),
+        **count_macs(job.model, trace, {n.removesuffix(".weight"): m for n, m in job.layers.items()}, nnz),
         **_storage(state, nnz, set(masked)),
     }
     if comp is not None:

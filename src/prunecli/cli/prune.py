@@ -44,9 +44,14 @@ ScoresOpt = Annotated[
 ]
 MethodOpt = Annotated[
     Optional[str],
-    typer.Option("--method", "-m", help="Compute scores in process with this criterion instead of --scores "
-                 "(magnitude, taylor, snip, biascomp, …).", rich_help_panel=_SCORES),
-]  # fmt: skip
+    typer.Option(
+        "--method",
+        "-m",
+        help="Compute scores in process with this criterion instead of --scores "
+        "(magnitude, taylor, snip, biascomp, …).",
+        rich_help_panel=_SCORES,
+    ),
+]
 ParamOpt = Annotated[
     Optional[list[str]],
     typer.Option("--param", "-p", help="Criterion option key=value (repeatable).", rich_help_panel=_SCORES),
@@ -56,57 +61,78 @@ BatchesOpt = Annotated[
 ]
 FractionOpt = Annotated[
     Optional[float],
-    typer.Option("--fraction", min=0.0, max=1.0, help="Calibration fraction of --data for --method.",
-                 rich_help_panel=_SCORES),
-]  # fmt: skip
+    typer.Option(
+        "--fraction", min=0.0, max=1.0, help="Calibration fraction of --data for --method.", rich_help_panel=_SCORES
+    ),
+]
 RatioOpt = Annotated[
     Optional[float],
-    typer.Option("--ratio", "-r", help="Fraction of weights (or channels) to remove, in [0, 1); implied by N:M.",
-                 rich_help_panel=_SELECT),
-]  # fmt: skip
+    typer.Option(
+        "--ratio",
+        "-r",
+        help="Fraction of weights (or channels) to remove, in [0, 1); implied by N:M.",
+        rich_help_panel=_SELECT,
+    ),
+]
 StructureOpt = Annotated[
     str, typer.Option("--structure", help="unstructured, channel, or N:M (e.g. 2:4).", rich_help_panel=_SELECT)
 ]
 ScopeOpt = Annotated[
     Optional[str],
-    typer.Option("--scope", help="layer or global ranking. Default: global for taylor, snip, biascomp, proscore; "
-                 "layer otherwise.", rich_help_panel=_SELECT),
-]  # fmt: skip
+    typer.Option(
+        "--scope",
+        help="layer or global ranking. Default: global for taylor, snip, biascomp, proscore; layer otherwise.",
+        rich_help_panel=_SELECT,
+    ),
+]
 ExcludeOpt = Annotated[
     Optional[list[str]],
-    typer.Option("--exclude", "-x", help="Glob of layers not to prune (repeatable); the classifier head is "
-                 "always excluded unless --include-head.", rich_help_panel=_SELECT),
-]  # fmt: skip
+    typer.Option(
+        "--exclude",
+        "-x",
+        help="Glob of layers not to prune (repeatable); the classifier head is always excluded unless --include-head.",
+        rich_help_panel=_SELECT,
+    ),
+]
 IncludeHeadOpt = Annotated[
     bool, typer.Option("--include-head", help="Prune the classifier head too.", rich_help_panel=_SELECT)
 ]
 LayerRatioOpt = Annotated[
     Optional[list[str]],
-    typer.Option("--layer-ratio", help="GLOB=R: own ratio (and scope) for matching layers; repeatable, the last "
-                 "matching pattern wins.", rich_help_panel=_SELECT),
-]  # fmt: skip
+    typer.Option(
+        "--layer-ratio",
+        help="GLOB=R: own ratio (and scope) for matching layers; repeatable, the last matching pattern wins.",
+        rich_help_panel=_SELECT,
+    ),
+]
 RoundToOpt = Annotated[
-    int, typer.Option("--round-to", min=1, help="Channel pruning: keep channel counts a multiple of N.",
-                      rich_help_panel=_SELECT),
-]  # fmt: skip
+    int,
+    typer.Option(
+        "--round-to", min=1, help="Channel pruning: keep channel counts a multiple of N.", rich_help_panel=_SELECT
+    ),
+]
 MinChannelsOpt = Annotated[
-    int, typer.Option("--min-channels", min=1, help="Channel pruning: keep at least N channels per layer.",
-                      rich_help_panel=_SELECT),
-]  # fmt: skip
+    int,
+    typer.Option(
+        "--min-channels", min=1, help="Channel pruning: keep at least N channels per layer.", rich_help_panel=_SELECT
+    ),
+]
 CompensateOpt = Annotated[
     Optional[str],
-    typer.Option("--compensate", help="bias: apply paper E's optimal bias shifts (biascomp scores).",
-                 rich_help_panel=_SELECT),
-]  # fmt: skip
+    typer.Option(
+        "--compensate", help="bias: apply paper E's optimal bias shifts (biascomp scores).", rich_help_panel=_SELECT
+    ),
+]
 RestoreOpt = Annotated[
     Optional[str],
-    typer.Option("--restore", help="Channel pruning: training-free restoration afterwards (lbyl, …).",
-                 rich_help_panel=_SELECT),
-]  # fmt: skip
+    typer.Option(
+        "--restore", help="Channel pruning: training-free restoration afterwards (lbyl, …).", rich_help_panel=_SELECT
+    ),
+]
 ScoreModeOpt = Annotated[
-    str, typer.Option("--score-mode", help="Model mode while scoring for --method: eval or train.",
-                      rich_help_panel=_SCORES),
-]  # fmt: skip
+    str,
+    typer.Option("--score-mode", help="Model mode while scoring for --method: eval or train.", rich_help_panel=_SCORES),
+]
 
 
 def _value(text: str) -> object:
@@ -177,12 +203,33 @@ def prune_cmd(
     def work() -> object:
         pairs = [parse_layer_ratio(t) for t in layer_ratio or []]
         return prune(
-            checkpoint, out=output, ratio=ratio, scores=scores, method=method, data=data, params=params,
-            batches=batches, fraction=fraction, structure=structure, scope=scope, exclude=list(exclude or []),
-            include_head=include_head, layer_ratios=pairs, round_to=round_to, min_channels=min_channels,
-            compensate=compensate, restore=restore, inputs=inputs, data_options=dopts, device=device,
-            batch_size=batch_size, workers=workers, seed=seed, score_mode=score_mode, force=force,
-        )  # fmt: skip
+            checkpoint,
+            out=output,
+            ratio=ratio,
+            scores=scores,
+            method=method,
+            data=data,
+            params=params,
+            batches=batches,
+            fraction=fraction,
+            structure=structure,
+            scope=scope,
+            exclude=list(exclude or []),
+            include_head=include_head,
+            layer_ratios=pairs,
+            round_to=round_to,
+            min_channels=min_channels,
+            compensate=compensate,
+            restore=restore,
+            inputs=inputs,
+            data_options=dopts,
+            device=device,
+            batch_size=batch_size,
+            workers=workers,
+            seed=seed,
+            score_mode=score_mode,
+            force=force,
+        )
 
     def summary(result: object) -> None:
         m = result.metrics  # type: ignore[attr-defined]
@@ -195,16 +242,38 @@ def prune_cmd(
         "prune",
         work,  # type: ignore[arg-type]
         input=checkpoint,
-        options={"output": str(output), "ratio": ratio, "scores": scores, "method": method, "data": data,
-                 "param": params, "batches": batches, "fraction": fraction, "score_mode": score_mode,
-                 "structure": structure, "scope": scope, "exclude": exclude or [], "include_head": include_head,
-                 "layer_ratio": layer_ratio or [], "round_to": round_to, "min_channels": min_channels,
-                 "compensate": compensate, "restore": restore, "arch": arch, "num_classes": num_classes, "ema": ema,
-                 "input_size": input_size, "mean": mean, "std": std, "batch_size": batch_size, "seed": seed},
+        options={
+            "output": str(output),
+            "ratio": ratio,
+            "scores": scores,
+            "method": method,
+            "data": data,
+            "param": params,
+            "batches": batches,
+            "fraction": fraction,
+            "score_mode": score_mode,
+            "structure": structure,
+            "scope": scope,
+            "exclude": exclude or [],
+            "include_head": include_head,
+            "layer_ratio": layer_ratio or [],
+            "round_to": round_to,
+            "min_channels": min_channels,
+            "compensate": compensate,
+            "restore": restore,
+            "arch": arch,
+            "num_classes": num_classes,
+            "ema": ema,
+            "input_size": input_size,
+            "mean": mean,
+            "std": std,
+            "batch_size": batch_size,
+            "seed": seed,
+        },
         metrics_file=metrics,
         quiet=quiet,
         summary=summary,
-    )  # fmt: skip
+    )
 
 
 def register(app: typer.Typer) -> None:

@@ -113,12 +113,26 @@ def _meta_forward(model: nn.Module, input_size: Sequence[int]) -> None:
         functional_call(model, state, (torch.zeros(1, *input_size, device="meta"),), strict=False, tie_weights=True)
 
 
-def count_macs(model: nn.Module, trace: LayerTrace, layers: Mapping[str, nn.Module] | None = None) -> dict[str, int]:
-    """``macs`` and ``macs_nonzero`` of the conv/linear layers, per the module docstring's convention."""
+def count_macs(
+    model: nn.Module,
+    trace: LayerTrace,
+    layers: Mapping[str, nn.Module] | None = None,
+    nonzero: Mapping[str, int] | None = None,
+) -> dict[str, int]:
+    """``macs`` and ``macs_nonzero`` of the conv/linear layers, per the module docstring's convention.
+
+    Args:
+        model: the model that was traced.
+        trace: from :func:`trace_layers`.
+        layers: module name → conv/linear module (default: all prunable layers).
+        nonzero: parameter name (``fc1.weight``) → non-zero count, when the caller has it already.
+    """
     layers = layers if layers is not None else prunable_layers(model)
-    macs = nonzero = 0
+    macs = nnz_macs = 0
     for name, mod in layers.items():
         pos = trace.positions.get(name, 0)
         macs += pos * mod.weight.numel()
-        nonzero += pos * int(torch.count_nonzero(mod.weight))
-    return {"macs": macs, "macs_nonzero": nonzero}
+        nnz = nonzero.get(f"{name}.weight") if nonzero is not None else None
+        # count_nonzero on a float tensor is branchy (slow on sparse weights); on a bool tensor it is not
+        nnz_macs += pos * (nnz if nnz is not None else int(torch.count_nonzero(mod.weight.detach() != 0)))
+    return {"macs": macs, "macs_nonzero": nnz_macs}

@@ -100,14 +100,16 @@ class BiasCompensation:
         """What went where (for the record); warns about layers that got no compensation."""
         if self.skipped:
             _LOG.warning(
-                "--compensate bias: %d layer(s) have neither a bias nor a following BatchNorm, left "
-                "uncompensated: %s", len(self.skipped), ", ".join(self.skipped),
-            )  # fmt: skip
+                "--compensate bias: %d layer(s) have neither a bias nor a following BatchNorm, left uncompensated: %s",
+                len(self.skipped),
+                ", ".join(self.skipped),
+            )
         if self.missing:
             _LOG.warning(
                 "--compensate bias: the scores file has no bias shifts for %d pruned layer(s): %s",
-                len(self.missing), ", ".join(self.missing),
-            )  # fmt: skip
+                len(self.missing),
+                ", ".join(self.missing),
+            )
         return {
             "bias": sorted(self.into_bias),
             "running_mean": dict(sorted(self.into_bn.items())),

@@ -92,6 +92,10 @@ def prune_nm(
     if skipped:
         _LOG.warning(
             "N:M %d:%d skipped %d layer(s) whose input length is not a multiple of %d: %s",
-            n, m, len(skipped), m, ", ".join(skipped),
-        )  # fmt: skip
+            n,
+            m,
+            len(skipped),
+            m,
+            ", ".join(skipped),
+        )
     return removed, skipped

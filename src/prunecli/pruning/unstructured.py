@@ -128,7 +128,9 @@ def _kth_key(keys_of: Callable[[], Iterator[torch.Tensor]], k: int) -> tuple[int
     """Radix select: (key of the k-th smallest element, 1-based; number of keys strictly below it)."""
     hist = torch.zeros(_BINS, dtype=torch.int64)
     for keys in keys_of():
-        hist += torch.bincount((keys >> 16) + _HALF, minlength=_BINS)
+        high = keys >> 16
+        high += _HALF  # in [0, 65536): bincount needs non-negative values
+        hist += torch.bincount(high, minlength=_BINS)
     cum = hist.cumsum(0)
     hi = int(torch.searchsorted(cum, k))
     below = int(cum[hi - 1]) if hi else 0
@@ -233,14 +235,14 @@ def _apply(
     negative weight becomes ``-0.0`` there and here); ``masked_fill_`` and ``count_nonzero`` on floats
     are branchy on CPU and several times slower on unpredictable masks.
     """
-    keep = keys > t
     took = 0
     if ties > 0:
+        keep = keys > t
         eq = (keys == t).nonzero().squeeze(1)
         keep[eq[ties:]] = True  # ties beyond the first ``ties`` (in flat order) stay
         took = min(ties, eq.numel())
     else:
-        keep |= keys == t
+        keep = keys >= t
     count = weight.numel() - int(torch.count_nonzero(keep))
     if count >= weight.numel() and not single:
         raise InputError(
