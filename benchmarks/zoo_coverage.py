@@ -119,7 +119,11 @@ def select() -> None:
 
     torch.set_num_threads(1)
     rows, skipped = [], []
+    import importlib.util
+
     for module in timm.list_modules():
+        if importlib.util.find_spec(f"timm.models.{module}") is None:
+            continue  # registered from outside timm/models/ (prunecli's own improved_cnn/fc_mlp)
         names = timm.list_models(module=module, exclude_filters=["test_*"])
         sized = sorted((p, n) for n in names if (p := _meta_params(n)) is not None)
         if not sized:

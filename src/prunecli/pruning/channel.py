@@ -18,7 +18,8 @@ API (called by :func:`prunecli.api.prune.prune` for ``--structure channel``)::
     )
     result.model      # the same object, pruned
     result.structure  # JSON-able; store as manifest.structure (prunecli.surgery.apply_structure reads it)
-    result.metrics    # params/params_before, macs/macs_before, per-layer channels, groups, frozen modules
+    result.metrics    # params/params_before, per-layer channels, groups, frozen modules (MACs: the caller's
+                      # pruning.trace_layers/count_macs, one convention for every structure)
 
 How it works, and the choices it makes:
 
@@ -289,6 +290,17 @@ def _attention_modules(model: nn.Module) -> tuple[dict[str, nn.Module], list[str
     return fused, other
 
 
+def _shape(out: Any) -> Any:
+    """Shape of a model output (nested for tuples/lists/dicts of tensors)."""
+    if isinstance(out, torch.Tensor):
+        return tuple(out.shape)
+    if isinstance(out, (tuple, list)):
+        return tuple(_shape(o) for o in out)
+    if isinstance(out, dict):
+        return tuple((k, _shape(v)) for k, v in sorted(out.items()))
+    return None
+
+
 def _is_out(dg: Any, item: Any) -> bool:
     return bool(dg.is_out_channel_pruning_fn(item.dep.handler))
 
@@ -320,14 +332,23 @@ class _Pruner:
         self.excluded, self.round_to, self.min_channels = excluded, round_to, min_channels
         self.names = {m: n for n, m in model.named_modules()}
         self.attn, self.other_attn = _attention_modules(model)
+        self.output_shape: Any = None  # of the dense model, seen while Torch-Pruning traces it
+
+    def _remember_output(self, _mod: nn.Module, _args: Any, out: Any) -> None:
+        self.output_shape = _shape(out)
 
     def run(self, frozen: Sequence[str]) -> dict[str, Any]:
         """One attempt: build the graph, plan every group, prune; returns channel bookkeeping."""
         model = self.model
         num_heads = {m.qkv: int(m.num_heads) for m in self.attn.values()}
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # Torch-Pruning warns about every unwrapped parameter
-            dg = tp.DependencyGraph().build_dependency(model, example_inputs=self.x, verbose=False)
+        hook = model.register_forward_hook(self._remember_output) if self.output_shape is None else None
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # Torch-Pruning warns about every unwrapped parameter
+                dg = tp.DependencyGraph().build_dependency(model, example_inputs=self.x, verbose=False)
+        finally:
+            if hook is not None:
+                hook.remove()
         param_names = {p: n for n, p in model.named_parameters()}
 
         in_groups: dict[nn.Module, int] = {}
@@ -518,8 +539,12 @@ def _prune_companions(companions: Sequence[tuple[nn.Module, list[int], int]]) ->
                 store[name] = nn.Parameter(new, requires_grad=t.requires_grad) if isinstance(t, nn.Parameter) else new
 
 
-def _stack_forward(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """Runs ``model(x)``; on failure raises :class:`_ForwardBroken` with the stack of module names."""
+def _stack_forward(model: nn.Module, x: torch.Tensor) -> Any:
+    """Runs ``model(x)``; on failure raises :class:`_ForwardBroken` with the stack of module names.
+
+    (A forward on ``meta`` tensors would compute nothing, but on CPU its Python decompositions of
+    batch_norm & co. cost more than the real forward of the pruned model.)
+    """
     names = {id(m): n for n, m in model.named_modules()}
     stack: list[str] = []
 
@@ -566,16 +591,6 @@ def _layer_widths(model: nn.Module) -> dict[str, int]:
         for n, m in model.named_modules()
         if isinstance(m, _ROOT_TYPES) and getattr(m, "weight", None) is not None
     }
-
-
-def _macs(model: nn.Module, x: torch.Tensor) -> int | None:
-    try:
-        from prunecli.pruning import count_macs, trace_layers
-
-        return int(count_macs(model, trace_layers(model, tuple(x.shape[1:])))["macs"])
-    except Exception as exc:  # MACs are informative; never fail a prune over them
-        log.debug("MAC count failed: %s", exc)
-        return None
 
 
 def prune_channels(
@@ -627,9 +642,6 @@ def prune_channels(
 
     params_before = sum(p.numel() for p in model.parameters())
     widths_before = _layer_widths(model)
-    macs_before = _macs(model, example_input)
-    with torch.no_grad():
-        reference_shape = tuple(model(example_input).shape)
     snap = surgery.snapshot(model)
     pruner = _Pruner(model, example_input, scores, ratio, scope, layer_ratios, excluded, round_to, min_channels)
 
@@ -640,8 +652,8 @@ def prune_channels(
         book = pruner.run(frozen)
         try:
             out = _stack_forward(model, example_input)
-            if tuple(out.shape) != reference_shape:
-                raise _ForwardBroken([], f"output shape {tuple(out.shape)} != {reference_shape}")
+            if pruner.output_shape is not None and _shape(out) != pruner.output_shape:
+                raise _ForwardBroken([], f"output shape {_shape(out)} != {pruner.output_shape}")
             break
         except _ForwardBroken as broken:
             surgery.revert(model, snap)
@@ -676,7 +688,6 @@ def prune_channels(
     }
     widths = _layer_widths(model)
     params = sum(p.numel() for p in model.parameters())
-    macs = _macs(model, example_input)
     layers = {
         n: {"channels_before": widths_before[n], "channels": widths.get(n, widths_before[n])}
         for n in sorted(widths_before)
@@ -686,8 +697,6 @@ def prune_channels(
     metrics = {
         "params_before": params_before,
         "params": params,
-        "macs_before": macs_before,
-        "macs": macs,
         "target_ratio": ratio,
         "scope": scope,
         "criterion_reduction": "L2 filter norm" if scores is None else "scores, mean of member-mean-normalised",
