@@ -297,3 +297,41 @@ def test_diverging_run_is_an_input_error() -> None:
     batches = [(torch.full((4, 3), float("nan")), torch.zeros(4, dtype=torch.long))]
     with pytest.raises(InputError, match="diverged"):
         train(model, batches, torch.device("cpu"), TrainConfig(epochs=1))
+
+
+# ---- torchrun --------------------------------------------------------------------------------------
+
+
+def test_two_gloo_processes_match_one_process(cli, tmp_path) -> None:
+    """torchrun with 2 CPU processes × batch 64 trains like one process × batch 128 (no per-process randomness:
+    no augmentation, an MLP without dropout or BatchNorm), and only rank 0 writes and prints."""
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    from safetensors.torch import load_file
+
+    common = ["--data", "digits:train", "--val", "digits:test", "--epochs", "2", "--batch-size", "128", "--lr", "1e-2",
+              "--no-augment", "--device", "cpu", "--wcr", "1e-6", "--weight-decay", "1e-4"]  # fmt: skip
+    one = cli("finetune", "arch:fc_mlp", *common, "-o", tmp_path / "one.safetensors")
+    assert one.exit_code == 0, one.stderr
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PRUNECLI_NO_PROGRESS": "1", "GLOO_SOCKET_IFNAME": "lo"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-addr", "127.0.0.1",
+           "--master-port", str(port), "-m", "prunecli", "finetune", "arch:fc_mlp", *common,
+           "-o", str(tmp_path / "two.safetensors")]  # fmt: skip
+    run = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300, check=False)
+    assert run.returncode == 0, run.stderr[-3000:]
+    lines = [ln for ln in run.stdout.splitlines() if ln.strip()]
+    assert len(lines) == 1  # only rank 0 prints the record
+    a, b = one.record["metrics"], json.loads(lines[0])["metrics"]
+    assert (a["world_size"], b["world_size"]) == (1, 2)
+    assert a["steps"] == b["steps"] == 2 * (1437 // 128)
+    for key in ("train_loss", "train_acc_per_epoch", "wcr_per_epoch"):
+        assert b[key] == pytest.approx(a[key], rel=1e-4), key
+    w1, w2 = load_file(str(tmp_path / "one.safetensors")), load_file(str(tmp_path / "two.safetensors"))
+    for name in w1:
+        torch.testing.assert_close(w2[name], w1[name], rtol=1e-3, atol=1e-4)

@@ -2,7 +2,8 @@
 
 Pruning masks recorded in the checkpoint (``manifest.masked``) are kept exactly through every step,
 and ``wcr`` adds paper C's Weight Concentration Regularizer (METHODS §3.1) to the loss. The loop is
-:func:`prunecli.training.train`, shared with ``finetune-lora``.
+:func:`prunecli.training.train`, shared with ``finetune-lora``. Under ``torchrun`` each process
+trains on its shard of every global batch (DDP, :mod:`prunecli.distributed`); only rank 0 writes.
 """
 
 from __future__ import annotations
@@ -107,6 +108,7 @@ def finetune(
     Example:
         >>> finetune("arch:improved_cnn", "digits:train", output="base.safetensors", val="digits:test", epochs=12)
     """
+    from prunecli import distributed as D
     from prunecli.checkpoint.io import check_output
     from prunecli.checkpoint.sources import resolve_source
     from prunecli.data import make_loader
@@ -139,19 +141,31 @@ def finetune(
     masked_before = masks.sparsity() if masks else None
     reg = WCR.for_model(model, wcr, eps=wcr_eps, delta=wcr_delta)
 
-    loader = make_loader(
-        train_ds, batch_size=batch_size, workers=workers, shuffle=True, seed=seed,
-        drop_last=len(train_ds.dataset) > batch_size,  # no size-1 BatchNorm batches; timm's train.py does the same
+    # One seeded permutation per epoch, sharded over torchrun processes: N processes × B/N = one process × B.
+    ctx = D.init(dev)
+    if batch_size % ctx.world_size:
+        raise InputError(f"--batch-size {batch_size} is not divisible by the {ctx.world_size} torchrun processes")
+    n = len(train_ds.dataset)
+    sampler = D.ShardSampler(
+        n, shuffle=True, seed=seed, rank=ctx.rank, world_size=ctx.world_size, global_batch=batch_size,
+        drop_last=n > batch_size,  # equal shards per step; no size-1 BatchNorm batches (timm's train.py drops too)
     )  # fmt: skip
+    loader = make_loader(train_ds, batch_size=batch_size // ctx.world_size, workers=workers, sampler=sampler)
     val_loader = make_loader(val_ds, batch_size=max(batch_size, 256), workers=workers) if val_ds else None
     start = time.perf_counter()
     result = train(
-        model, loader, dev, config, extra_loss=reg if wcr > 0 else None, masks=masks or None, val_loader=val_loader
-    )
+        D.wrap_ddp(model, dev), loader, dev, config, extra_loss=reg if wcr > 0 else None, masks=masks or None,
+        val_loader=val_loader,
+    )  # fmt: skip
     train_time = time.perf_counter() - start
+    D.sync_buffers(model)  # rank 0's BatchNorm statistics are the ones written
     model.to("cpu")
 
     metrics: dict[str, Any] = result.metrics()
+    for key in ("train_loss", "train_acc_per_epoch", "extra_loss"):  # equal shards: the mean over ranks is global
+        if key in metrics:
+            metrics[key] = D.mean_over_ranks(metrics[key])
+    metrics["train_acc"] = metrics["train_acc_per_epoch"][-1]
     if "extra_loss" in metrics:
         metrics["wcr_per_epoch"] = metrics.pop("extra_loss")
     metrics.update(
@@ -161,6 +175,7 @@ def finetune(
             "arch": loaded.manifest.arch,
             "train_samples": len(train_ds.dataset),
             "train_time_s": round(train_time, 3),
+            "world_size": ctx.world_size,
             "sparsity_before": sparsity_before,
             "sparsity_after": sparsity(prunable.values()),
             "masked": masks.names(),
@@ -177,5 +192,8 @@ def finetune(
         "label_smoothing": label_smoothing, "clip_grad": clip_grad, "amp": amp, "wcr": wcr, "wcr_eps": wcr_eps,
         "wcr_delta": wcr_delta, "max_steps": max_steps, "seed": seed,
     }  # fmt: skip
-    path, sha = save_output(output, model, loaded, command="finetune", options=lineage_options, force=force)
+    written: tuple[str | None, str | None] = (None, None)
+    if ctx.is_main:  # under torchrun only rank 0 writes
+        written = save_output(output, model, loaded, command="finetune", options=lineage_options, force=force)
+    path, sha = D.broadcast_object(written)
     return Result(checkpoint=path, sha256=sha, metrics=metrics, device=describe(dev))

@@ -121,10 +121,12 @@ def finetune_cmd(
     """Fine-tune every weight of a checkpoint, or train one from scratch from arch:NAME.
 
     Pruned weights (the checkpoint's masked tensors) stay exactly zero; --wcr adds paper C's
-    Weight Concentration Regularizer so that later magnitude pruning hurts less.
+    Weight Concentration Regularizer so that later magnitude pruning hurts less. Runs
+    data-parallel under torchrun; only rank 0 writes.
     """
     from prunecli.api._common import DataOptions, InputOptions
     from prunecli.api.finetune import finetune
+    from prunecli.distributed import main_only_output
 
     inputs = InputOptions(arch=arch, num_classes=num_classes, ema=ema)
     dopts = DataOptions(ints(input_size, "--input-size"), floats(mean, "--mean"), floats(std, "--std"))
@@ -155,25 +157,26 @@ def finetune_cmd(
             line += f"  WCR λ={m['wcr']['lambda']:g} λ·R={m['wcr']['value']:.4g}"
         console().print(f"{line}  ({m['train_time_s']:.1f}s)  → {result.checkpoint}")  # type: ignore[attr-defined]
 
-    run_command(
-        "finetune",
-        lambda: finetune(
-            checkpoint,
-            data,
-            output=output,
-            inputs=inputs,
-            data_options=dopts,
-            device=device,
-            workers=workers,
-            force=force,
-            **train_kw,
-        ),
-        input=checkpoint,
-        options=options,
-        metrics_file=metrics,
-        quiet=quiet,
-        summary=summary,
-    )
+    with main_only_output():
+        run_command(
+            "finetune",
+            lambda: finetune(
+                checkpoint,
+                data,
+                output=output,
+                inputs=inputs,
+                data_options=dopts,
+                device=device,
+                workers=workers,
+                force=force,
+                **train_kw,
+            ),
+            input=checkpoint,
+            options=options,
+            metrics_file=metrics,
+            quiet=quiet,
+            summary=summary,
+        )
 
 
 def register(app: typer.Typer) -> None:
