@@ -335,3 +335,13 @@ def test_two_gloo_processes_match_one_process(cli, tmp_path) -> None:
     w1, w2 = load_file(str(tmp_path / "one.safetensors")), load_file(str(tmp_path / "two.safetensors"))
     for name in w1:
         torch.testing.assert_close(w2[name], w1[name], rtol=1e-3, atol=1e-4)
+
+
+def test_help_lists_every_registered_optimizer_and_schedule(cli) -> None:
+    from prunecli.training import OPTIMIZERS, SCHEDULES
+
+    r = cli("finetune", "--help")
+    assert r.exit_code == 0
+    text = " ".join(r.stdout.split())
+    for name in [*OPTIMIZERS.names(), *SCHEDULES.names()]:
+        assert name in text, name
