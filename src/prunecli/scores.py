@@ -68,7 +68,7 @@ class ScoresFile:
 
 def save_scores(path: str | Path, scores: ScoresFile, *, force: bool = False) -> str:
     """Writes ``scores`` atomically; returns the absolute path."""
-    from safetensors.torch import save_file
+    from prunecli.checkpoint.io import write_safetensors
 
     path = Path(path).expanduser().resolve()
     if path.exists() and not force:
@@ -93,7 +93,7 @@ def save_scores(path: str | Path, scores: ScoresFile, *, force: bool = False) ->
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     try:
-        save_file(tensors, tmp, metadata={"format": "pt", SCORES_KEY: dumps(meta)})
+        write_safetensors(tmp, tensors, {"format": "pt", SCORES_KEY: dumps(meta)})  # byte-deterministic
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
