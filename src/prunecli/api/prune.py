@@ -214,6 +214,7 @@ def prune(
             score_mode=score_mode,
         )
         _check_granularity(job.sf, kind)
+        job.back_to_cpu()
     metrics, manifest = _ENGINES[kind](job)
     options = {
         "ratio": ratio,
@@ -250,6 +251,13 @@ class _Job:
         self.weights = {n: m.weight.data for n, m in self.layers.items()}
         self.selected: list[str] = []
         self.per_layer: dict[str, float] = {}
+
+    def back_to_cpu(self) -> None:
+        """Scoring may have moved the model to a GPU: pruning and saving work on CPU tensors."""
+        self.model.cpu()
+        self.weights = {n: m.weight.data for n, m in self.layers.items()}
+        self.sf.scores = {n: t.cpu() for n, t in self.sf.scores.items()}
+        self.sf.extras = {k: {n: t.cpu() for n, t in g.items()} for k, g in self.sf.extras.items()}
 
     def select_layers(self, exclude: Sequence[str], include_head: bool, pairs: Sequence[tuple[str, float]]) -> None:
         """Resolves head/exclude/layer-ratio globs to parameter names; warns on globs matching nothing."""
