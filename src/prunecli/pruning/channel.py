@@ -172,6 +172,8 @@ class ScoreImportance(tp.importance.Importance):
             mean = float(full.mean()) if full.numel() else 0.0
             if not math.isfinite(mean) or mean <= 0.0:
                 continue  # a layer with all-zero scores carries no ranking information
+            if max(idxs, default=0) >= full.numel() or max(root_idxs, default=0) >= n_root:
+                raise _BadGroup(self.names.get(layer, "?"))  # Torch-Pruning mapped indices past a layer's width
             local = full[torch.as_tensor(idxs, dtype=torch.long)] / mean
             where = torch.as_tensor(root_idxs, dtype=torch.long)
             total.scatter_add_(0, where, local)
@@ -264,6 +266,15 @@ class _Plan:
     name: str
 
 
+class _BadGroup(Exception):
+    pass
+
+
+def _short(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else ""
+    return f"{exc.__class__.__name__}: {text}"
+
+
 class _ForwardBroken(Exception):
     def __init__(self, stack: list[str], error: str) -> None:
         super().__init__(error)
@@ -346,6 +357,11 @@ class _Pruner:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")  # Torch-Pruning warns about every unwrapped parameter
                 dg = tp.DependencyGraph().build_dependency(model, example_inputs=self.x, verbose=False)
+        except Exception as exc:  # the tracer does not understand an op of this model
+            raise InputError(
+                f"Torch-Pruning cannot build the dependency graph of this model ({_short(exc)})",
+                hint="prune it unstructured (--structure unstructured) instead",
+            ) from None
         finally:
             if hook is not None:
                 hook.remove()
@@ -378,7 +394,11 @@ class _Pruner:
             if group is None or not self._allowed(dg, group, member_name, frozen, keep_out):
                 skipped += 1
                 continue
-            imp = importance(group)
+            try:
+                imp = importance(group)
+            except _BadGroup:
+                skipped += 1
+                continue
             if imp is None:
                 unscored += 1
                 continue
@@ -406,12 +426,16 @@ class _Pruner:
             kept = set(_top(plan.imp, keep))
             drop_one = [i for i in range(plan.size) if i not in kept]
             idxs = [i + s * plan.size for s in range(plan.slices) for i in drop_one]
-            group = dg.get_pruning_group(plan.root, plan.handler, idxs)
-            if not dg.check_pruning_group(group):
-                continue
-            companions = self._record(dg, group, member_name, channels, dense)
-            group.prune()
-            _prune_companions(companions)
+            try:
+                group = dg.get_pruning_group(plan.root, plan.handler, idxs)
+                if not dg.check_pruning_group(group):
+                    continue
+                companions = self._record(dg, group, member_name, channels, dense)
+                group.prune()
+                _prune_companions(companions)
+            except Exception as exc:  # Torch-Pruning failed on this group: undo, freeze around its root
+                parts = plan.name.split(".")
+                raise _ForwardBroken([".".join(parts[:i]) for i in range(1, len(parts) + 1)], _short(exc)) from None
             pruned_groups += 1
         self._fix_attention()
         return {
@@ -563,10 +587,7 @@ def _stack_forward(model: nn.Module, x: torch.Tensor) -> Any:
         with torch.no_grad():
             return model(x)
     except Exception as exc:  # any failure of a user model's forward
-        raise _ForwardBroken(
-            list(stack),
-            f"{exc.__class__.__name__}: {str(exc).strip().splitlines()[0][:200] if str(exc).strip() else ''}",
-        ) from None
+        raise _ForwardBroken(list(stack), _short(exc)) from None
     finally:
         for h in handles:
             h.remove()
@@ -649,8 +670,8 @@ def prune_channels(
     failures: list[str] = []
     for _attempt in range(max_retries + 1):
         frozen = [n for n, m in model.named_modules() if n and type(m) in frozen_types]
-        book = pruner.run(frozen)
         try:
+            book = pruner.run(frozen)
             out = _stack_forward(model, example_input)
             if pruner.output_shape is not None and _shape(out) != pruner.output_shape:
                 raise _ForwardBroken([], f"output shape {_shape(out)} != {pruner.output_shape}")
