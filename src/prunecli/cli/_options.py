@@ -27,10 +27,13 @@ NumClassesOpt = Annotated[
 EmaOpt = Annotated[
     bool, typer.Option("--ema", help="Use the EMA weights of a timm train.py checkpoint.", rich_help_panel="Input")
 ]
+# A str, not a Path: Path() drops the trailing "/" that asks for a timm folder output.
 OutputOpt = Annotated[
-    Path,
-    typer.Option("-o", "--output", help="Output checkpoint: FILE.safetensors, or DIR/ for a timm folder.",
-                 show_default=False),
+    str,
+    typer.Option(
+        "-o", "--output", metavar="OUT", help="Output checkpoint: FILE.safetensors, or DIR/ for a timm folder.",
+        show_default=False,
+    ),
 ]  # fmt: skip
 DataOpt = Annotated[
     str,
