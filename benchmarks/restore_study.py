@@ -4,12 +4,14 @@ For each model (paper A's ``improved_cnn`` and timm's ``resnet10t`` at 32 px), t
 ``digits:train`` with ``prunecli finetune`` (Adam), channel-prunes it by L2 filter norm at 30 % and 50 %
 with ``prunecli prune --structure channel``, restores the pruned checkpoint with every method through
 ``prunecli restore`` (the library calls behind the subcommands), and evaluates top-1 on ``digits:test``.
-For the ResNet only intra-block channels are pruned (``conv1`` of each block and the deep stem's first
-two convs), as in paper B: residual-stream channels are not restorable.
+For the ResNet only intra-block channels are pruned (``conv1`` of each basic block; stem and residual
+stream kept), as in paper B: residual-stream channels are not restorable, and paper B does not prune
+the stem.
 
 Usage::
 
     OMP_NUM_THREADS=2 .venv/bin/python benchmarks/restore_study.py [--out DIR] [--epochs-cnn 8] [--epochs-resnet 15]
+        [--models improved_cnn,resnet10t] [--prune-stem]
 
 Prints a markdown table (and writes ``DIR/restore_study.json``).
 """
@@ -23,7 +25,7 @@ import sys
 import time
 from pathlib import Path
 
-from prunecli.api._common import DataOptions
+from prunecli.api._common import DataOptions, InputOptions
 from prunecli.api.eval import evaluate
 from prunecli.api.finetune import finetune
 from prunecli.api.prune import prune
@@ -31,7 +33,7 @@ from prunecli.api.restore import restore
 
 MODELS = {
     "improved_cnn": {"exclude": []},
-    "resnet10t": {"exclude": ["conv1.6", "layer*.conv2", "layer*.downsample.*"]},
+    "resnet10t": {"exclude": ["conv1.*", "layer*.conv2", "layer*.downsample.*"]},
 }
 RATIOS = (0.3, 0.5)
 METHODS = ("merge", "lbyl", "lstsq", "bn", "merge+bn", "lbyl+bn", "lstsq+bn")
@@ -45,6 +47,7 @@ def main() -> int:
     ap.add_argument("--epochs-cnn", type=int, default=8)
     ap.add_argument("--epochs-resnet", type=int, default=15)
     ap.add_argument("--models", default=",".join(MODELS))
+    ap.add_argument("--prune-stem", action="store_true", help="resnet10t: also prune the deep stem's conv1.0/conv1.3")
     args = ap.parse_args()
     logging.getLogger("prunecli").setLevel(logging.ERROR)
     out = Path(args.out)
@@ -56,13 +59,14 @@ def main() -> int:
         t0 = time.perf_counter()
         if not base.exists():
             finetune(f"arch:{name}", "digits:train", output=base, epochs=epochs, lr=1e-3, augment=False,
+                     inputs=InputOptions(num_classes=10),
                      data_options=DOPTS, device="cpu", amp=False, seed=0)  # fmt: skip
         dense = evaluate(str(base), "digits:test", data_options=DOPTS, device="cpu").metrics["top1"]
         print(f"{name}: dense top1 {dense:.4f} (train {time.perf_counter() - t0:.0f}s)", file=sys.stderr)
         for ratio in RATIOS:
             pruned = out / f"{name}_p{int(ratio * 100)}.safetensors"
             prune(str(base), out=pruned, method="magnitude", structure="channel", ratio=ratio,
-                  exclude=MODELS[name]["exclude"], data_options=DOPTS, device="cpu", force=True)  # fmt: skip
+                  exclude=_exclude(name, args.prune_stem), data_options=DOPTS, device="cpu", force=True)  # fmt: skip
             row = {"model": name, "ratio": ratio, "dense": dense}
             variants = [(m, {}) for m in METHODS] + [(f"lbyl λ2={v:g}", {"lambda2": v}) for v in LAMBDA2_SCAN]
             for label, params in variants:
@@ -101,6 +105,12 @@ def main() -> int:
         cells = [f"{100 * row['lbyl']:.1f}"] + [f"{100 * row[f'lbyl λ2={v:g}']:.1f}" for v in LAMBDA2_SCAN]
         print(f"| {row['model']} | {row['ratio']:.0%} | " + " | ".join(cells) + " |")
     return 0
+
+
+def _exclude(name: str, prune_stem: bool) -> list[str]:
+    if prune_stem and name == "resnet10t":
+        return ["conv1.6", "layer*.conv2", "layer*.downsample.*"]
+    return MODELS[name]["exclude"]
 
 
 if __name__ == "__main__":
