@@ -10,7 +10,7 @@
 set -euo pipefail
 
 OUT=${OUT:-demo-out}
-EPOCHS=${EPOCHS:-15}
+EPOCHS=${EPOCHS:-12}
 DEVICE=${DEVICE:-cpu}
 SEED=${SEED:-0}
 MIN_TOP1=${MIN_TOP1:-0.95}
