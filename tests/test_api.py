@@ -23,6 +23,7 @@ def test_api_names_are_functions_after_module_import(name):
 def test_api_inspect_returns_result(tmp_path, save_model):
     import timm
 
+    import prunecli.archs  # noqa: F401  (registers fc_mlp with timm)
     from prunecli import api
 
     model = timm.create_model("fc_mlp", num_classes=10)
