@@ -276,10 +276,11 @@ def _short(exc: BaseException) -> str:
 
 
 class _ForwardBroken(Exception):
-    def __init__(self, stack: list[str], error: str) -> None:
+    def __init__(self, stack: list[str], error: str, group_root: str | None = None) -> None:
         super().__init__(error)
         self.stack = stack
         self.error = error
+        self.group_root = group_root  # set when Torch-Pruning itself failed while pruning this group
 
 
 def _attention_modules(model: nn.Module) -> tuple[dict[str, nn.Module], list[str]]:
@@ -348,7 +349,7 @@ class _Pruner:
     def _remember_output(self, _mod: nn.Module, _args: Any, out: Any) -> None:
         self.output_shape = _shape(out)
 
-    def run(self, frozen: Sequence[str]) -> dict[str, Any]:
+    def run(self, frozen: Sequence[str], bad_roots: Sequence[str] = ()) -> dict[str, Any]:
         """One attempt: build the graph, plan every group, prune; returns channel bookkeeping."""
         model = self.model
         num_heads = {m.qkv: int(m.num_heads) for m in self.attn.values()}
@@ -419,23 +420,31 @@ class _Pruner:
         keeps = self._counts(plans)
         channels: dict[tuple[str, str], list[int]] = {}
         dense: dict[tuple[str, str], int] = {}
-        pruned_groups = 0
+        pruned_groups = unmappable = 0
         for plan, keep in zip(plans, keeps, strict=True):
             if keep >= plan.size:
+                continue
+            if plan.name in bad_roots:
+                unmappable += 1
                 continue
             kept = set(_top(plan.imp, keep))
             drop_one = [i for i in range(plan.size) if i not in kept]
             idxs = [i + s * plan.size for s in range(plan.slices) for i in drop_one]
-            try:
+            try:  # building the pruning group modifies nothing: a failure here just skips the group
                 group = dg.get_pruning_group(plan.root, plan.handler, idxs)
-                if not dg.check_pruning_group(group):
-                    continue
+                ok = dg.check_pruning_group(group)
+            except Exception as exc:  # Torch-Pruning's index mapping fails on some op chains
+                log.debug("cannot map the channels of group %s: %s", plan.name, _short(exc))
+                unmappable += 1
+                continue
+            if not ok:
+                continue
+            try:
                 companions = self._record(dg, group, member_name, channels, dense)
                 group.prune()
                 _prune_companions(companions)
-            except Exception as exc:  # Torch-Pruning failed on this group: undo, freeze around its root
-                parts = plan.name.split(".")
-                raise _ForwardBroken([".".join(parts[:i]) for i in range(1, len(parts) + 1)], _short(exc)) from None
+            except Exception as exc:  # failed half-way: undo everything, retry without this group
+                raise _ForwardBroken([plan.name], _short(exc), group_root=plan.name) from None
             pruned_groups += 1
         self._fix_attention()
         return {
@@ -445,6 +454,7 @@ class _Pruner:
             "groups_planned": len(plans),
             "groups_unscored": unscored,
             "groups_skipped": skipped,
+            "groups_unmappable": unmappable,
         }
 
     def _allowed(self, dg: Any, group: Any, member_name: Any, frozen: Sequence[str], keep_out: Sequence[str]) -> bool:
@@ -667,20 +677,25 @@ def prune_channels(
     pruner = _Pruner(model, example_input, scores, ratio, scope, layer_ratios, excluded, round_to, min_channels)
 
     frozen_types: set[type] = set()
+    bad_roots: list[str] = []
     failures: list[str] = []
     for _attempt in range(max_retries + 1):
         frozen = [n for n, m in model.named_modules() if n and type(m) in frozen_types]
         try:
-            book = pruner.run(frozen)
+            book = pruner.run(frozen, bad_roots)
             out = _stack_forward(model, example_input)
             if pruner.output_shape is not None and _shape(out) != pruner.output_shape:
                 raise _ForwardBroken([], f"output shape {_shape(out)} != {pruner.output_shape}")
             break
         except _ForwardBroken as broken:
             surgery.revert(model, snap)
-            culprit = _culprit(model, broken.stack, frozen_types)
             where = broken.stack[-1] if broken.stack else "?"
             failures.append(f"{where}: {broken.error}")
+            if broken.group_root is not None:
+                log.info("Torch-Pruning failed on the group of %s (%s); leaving it", where, broken.error)
+                bad_roots.append(broken.group_root)
+                continue
+            culprit = _culprit(model, broken.stack, frozen_types)
             if culprit is None:
                 raise InputError(
                     f"channel pruning breaks the model's forward in {where!r} ({broken.error})",
@@ -729,7 +744,9 @@ def prune_channels(
         "groups_planned": book["groups_planned"],
         "groups_unscored": book["groups_unscored"],
         "groups_skipped": book["groups_skipped"],
+        "groups_unmappable": book["groups_unmappable"],
         "frozen": sorted(t.__name__ for t in frozen_types),
+        "retried_after": failures,
         "attention_fixed": sorted(pruner.attn),
         "attention_kept": sorted(pruner.other_attn),
         "exclude": sorted(excluded),
