@@ -259,7 +259,7 @@ def test_stdin_dash_reads_previous_record(cli, files: dict, tmp_path: Path) -> N
     piped = cli("inspect", "-", input="some log line\n" + json.dumps(record) + "\n\n")
     assert piped.exit_code == 0, piped.stderr
     assert piped.record["metrics"] == direct.record["metrics"]
-    assert piped.record["input"] == "-"
+    assert piped.record["input"] == path  # the record names the file the pipe delivered, not "-"
 
 
 @pytest.mark.parametrize(

@@ -59,9 +59,24 @@ class Source:
         return self.folder or self.weights
 
 
+_STDIN: dict[str, tuple[object, dict]] = {}  # the record read from a stream, which can be read only once
+
+
+def stdin_checkpoint() -> str | None:
+    """The checkpoint named by the stdin record this process already read for ``-``, if any.
+
+    The CLI puts it in the record's ``input`` so that pipes keep the file names ``report`` joins on.
+    """
+    cached = _STDIN.get("last")
+    return cached[1].get("checkpoint") if cached and cached[0] is sys.stdin else None
+
+
 def read_stdin_record(stream: TextIO | None = None) -> dict:
-    """Reads the previous step's JSON record from stdin (the last non-empty line)."""
+    """Reads the previous step's JSON record from stdin (the last non-empty line), once per stream."""
     stream = stream or sys.stdin
+    cached = _STDIN.get("last")
+    if cached is not None and cached[0] is stream:
+        return cached[1]
     if stream.isatty():
         raise InputError("'-' reads the previous step's JSON record from stdin, but stdin is a terminal")
     lines = [ln for ln in stream.read().splitlines() if ln.strip()]
@@ -73,6 +88,7 @@ def read_stdin_record(stream: TextIO | None = None) -> dict:
         raise InputError("stdin is not a prunecli JSON record") from None
     if not isinstance(record, dict):
         raise InputError("stdin is not a prunecli JSON record")
+    _STDIN["last"] = (stream, record)
     return record
 
 

@@ -122,6 +122,10 @@ def run_command(
         text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
         error(f"{command} failed: {exc.__class__.__name__}: {text[:300]}", "rerun with PRUNECLI_DEBUG=1 for details")
         raise typer.Exit(1) from None
+    if input == "-":  # name the checkpoint the pipe delivered, so records still join on file names
+        from prunecli.checkpoint.sources import stdin_checkpoint
+
+        input = stdin_checkpoint() or input
     record = make_record(command, input, result, options, time.perf_counter() - start)
     if summary is not None and not quiet:
         with contextlib.suppress(Exception):  # a failed pretty table must never fail the run
