@@ -132,7 +132,7 @@ def test_eval_from_stdin_record(cli, setup: dict) -> None:
     a = cli("eval", "-", "--data", "synthetic:4", input=rec + "\n")
     b = cli("eval", ckpt, "--data", "synthetic:4")
     assert a.exit_code == 0, a.stderr
-    assert a.record["metrics"] == b.record["metrics"] and a.record["input"] == "-"
+    assert a.record["metrics"] == b.record["metrics"] and a.record["input"] == b.record["input"] == ckpt
 
 
 def test_library_api(setup: dict) -> None:

@@ -126,6 +126,8 @@ def run_command(
         from prunecli.checkpoint.sources import stdin_checkpoint
 
         input = stdin_checkpoint() or input
+    elif input and os.path.exists(input):  # absolute, as `checkpoint` is: records join on file names
+        input = os.path.abspath(input)
     record = make_record(command, input, result, options, time.perf_counter() - start)
     if summary is not None and not quiet:
         with contextlib.suppress(Exception):  # a failed pretty table must never fail the run
