@@ -46,12 +46,7 @@ def _root(
 
 
 for _name in COMMANDS:
-    _mod = f"prunecli.cli.{_name.replace('-', '_')}"
-    try:
-        importlib.import_module(_mod).register(app)
-    except ModuleNotFoundError as _exc:  # TEMPORARY during parallel development; removed at integration
-        if _exc.name != _mod:
-            raise
+    importlib.import_module(f"prunecli.cli.{_name.replace('-', '_')}").register(app)
 
 
 def main() -> None:
