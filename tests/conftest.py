@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from collections.abc import Callable
@@ -37,10 +38,8 @@ class Cli:
         result = self.runner.invoke(self.app, [str(a) for a in args], input=input, catch_exceptions=False)
         result.record = None
         if result.exit_code == 0 and result.stdout.strip():
-            try:
+            with contextlib.suppress(json.JSONDecodeError):  # `report` prints a table, not a record
                 result.record = json.loads(result.stdout.strip().splitlines()[-1])
-            except json.JSONDecodeError:  # `report` prints a table, not a record
-                pass
         return result
 
 

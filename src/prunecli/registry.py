@@ -52,9 +52,7 @@ class Registry(Generic[T]):
             return name
         if name in self._aliases:
             return self._aliases[name]
-        raise UnknownNameError(
-            f"unknown {self.kind} {name!r}; choose from {', '.join(self.names(with_aliases=True))}"
-        )
+        raise UnknownNameError(f"unknown {self.kind} {name!r}; choose from {', '.join(self.names(with_aliases=True))}")
 
     def get(self, name: str) -> T:
         """Returns the entry for ``name`` or raises :class:`UnknownNameError` listing the choices."""
