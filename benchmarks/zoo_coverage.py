@@ -276,8 +276,11 @@ def _verify(rows: list[dict], outdir: Path) -> dict[str, dict]:
             with torch.no_grad():
                 y = model(io["x"])
             diff = float((y - io["y"]).abs().max())
+            scale = float(io["y"].abs().max())
             signal.alarm(0)
-            out[name] = {"reload_diff": diff, "reload_ok": diff <= TOL}
+            # float32 summation order differs between builds (kernel choice depends on tensor layout), so
+            # outputs of magnitude S agree to ~1e-7·S; random-init nets can emit logits of 1e5.
+            out[name] = {"reload_diff": diff, "output_max": scale, "reload_ok": diff <= TOL * max(1.0, scale)}
         except BaseException as exc:
             signal.alarm(0)
             out[name] = {"reload_ok": False, "reload_error": _short(exc)}
@@ -289,7 +292,7 @@ def _reason(r: dict) -> str:
     if not r.get("prunecli_pruned"):
         return r.get("prunecli_error", "?")
     if not r.get("reload_ok"):
-        return r.get("reload_error") or f"reload max abs diff {r.get('reload_diff'):.2e} > {TOL}"
+        return r.get("reload_error") or f"reload max abs diff {r.get('reload_diff'):.2e} > {TOL}·max(1, max|y|)"
     return ""
 
 
@@ -308,7 +311,8 @@ def write_table(results: list[dict]) -> None:
         "",
         f"* **prunecli: {len(ok)}/{n} families pass ({100 * len(ok) / max(n, 1):.0f} %)** — prune, forward with "
         f"the right output shape, fewer params, save, reload in a fresh process through `load_checkpoint`, "
-        f"max abs output diff ≤ {TOL}.",
+        f"max abs output diff ≤ {TOL}·max(1, max|y|) (absolute for outputs up to 1; relative above: float32 "
+        f"summation order differs between builds, and some random-init nets emit logits of 1e5).",
         f"* plain Torch-Pruning (generic recipe, `BasePruner` + `GroupMagnitudeImportance`, classifier "
         f"ignored): {len(tp_ok)}/{n} ({100 * len(tp_ok) / max(n, 1):.0f} %) prune and still run with the right "
         f"output shape and fewer params. It has no pickle-free reload (a pruned model does not fit a freshly "
@@ -324,6 +328,8 @@ def write_table(results: list[dict]) -> None:
         pb, pa = r.get("params_before"), r.get("params")
         params = f"{pb:,} → {pa:,}" if pb and pa else ""
         diff = f"{r['reload_diff']:.1e}" if "reload_diff" in r else ""
+        if r.get("output_max", 0) > 1:
+            diff += f" (max abs y {r['output_max']:.1e})"
         tp_cell = "ok" if r.get("tp_ok") else f"fail ({r.get('tp_error', '?')[:80]})"
         lines.append(
             f"| {r['family']} | {r['model']} | {'x'.join(map(str, r['input_size'][1:]))} | {params} | "
@@ -374,6 +380,10 @@ def run(timeout: int, only: list[str] | None) -> None:
         print(proc.stderr[-2000:], file=sys.stderr)
     for r in results:
         r.update(checks.get(r["model"], {}))
+    if only and RAW.exists():  # re-run of some models: replace their rows, keep the others
+        fresh = {r["model"]: r for r in results}
+        old = [json.loads(line) for line in RAW.read_text().splitlines() if line.strip()]
+        results = [fresh.pop(r["model"], r) for r in old] + list(fresh.values())
     RAW.write_text("".join(json.dumps(r, sort_keys=True) + "\n" for r in results))
     write_table(results)
     n_ok = sum(1 for r in results if r.get("prunecli_pruned") and r.get("reload_ok"))
