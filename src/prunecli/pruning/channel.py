@@ -302,6 +302,29 @@ def _attention_modules(model: nn.Module) -> tuple[dict[str, nn.Module], list[str
     return fused, other
 
 
+def _all_groups(dg: Any, ignored: Sequence[nn.Module]) -> Any:
+    """Torch-Pruning's ``DependencyGraph.get_all_groups``, except that a root whose group cannot be
+    built (its index mapping raises on some op chains) is skipped instead of ending the enumeration."""
+    ignored_set = {id(m) for m in [*ignored, *dg.IGNORED_LAYERS_IN_TRACING]}
+    visited: set[int] = set()
+    for m in list(dg.module2node):
+        if id(m) in ignored_set or id(m) in visited or not isinstance(m, _ROOT_TYPES):
+            continue
+        pruner = dg.get_pruner_of_module(m)
+        if pruner is None or pruner.get_out_channels(m) is None:
+            continue
+        try:
+            group = dg.get_pruning_group(m, pruner.prune_out_channels, list(range(pruner.get_out_channels(m))))
+        except Exception as exc:  # Torch-Pruning internals; the group is just not pruned
+            log.debug("cannot build the group of %s: %s", dg._module2name.get(m, "?"), _short(exc))
+            visited.add(id(m))
+            continue
+        outs = [it.dep.target.module for it in group if dg.is_out_channel_pruning_fn(it.dep.handler)]
+        visited.update(id(o) for o in outs)
+        if not any(id(o) in ignored_set for o in outs):
+            yield group
+
+
 def _shape(out: Any) -> Any:
     """Shape of a model output (nested for tuples/lists/dicts of tensors)."""
     if isinstance(out, torch.Tensor):
@@ -389,7 +412,7 @@ class _Pruner:
         importance = ScoreImportance(self.names, self.scores)
         plans: list[_Plan] = []
         unscored = skipped = 0
-        for group in dg.get_all_groups(ignored_layers=ignored, root_module_types=list(_ROOT_TYPES)):
+        for group in _all_groups(dg, ignored):
             if num_heads and any(_is_out(dg, it) and it.dep.target.module in num_heads for it in group):
                 group = self._reroot_attention(dg, group)
             if group is None or not self._allowed(dg, group, member_name, frozen, keep_out):
