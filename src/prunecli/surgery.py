@@ -126,6 +126,8 @@ def diff_structure(model: nn.Module, snap: Snapshot) -> dict[str, dict[str, Any]
             if p is not None and (old is None or tuple(old.shape) != tuple(p.shape)):
                 params[pname] = list(p.shape)
         for bname, b in mod._buffers.items():
+            if bname in mod._non_persistent_buffers_set:
+                continue  # not in the checkpoint; a forward-side cache (convit's rel_indices) rebuilds itself
             old = before.get(bname, (None, None))[1]
             if b is not None and (old is None or tuple(old.shape) != tuple(b.shape)):
                 buffers[bname] = list(b.shape)
