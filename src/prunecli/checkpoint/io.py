@@ -44,15 +44,28 @@ _SHA_CACHE: dict[tuple[str, int, int], str] = {}
 
 def file_sha256(path: Path) -> str:
     """sha256 of a file, cached per (path, size, mtime) within the process."""
-    st = path.stat()
-    key = (str(path), st.st_size, st.st_mtime_ns)
+    key = _sha_key(path)
     if key not in _SHA_CACHE:
-        h = hashlib.sha256()
-        with path.open("rb") as fh:
-            for chunk in iter(lambda: fh.read(1 << 22), b""):
-                h.update(chunk)
-        _SHA_CACHE[key] = h.hexdigest()
+        _SHA_CACHE[key] = _hash_file(path)
     return _SHA_CACHE[key]
+
+
+def _sha_key(path: Path) -> tuple[str, int, int]:
+    st = path.stat()
+    return (str(path), st.st_size, st.st_mtime_ns)
+
+
+def _hash_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 22), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def remember_sha256(path: Path, sha: str) -> None:
+    """Caches the digest of a file this process has just written or read in full (saves a re-read)."""
+    _SHA_CACHE[_sha_key(path)] = sha
 
 
 @dataclass
@@ -309,15 +322,25 @@ def _load_timm_cache(source: Source, num_classes: int | None) -> Loaded:
 
 def lineage_step(command: str, options: Mapping[str, Any], loaded: Loaded | None) -> dict[str, Any]:
     """One lineage entry: what ran, on what input, with which versions (no timestamps: determinism)."""
-    import timm
-
     return {
         "command": command,
         "options": dict(options),
         "input": str(loaded.source.path) if loaded and loaded.source.path else (loaded.source.spec if loaded else None),
         "input_sha256": loaded.sha256 if loaded else None,
-        "versions": {"prunecli": __version__, "torch": torch.__version__.split("+")[0], "timm": timm.__version__},
+        "versions": {"prunecli": __version__, "torch": torch.__version__.split("+")[0], "timm": _timm_version()},
     }
+
+
+def _timm_version() -> str:
+    """timm's version from its distribution metadata: lineage is written by paths that never import timm."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("timm")
+    except PackageNotFoundError:  # pragma: no cover - a source checkout of timm on sys.path
+        import timm
+
+        return str(timm.__version__)
 
 
 def _is_folder_output(out: str | Path) -> bool:
@@ -354,9 +377,9 @@ def _tensors_for_save(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tens
     out: dict[str, torch.Tensor] = {}
     for name in sorted(state):
         t = state[name].detach().to("cpu")
-        ptr = t.untyped_storage().data_ptr() if t.numel() else -1
+        ptr = t.data_ptr() if t.numel() else -1  # the tensor's own bytes: views at other offsets are not shared
         if ptr in seen and ptr != -1:
-            t = t.clone()  # safetensors refuses shared storage; tied weights are stored twice
+            t = t.clone()  # tied weights are stored twice, each under its own name
         seen.add(ptr)
         out[name] = t.contiguous()
     return out
@@ -373,7 +396,7 @@ _ST_DTYPES: dict[torch.dtype, str] = {
 }  # fmt: skip
 
 
-def write_safetensors(path: str | Path, tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str]) -> None:
+def write_safetensors(path: str | Path, tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str]) -> str:
     """Writes a safetensors file whose bytes depend only on the tensors and the metadata.
 
     ``safetensors.torch.save_file`` keeps ``__metadata__`` in a Rust hash map, so two saves of the same
@@ -381,14 +404,18 @@ def write_safetensors(path: str | Path, tensors: Mapping[str, torch.Tensor], met
     fixes the order. The layout is the library's own: 8-byte little-endian header length, a JSON header
     padded with spaces to a multiple of 8, then the tensors' little-endian bytes, largest dtypes first so
     that every tensor is aligned to its element size. The safetensors library reads the result.
+
+    Returns:
+        The sha256 of the bytes written, computed while writing: the record and the lineage need the
+        digest, and reading a large file back only to hash it costs a second pass over it.
     """
     import sys
 
     if sys.byteorder != "little":  # pragma: no cover - no big-endian CI
         from safetensors.torch import save_file
 
-        save_file(dict(tensors), str(path), metadata=dict(metadata))
-        return
+        save_file({k: v.clone() for k, v in tensors.items()}, str(path), metadata=dict(metadata))
+        return _hash_file(Path(path))
     entries = []
     for name, t in tensors.items():
         if t.dtype not in _ST_DTYPES:
@@ -403,12 +430,17 @@ def write_safetensors(path: str | Path, tensors: Mapping[str, torch.Tensor], met
         offset += nbytes
     raw = json.dumps(header, separators=(",", ":")).encode()
     raw += b" " * (-len(raw) % 8)
+    digest = hashlib.sha256()
     with open(path, "wb") as fh:
-        fh.write(len(raw).to_bytes(8, "little"))
-        fh.write(raw)
+        for chunk in (len(raw).to_bytes(8, "little"), raw):
+            fh.write(chunk)
+            digest.update(chunk)
         for _, t in entries:
             if t.numel():
-                fh.write(memoryview(t.reshape(-1).view(torch.uint8).numpy()))
+                data = memoryview(t.reshape(-1).view(torch.uint8).numpy())
+                fh.write(data)
+                digest.update(data)  # hashlib releases the GIL and reads the bytes still in cache
+    return digest.hexdigest()
 
 
 def save_checkpoint(
@@ -437,17 +469,18 @@ def save_checkpoint(
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=parent)
         os.close(fd)
         try:
-            write_safetensors(tmp, tensors, metadata)
+            sha = write_safetensors(tmp, tensors, metadata)
             _fsync(Path(tmp))
             os.replace(tmp, path)
         except BaseException:
             Path(tmp).unlink(missing_ok=True)
             raise
         _fsync_dir(parent)
-        return str(path), file_sha256(path)
+        remember_sha256(path, sha)
+        return str(path), sha
     tmpdir = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=parent))
     try:
-        write_safetensors(tmpdir / "model.safetensors", tensors, metadata)
+        sha = write_safetensors(tmpdir / "model.safetensors", tensors, metadata)
         config = {
             "architecture": manifest.arch,
             "num_classes": manifest.num_classes,
@@ -470,7 +503,8 @@ def save_checkpoint(
         shutil.rmtree(tmpdir, ignore_errors=True)
         raise
     _fsync_dir(parent)
-    return str(path), file_sha256(path / "model.safetensors")
+    remember_sha256(path / "model.safetensors", sha)
+    return str(path), sha
 
 
 def _fsync(path: Path) -> None:
