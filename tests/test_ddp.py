@@ -155,3 +155,120 @@ def test_score_helpers_two_gloo_processes_match_full_batches(tmp_path: Path) -> 
     assert got["samples"] == 32
     torch.testing.assert_close(got["scores"]["0.weight"], expect[0], rtol=1e-5, atol=1e-7)
     torch.testing.assert_close(got["scores"]["2.weight"], expect[1], rtol=1e-5, atol=1e-7)
+
+
+# ------------------------------------------------------------------- score and eval under torchrun
+# Calibration: 65 class-balanced digits images (--fraction 0.045) in global batches of 12, so the last
+# batch (5 images) splits 3 + 2 between the ranks: the per-rank loss scaling must make the uneven shares
+# add up to the one-process batch mean.
+_CALIB = {"data": "digits:train", "fraction": 0.045, "batch_size": 12, "device": "cpu"}
+_CRITERIA = [
+    ("taylor", {}),
+    ("taylor", {"agg": "sq_mean", "granularity": "channel"}),
+    ("snip", {}),
+    ("proscore", {"lambda": "0.05"}),
+    ("biascomp", {}),
+    ("biascomp", {"sensitivity": "hutchinson", "probes": "3"}),
+    ("wanda", {}),
+]
+
+_WORKER = '''
+import sys, torch
+from prunecli import distributed as D
+from prunecli.api._common import load_input
+from prunecli.scoring import compute_scores
+from prunecli.scores import save_scores
+
+ckpt, outdir, calib, criteria = sys.argv[1], sys.argv[2], eval(sys.argv[3]), eval(sys.argv[4])
+D.init(torch.device("cpu"))
+loaded = load_input(ckpt)
+for i, (method, params) in enumerate(criteria):
+    sf = compute_scores(loaded, method, params=params, **calib)
+    if D.is_main():
+        save_scores(f"{outdir}/{i}.scores", sf)
+'''
+
+
+@pytest.fixture(scope="module")
+def cnn_ckpt(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Paper A's CNN (conv + BatchNorm + linear), random weights, randomised BatchNorm statistics."""
+    import timm
+
+    import prunecli.archs  # noqa: F401
+    from prunecli.checkpoint.io import save_checkpoint
+    from prunecli.checkpoint.manifest import Manifest
+    from prunecli.models import default_pretrained_cfg
+
+    torch.manual_seed(0)
+    model = timm.create_model("improved_cnn", num_classes=10).eval()
+    for m in model.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_mean.uniform_(-0.2, 0.2)
+            m.running_var.uniform_(0.5, 2.0)
+    path = tmp_path_factory.mktemp("ddp") / "cnn.safetensors"
+    save_checkpoint(path, model, Manifest("improved_cnn", 10, {}, default_pretrained_cfg("improved_cnn")))
+    return path
+
+
+def _assert_scores_close(a: torch.Tensor, b: torch.Tensor, what: str) -> None:
+    scale = float(b.abs().max()) or 1.0
+    torch.testing.assert_close(a, b, rtol=2e-4, atol=2e-5 * scale, msg=lambda m: f"{what}: {m}")
+
+
+def test_score_criteria_two_gloo_processes_match_one_process(cnn_ckpt: Path, tmp_path: Path) -> None:
+    """Every data-driven criterion gives the one-process scores (and bias shifts) under torchrun."""
+    from prunecli.api._common import load_input
+    from prunecli.scores import load_scores
+    from prunecli.scoring import compute_scores
+
+    script = tmp_path / "worker.py"
+    script.write_text(_WORKER)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PRUNECLI_NO_PROGRESS": "1", "GLOO_SOCKET_IFNAME": "lo"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-addr", "127.0.0.1",
+           "--master-port", str(_free_port()), str(script), str(cnn_ckpt), str(tmp_path), repr(_CALIB),
+           repr(_CRITERIA)]  # fmt: skip
+    run = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300, check=False)
+    assert run.returncode == 0, run.stderr[-3000:]
+    loaded = load_input(str(cnn_ckpt))
+    for i, (method, params) in enumerate(_CRITERIA):
+        one = compute_scores(loaded, method, params=params, **_CALIB)
+        two = load_scores(tmp_path / f"{i}.scores")
+        assert two.samples == one.samples == 65, method
+        assert two.options == one.options, method
+        assert sorted(two.scores) == sorted(one.scores)
+        for name in one.scores:
+            _assert_scores_close(two.scores[name], one.scores[name], f"{method} {params} {name}")
+        for kind, group in one.extras.items():
+            for name in group:
+                _assert_scores_close(two.extras[kind][name], group[name], f"{method} {kind} {name}")
+
+
+def test_score_and_eval_cli_two_gloo_processes(cli, cnn_ckpt: Path, tmp_path: Path) -> None:
+    """``torchrun … -m prunecli score|eval``: one record from rank 0, the one-process file and metrics."""
+    from prunecli.scores import load_scores
+
+    args = ["--method", "taylor", "--data", "digits:train", "--fraction", "0.045", "--batch-size", "12",
+            "--device", "cpu"]  # fmt: skip
+    one = cli("score", cnn_ckpt, *args, "-o", tmp_path / "one.scores")
+    assert one.exit_code == 0, one.stderr
+    run = _torchrun(["score", str(cnn_ckpt), *args, "-o", str(tmp_path / "two.scores")])
+    assert run.returncode == 0, run.stderr[-3000:]
+    lines = [ln for ln in run.stdout.splitlines() if ln.strip()]
+    assert len(lines) == 1
+    rec = json.loads(lines[0])
+    assert rec["metrics"]["samples"] == one.record["metrics"]["samples"] == 65
+    a, b = load_scores(tmp_path / "one.scores"), load_scores(tmp_path / "two.scores")
+    for name in a.scores:
+        _assert_scores_close(b.scores[name], a.scores[name], name)
+
+    ev_one = cli("eval", cnn_ckpt, "--data", "digits:test", "--batch-size", "50", "--device", "cpu")
+    assert ev_one.exit_code == 0, ev_one.stderr
+    run = _torchrun(["eval", str(cnn_ckpt), "--data", "digits:test", "--batch-size", "50", "--device", "cpu"])
+    assert run.returncode == 0, run.stderr[-3000:]
+    lines = [ln for ln in run.stdout.splitlines() if ln.strip()]
+    assert len(lines) == 1
+    m1, m2 = ev_one.record["metrics"], json.loads(lines[0])["metrics"]
+    assert m2["samples"] == m1["samples"] == 360 and m2["world_size"] == 2
+    assert m2["top1"] == pytest.approx(m1["top1"], abs=1e-12)
+    assert m2["top5"] == pytest.approx(m1["top5"], abs=1e-12)
+    assert m2["loss"] == pytest.approx(m1["loss"], rel=1e-6)

@@ -56,6 +56,7 @@ __all__ = [
     "mean_over_ranks",
     "rank",
     "reduce_eval_metrics",
+    "sum_grads",
     "sync_buffers",
     "world_size",
     "wrap_ddp",
@@ -205,6 +206,33 @@ def average_grads(grads: Sequence[torch.Tensor | None]) -> list[torch.Tensor | N
             dist.all_reduce(g)
             g.div_(n)
     return list(grads)
+
+
+def sum_grads(grads: Sequence[torch.Tensor | None]) -> list[torch.Tensor | None]:
+    """The sum over processes of per-batch gradients in one coalesced all-reduce (None stays None).
+
+    ``score`` under torchrun scales each rank's mean loss by its share of the global batch, so the sum
+    over ranks is the gradient of the global batch's mean loss even when the last batch splits unevenly.
+    The gradients are packed into one flat buffer so a model with hundreds of layers costs one collective
+    per batch, not hundreds.
+    """
+    if not is_distributed():
+        return list(grads)
+    live = [g for g in grads if g is not None]
+    if not live:
+        return list(grads)
+    flat = torch.cat([g.reshape(-1) for g in live])
+    dist.all_reduce(flat)
+    out: list[torch.Tensor | None] = []
+    offset = 0
+    for g in grads:
+        if g is None:
+            out.append(None)
+            continue
+        n = g.numel()
+        out.append(flat[offset : offset + n].view_as(g).to(g.dtype))
+        offset += n
+    return out
 
 
 _MEAN_KEYS = ("top1", "top5", "loss", "agreement", "kl")

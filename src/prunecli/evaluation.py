@@ -12,7 +12,7 @@ from torch import nn
 
 from prunecli.progress import progress
 
-__all__ = ["benchmark_model", "count_params", "evaluate_model"]
+__all__ = ["benchmark_model", "count_params", "evaluate_model", "evaluate_sharded"]
 
 
 def count_params(model: nn.Module) -> dict[str, int]:
@@ -65,6 +65,39 @@ def evaluate_model(
         out["agreement"] = agree / n if n else float("nan")
         out["kl"] = kl_sum / n if n else float("nan")
     return out
+
+
+def evaluate_sharded(
+    model: nn.Module,
+    data: Any,
+    device: torch.device,
+    *,
+    batch_size: int,
+    workers: int = 0,
+    reference: nn.Module | None = None,
+) -> dict[str, Any]:
+    """:func:`evaluate_model` over a dataset, split across torchrun processes when there are several.
+
+    Rank ``r`` of ``N`` evaluates samples ``r, r+N, …`` (no sample repeated, none dropped) and the
+    per-rank sums are joined (:func:`prunecli.distributed.reduce_eval_metrics`), so the metrics equal a
+    one-process evaluation of the whole dataset; in a single process this is a plain in-order pass.
+
+    Args:
+        model: the model to evaluate.
+        data: a :class:`prunecli.data.LoadedData`.
+        device: where the model runs.
+        batch_size: per-process batch size.
+        workers: DataLoader worker processes.
+        reference: adds agreement and KL against this model.
+    """
+    from prunecli import distributed as D
+    from prunecli.data import make_loader
+
+    world = D.world_size()
+    sampler = D.ShardSampler(len(data.dataset), shuffle=False, rank=D.rank(), world_size=world) if world > 1 else None
+    loader = make_loader(data, batch_size=batch_size, workers=workers, sampler=sampler)
+    metrics = evaluate_model(model, loader, device, reference=reference, total=len(loader))
+    return D.reduce_eval_metrics(metrics)
 
 
 @torch.inference_mode()

@@ -117,7 +117,13 @@ def run_criterion(
             return torch.zeros(1, *size, device=device)
         raise InputError(f"method {criterion.name!r} needs an example input; pass --data")
 
-    ctx = ScoreContext(model=model, layers=layers, params=params, device=device, seed=seed, example=example_input)
+    from prunecli import distributed as D
+
+    ctx = ScoreContext(
+        model=model, layers=layers, params=params, device=device, seed=seed, example=example_input,
+        rank=D.rank(), world_size=D.world_size(),
+    )  # fmt: skip
+    sharded = D.is_distributed()
     samples = n_batches = 0
     was_grad = {n: p.requires_grad for n, p in model.named_parameters()}
     try:
@@ -127,19 +133,28 @@ def run_criterion(
         if first is not None:
             for x, y in _chain(first, it):
                 x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+                n = int(x.shape[0])
+                ctx.batch_rows = round(D.all_reduce_sums({"n": n})["n"]) if sharded else n
                 with torch.set_grad_enabled(needs_grads):
                     logits = model(x)
                     if needs_grads:
                         objectives = list(criterion.objectives(logits, y))
+                        if sharded and criterion.objective_reduction == "mean":
+                            # this rank's share of the global batch's mean: Σ over ranks = the one-process mean
+                            objectives = [obj * (n / ctx.batch_rows) for obj in objectives]
                         targets = list(criterion.grad_targets(ctx))
                         for k, obj in enumerate(objectives):
                             grads = torch.autograd.grad(
                                 obj, targets, retain_graph=k < len(objectives) - 1, allow_unused=True
                             )
+                            if sharded and criterion.sync_grads:
+                                grads = tuple(D.sum_grads(grads))
                             criterion.on_grads(ctx, grads)
-                    criterion.end_batch(ctx, int(x.shape[0]))
-                samples += int(x.shape[0])
+                    criterion.end_batch(ctx, n)
+                samples += ctx.batch_rows
                 n_batches += 1
+        if sharded:
+            criterion.reduce_state(D.all_reduce_tensors)
         with torch.no_grad():
             out = criterion.finish(ctx)
     finally:
@@ -181,26 +196,45 @@ def _calibration(
     workers: int,
     seed: int,
 ) -> tuple[Iterable[tuple[torch.Tensor, torch.Tensor]], int]:
-    """The calibration batches and their count."""
-    from itertools import islice
+    """This process's calibration batches and the number of global batches.
 
+    One seeded order of sample indices (a permutation, or the class-balanced subset of ``--fraction``)
+    is cut into global batches of ``batch_size``. Under torchrun rank ``r`` reads rows ``r::N`` of every
+    global batch (per-process batches of ``batch_size / N``), so the ranks together see exactly the
+    batches of a one-process run.
+    """
+    from prunecli import distributed as D
     from prunecli.api._common import load_data
     from prunecli.data import make_loader
     from prunecli.progress import progress
 
+    world, rank = D.world_size(), D.rank()
+    if batch_size % world:
+        raise InputError(
+            f"--batch-size {batch_size} is not a multiple of the {world} torchrun processes",
+            hint="each process reads an equal share of every calibration batch",
+        )
     ds, _ = load_data(data, loaded, data_options, default_split="train")
     n = len(ds.dataset)
     if fraction is not None:
-        idx = balanced_indices(ds.targets, n, fraction, seed)
-        loader = make_loader(ds, batch_size=batch_size, workers=workers, seed=seed, sampler=idx)
-        total = math.ceil(len(idx) / batch_size)
-        return progress(loader, total=total, description="scoring"), total
-    loader = make_loader(ds, batch_size=batch_size, workers=workers, seed=seed, shuffle=True)
-    limit = batches if batches is not None else default_batches
-    total = len(loader) if limit is None else min(limit, len(loader))
-    if batches is not None and batches > len(loader):
-        _LOG.warning("--batches %d: the data holds only %d batches of %d; using all", batches, len(loader), batch_size)
-    return progress(islice(loader, total), total=total, description="scoring"), total
+        order = balanced_indices(ds.targets, n, fraction, seed)
+    else:
+        order = torch.randperm(n, generator=torch.Generator().manual_seed(seed)).tolist()
+        limit = batches if batches is not None else default_batches
+        if batches is not None and batches * batch_size > n + batch_size - 1:
+            _LOG.warning("--batches %d: the data holds only %d batches of %d; using all", batches,
+                         math.ceil(n / batch_size), batch_size)  # fmt: skip
+        if limit is not None:
+            order = order[: limit * batch_size]
+    tail = len(order) % batch_size
+    if world > 1 and 0 < tail < world:  # some rank would have no row of the last batch: drop it
+        _LOG.warning("the last calibration batch (%d samples) is smaller than the %d processes; dropped", tail, world)
+        order = order[: len(order) - tail]
+    if not order:
+        raise InputError("the calibration data holds no samples")
+    total = math.ceil(len(order) / batch_size)
+    loader = make_loader(ds, batch_size=batch_size // world, workers=workers, seed=seed, sampler=order[rank::world])
+    return progress(loader, total=total, description="scoring"), total
 
 
 def _example_from_config(loaded: Any, data_options: Any) -> torch.Tensor:

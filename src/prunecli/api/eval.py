@@ -25,6 +25,9 @@ def evaluate(
 ) -> Result:
     """Evaluates CKPT on ``data``: top-1, top-5, mean loss and sample count.
 
+    Under ``torchrun`` each rank evaluates every N-th sample and the sums are joined, so the metrics
+    equal those of one process (``--benchmark`` latency is rank 0's own).
+
     Args:
         spec: CKPT (any DESIGN §2 form).
         data: a data spec; the split defaults to ``test``.
@@ -41,9 +44,9 @@ def evaluate(
     Example:
         >>> evaluate("p50.safetensors", "digits:test").metrics["top1"]
     """
-    from prunecli.data import make_loader
+    from prunecli import distributed as D
     from prunecli.device import describe, resolve_device, seed_everything
-    from prunecli.evaluation import benchmark_model, evaluate_model
+    from prunecli.evaluation import benchmark_model, evaluate_sharded
 
     dev = resolve_device(device)
     seed_everything(seed)
@@ -53,8 +56,10 @@ def evaluate(
     # `eval run.pth.tar --ema --reference run.pth.tar` compares the EMA weights with the plain ones.
     ref_inputs = dataclasses.replace(inputs, ema=False) if inputs else None
     ref_model = load_input(reference, ref_inputs).model if reference else None
-    loader = make_loader(ds, batch_size=batch_size, workers=workers, seed=seed)
-    metrics = evaluate_model(loaded.model, loader, dev, reference=ref_model, total=len(loader))
+    D.init(dev)  # under torchrun: each rank evaluates its shard, the sums are joined
+    metrics = evaluate_sharded(loaded.model, ds, dev, batch_size=batch_size, workers=workers, reference=ref_model)
+    if D.world_size() > 1:
+        metrics["world_size"] = D.world_size()
     metrics["data"] = data
     if benchmark:
         metrics.update(benchmark_model(loaded.model, tuple(cfg["input_size"]), dev, batch_size=batch_size))

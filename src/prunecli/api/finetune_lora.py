@@ -39,15 +39,11 @@ def _check(wcr: float, wcr_eps: float, wcr_delta: float, batch_size: int) -> Non
         raise InputError(f"--batch-size must be positive, got {batch_size}")
 
 
-def _evaluate(model: Any, data: Any, device: Any, batch_size: int, ctx: Any, workers: int) -> dict[str, Any]:
+def _evaluate(model: Any, data: Any, device: Any, batch_size: int, workers: int) -> dict[str, Any]:
     """Top-1/loss on ``data``, each rank on its shard, joined into whole-data metrics."""
-    from prunecli.data import make_loader
-    from prunecli.distributed import ShardSampler, reduce_eval_metrics
-    from prunecli.evaluation import evaluate_model
+    from prunecli.evaluation import evaluate_sharded
 
-    sampler = ShardSampler(len(data.dataset), shuffle=False, rank=ctx.rank, world_size=ctx.world_size)
-    loader = make_loader(data, batch_size=batch_size, workers=workers, sampler=sampler)
-    return reduce_eval_metrics(evaluate_model(model, loader, device, total=len(loader)))
+    return evaluate_sharded(model, data, device, batch_size=batch_size, workers=workers)
 
 
 def _prunable_sparsity(model: Any, names: list[str]) -> float:
@@ -194,7 +190,7 @@ def finetune_lora(
 
     metrics: dict[str, Any] = {}
     if val_ds is not None:
-        before = _evaluate(model, val_ds, dev, eval_bs, ctx, workers)
+        before = _evaluate(model, val_ds, dev, eval_bs, workers)
         metrics.update(top1_before=before["top1"], loss_before=before["loss"])
 
     chosen = lora.select_targets(model, opts)
@@ -226,7 +222,7 @@ def finetune_lora(
         metrics["wcr"] = {k: stats[k] for k in ("lambda", "eps", "delta", "R", "value", "layers", "var_abs")}
 
     if val_ds is not None:
-        metrics["top1_unmerged"] = _evaluate(peft_model, val_ds, dev, eval_bs, ctx, workers)["top1"]
+        metrics["top1_unmerged"] = _evaluate(peft_model, val_ds, dev, eval_bs, workers)["top1"]
     peft_model.to("cpu")
     outcome = merge_fn(peft_model, {k: v.cpu() for k, v in masks.items()})
     for w in outcome.warnings:
@@ -240,7 +236,7 @@ def finetune_lora(
         metrics["sparsity_effective"] = _effective_sparsity(final, prunable, eff)
     if val_ds is not None:
         if outcome.adapter_state is None:
-            after = _evaluate(final, val_ds, dev, eval_bs, ctx, workers)["top1"]
+            after = _evaluate(final, val_ds, dev, eval_bs, workers)["top1"]
         else:
             after = metrics["top1_unmerged"]  # the written checkpoint evaluates with its adapter attached
         metrics.update(top1_after=after, lora_improvement=after - metrics["top1_before"])

@@ -69,6 +69,9 @@ def score(
 ) -> Result:
     """Scores CKPT with criterion ``method`` and writes the scores file ``out``.
 
+    Under ``torchrun`` every rank scores its share of each calibration batch, the statistics are summed
+    over ranks (:mod:`prunecli.scoring`) and only rank 0 writes ``out``.
+
     Args:
         spec: CKPT (any DESIGN §2 form).
         method: criterion name or alias (:func:`prunecli.criteria.list_criteria`).
@@ -93,6 +96,7 @@ def score(
     Example:
         >>> score("base.safetensors", "taylor", data="digits:train", batches=10, out="taylor.scores")
     """
+    from prunecli import distributed as D
     from prunecli.criteria import get_criterion
     from prunecli.device import describe, resolve_device
     from prunecli.scores import save_scores
@@ -105,12 +109,13 @@ def score(
     if loaded.source.weights is not None and Path(loaded.source.weights).resolve() == path:
         raise InputError(f"output {str(out)!r} is the input checkpoint", hint="write to a new path")
     dev = resolve_device(device)
+    D.init(dev)  # under torchrun: each rank scores its share of every calibration batch
     sf = compute_scores(
         loaded, method, data=data, data_options=data_options, batches=batches, fraction=fraction,
         params=params or {}, device=str(dev), batch_size=batch_size, workers=workers, seed=seed,
         score_mode=score_mode,
     )  # fmt: skip
-    written = save_scores(path, sf, force=force)
+    written = D.broadcast_object(save_scores(path, sf, force=force) if D.is_main() else None)
     metrics = {
         "method": sf.method,
         "granularity": sf.granularity,

@@ -56,6 +56,7 @@ def eval_cmd(
     """Evaluate a checkpoint: top-1, top-5, loss and samples on a data spec."""
     from prunecli.api._common import DataOptions, InputOptions
     from prunecli.api.eval import evaluate
+    from prunecli.distributed import main_only_output
 
     inputs = InputOptions(arch=arch, num_classes=num_classes, ema=ema)
     dopts = DataOptions(ints(input_size, "--input-size"), floats(mean, "--mean"), floats(std, "--std"))
@@ -65,38 +66,39 @@ def eval_cmd(
         extra = f", agreement {m['agreement']:.4f}, KL {m['kl']:.4f}" if "agreement" in m else ""
         console().print(f"top1 {m['top1']:.4f}  top5 {m['top5']:.4f}  loss {m['loss']:.4f}  n={m['samples']}{extra}")
 
-    run_command(
-        "eval",
-        lambda: evaluate(
-            checkpoint,
-            data,
-            inputs=inputs,
-            data_options=dopts,
-            reference=reference,
-            benchmark=benchmark,
-            device=device,
-            batch_size=batch_size,
-            workers=workers,
-            seed=seed,
-        ),
-        input=checkpoint,
-        options={
-            "data": data,
-            "reference": reference,
-            "benchmark": benchmark,
-            "arch": arch,
-            "num_classes": num_classes,
-            "ema": ema,
-            "input_size": input_size,
-            "mean": mean,
-            "std": std,
-            "batch_size": batch_size,
-            "seed": seed,
-        },
-        metrics_file=metrics,
-        quiet=quiet,
-        summary=summary,
-    )
+    with main_only_output():
+        run_command(
+            "eval",
+            lambda: evaluate(
+                checkpoint,
+                data,
+                inputs=inputs,
+                data_options=dopts,
+                reference=reference,
+                benchmark=benchmark,
+                device=device,
+                batch_size=batch_size,
+                workers=workers,
+                seed=seed,
+            ),
+            input=checkpoint,
+            options={
+                "data": data,
+                "reference": reference,
+                "benchmark": benchmark,
+                "arch": arch,
+                "num_classes": num_classes,
+                "ema": ema,
+                "input_size": input_size,
+                "mean": mean,
+                "std": std,
+                "batch_size": batch_size,
+                "seed": seed,
+            },
+            metrics_file=metrics,
+            quiet=quiet,
+            summary=summary,
+        )
 
 
 def register(app: typer.Typer) -> None:

@@ -164,17 +164,20 @@ def score_cmd(
         console().print(f"{m['method']} ({m['granularity']}): {len(m['layers'])} layers, "
                         f"{m['scored_params']} scores, {m['samples']} samples → {result.extra['scores']}")  # fmt: skip
 
-    run_command(
-        "score",
-        work,
-        input=checkpoint,
-        options={"method": method, "data": data, "batches": batches, "fraction": fraction, "params": param or [],
-                 "score_mode": score_mode, "arch": arch, "num_classes": num_classes, "ema": ema,
-                 "input_size": input_size, "mean": mean, "std": std, "batch_size": batch_size, "seed": seed},
-        metrics_file=metrics,
-        quiet=quiet,
-        summary=summary,
-    )  # fmt: skip
+    from prunecli.distributed import main_only_output
+
+    with main_only_output():
+        run_command(
+            "score",
+            work,
+            input=checkpoint,
+            options={"method": method, "data": data, "batches": batches, "fraction": fraction, "params": param or [],
+                     "score_mode": score_mode, "arch": arch, "num_classes": num_classes, "ema": ema,
+                     "input_size": input_size, "mean": mean, "std": std, "batch_size": batch_size, "seed": seed},
+            metrics_file=metrics,
+            quiet=quiet,
+            summary=summary,
+        )  # fmt: skip
 
 
 def register(app: typer.Typer) -> None:

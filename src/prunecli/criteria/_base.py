@@ -11,9 +11,17 @@ for each calibration batch (x, y):           only when "data" in requires
     for obj in objectives(logits, y):        one scalar per backward pass (default: mean CE)
         on_grads(ctx, autograd.grad(obj, grad_targets(ctx)))
     end_batch(ctx, n)
+reduce_state(reduce)                         under torchrun: sum hook accumulators over ranks
 finish(ctx) -> CriterionOutput               scores (higher = more important), extras, notes
 close()                                      remove hooks (always, also on errors)
 ```
+
+Under ``torchrun`` every rank sees its share of each global batch (:mod:`prunecli.distributed`). The
+engine scales a ``mean`` objective by the rank's share of the batch, so the per-sample gradients equal
+those of the one-process objective; with ``sync_grads`` it sums the gradients of the grad targets
+over ranks before :meth:`Criterion.on_grads` (every rank then accumulates the global batch's
+gradient, as Taylor's ``|θ·g|`` needs), and before :meth:`Criterion.finish` it lets the criterion sum
+whatever its hooks accumulated from local activations (:meth:`Criterion.reduce_state`).
 
 Options are a frozen dataclass per criterion; ``-p key=value`` strings are converted and checked
 against its field types by :func:`parse_options` (as llm builds ``model.Options(**options)``).
@@ -66,6 +74,10 @@ class ScoreContext:
         device: where the model runs.
         seed: the run's seed (random criterion, Hutchinson probes).
         example: callable returning one small input batch on ``device`` (for structure tracing).
+        rank: this process's rank under torchrun (0 otherwise); its rows of a global batch are
+            ``rank::world_size``.
+        world_size: number of processes sharing each batch.
+        batch_rows: rows of the current global batch (all ranks together).
     """
 
     model: nn.Module
@@ -74,6 +86,9 @@ class ScoreContext:
     device: torch.device
     seed: int = 0
     example: Callable[[], torch.Tensor] | None = None
+    rank: int = 0
+    world_size: int = 1
+    batch_rows: int = 0
     _followers: dict[str, Any] | None = field(default=None, repr=False)
 
     def followers(self) -> dict[str, Any]:
@@ -116,6 +131,10 @@ class Criterion:
         default_batches: calibration batches when neither ``--batches`` nor ``--fraction`` is given
             (None: the whole split).
         presets: alias name → option values it fixes (``l1`` → ``{"norm": 1}``).
+        objective_reduction: ``mean`` when :meth:`objectives` averages over the batch (the engine
+            rescales it under torchrun), ``sum`` when it sums per-sample terms (nothing to rescale).
+        sync_grads: sum the gradients over ranks before :meth:`on_grads` (needed when they are
+            parameter gradients of the batch; not when they are per-sample output gradients).
     """
 
     name: ClassVar[str] = ""
@@ -124,6 +143,8 @@ class Criterion:
     granularity: Granularity = "weight"
     default_batches: ClassVar[int | None] = None
     presets: ClassVar[dict[str, dict[str, Any]]] = {}
+    objective_reduction: ClassVar[Literal["mean", "sum"]] = "mean"
+    sync_grads: ClassVar[bool] = True
 
     def __init__(self, options: Any = None) -> None:
         self.options = options if options is not None else self.Options()
@@ -148,6 +169,14 @@ class Criterion:
 
     def end_batch(self, ctx: ScoreContext, n: int) -> None:
         """Called after the forward (and backward passes) of a batch of ``n`` samples."""
+
+    def reduce_state(self, reduce: Callable[[Mapping[str, torch.Tensor]], dict[str, torch.Tensor]]) -> None:
+        """Sums accumulators built from local activations over ranks (default: nothing to sum).
+
+        Args:
+            reduce: sums each tensor of a name → tensor mapping over ranks and returns the results
+                (:func:`prunecli.distributed.all_reduce_tensors`).
+        """
 
     def finish(self, ctx: ScoreContext) -> CriterionOutput:
         """Turns the accumulated statistics into scores."""

@@ -21,7 +21,7 @@ first order (§5.2).
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Literal
 
@@ -67,6 +67,8 @@ class BiasComp(Criterion):
     Options = BiasCompOptions
     requires: ClassVar[frozenset[str]] = frozenset({"data", "grads"})
     granularity = "weight"
+    objective_reduction: ClassVar[Literal["mean", "sum"]] = "sum"  # per-sample a = g², exact on any shard
+    sync_grads: ClassVar[bool] = False  # gradients w.r.t. layer outputs: per-sample, local to each rank
 
     def begin(self, ctx: ScoreContext) -> None:
         follow = ctx.followers()
@@ -93,6 +95,7 @@ class BiasComp(Criterion):
         self._scale = 1.0
         self._batch = 0
         self._seed = ctx.seed
+        self._ctx = ctx
         for (lname, layer), pname in zip(ctx.layers.items(), self._names, strict=True):
             self.hook(layer.register_forward_hook(self._capture(pname, follow[lname].inplace_after)))
 
@@ -120,7 +123,12 @@ class BiasComp(Criterion):
         g = torch.Generator().manual_seed(self._seed * 1_000_003 + self._batch)
         r = self.options.probes
         self._scale = 1.0 / r
-        probes = (torch.randint(0, 2, (r, *logits.shape), generator=g) * 2 - 1).to(logits)
+        # draw the probes of the whole global batch and keep this rank's rows (rank::world_size), so a
+        # torchrun run uses exactly the probes of the one-process run
+        ctx = self._ctx
+        rows = max(ctx.batch_rows, logits.shape[0])
+        full = torch.randint(0, 2, (r, rows, *logits.shape[1:]), generator=g) * 2 - 1
+        probes = full[:, ctx.rank :: ctx.world_size].to(logits)
         return [(v * logits).sum() for v in probes]
 
     def grad_targets(self, ctx: ScoreContext) -> Sequence[torch.Tensor]:
@@ -168,6 +176,9 @@ class BiasComp(Criterion):
         self._x.clear()
         self._a.clear()
         self._batch += 1
+
+    def reduce_state(self, reduce: Callable[[Mapping[str, torch.Tensor]], dict[str, torch.Tensor]]) -> None:
+        self._A, self._M1, self._M2 = reduce(self._A), reduce(self._M1), reduce(self._M2)
 
     def finish(self, ctx: ScoreContext) -> CriterionOutput:
         scores, shifts, notes = {}, {}, {}

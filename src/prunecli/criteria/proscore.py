@@ -20,7 +20,7 @@ denominator that changes sign is clamped at ``eps`` and counted (§4.7).
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -156,6 +156,10 @@ class ProScore(Criterion):
     def end_batch(self, ctx: ScoreContext, n: int) -> None:
         self._batches += 1
         self._pending.clear()
+
+    def reduce_state(self, reduce: Callable[[Mapping[str, torch.Tensor]], dict[str, torch.Tensor]]) -> None:
+        # ∂L/∂D comes from tensor hooks on local activations; ∂L/∂F arrives already summed (sync_grads)
+        self._dD = reduce(self._dD)
 
     def finish(self, ctx: ScoreContext) -> CriterionOutput:
         lam, k = self.options.lambda_, max(self._batches, 1)

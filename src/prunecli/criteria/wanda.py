@@ -9,6 +9,7 @@ Forward passes only; no gradients.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping
 from typing import Any, ClassVar
 
 import torch
@@ -43,6 +44,9 @@ class Wanda(Criterion):
             self._sq[pname] = self._sq[pname] + sq if pname in self._sq else sq
 
         return hook
+
+    def reduce_state(self, reduce: Callable[[Mapping[str, torch.Tensor]], dict[str, torch.Tensor]]) -> None:
+        self._sq = reduce(self._sq)
 
     def finish(self, ctx: ScoreContext) -> CriterionOutput:
         scores = {}

@@ -1,13 +1,40 @@
 """BatchNorm statistics re-estimation on calibration images, usable alone or after any other method.
 
-Pruning and compensation change the distribution that reaches every BatchNorm downstream while its
-running statistics still describe the dense model. Re-estimating them (``momentum=None``: an exact
-cumulative average over the calibration batches, everything else in eval mode so dropout stays off)
-is the cheapest data-aware repair. It does not need the dense parent.
+Pruning and compensation change the distribution that reaches the BatchNorms downstream of the changed
+layers while their running statistics still describe the dense model. Re-estimating them is the cheapest
+data-aware repair; it does not need the dense parent.
+
+What is estimated, and why this way:
+
+* **The exact statistics the model sees at inference.** A BN in eval mode normalises with its running
+  mean/variance, so the right statistics for BN ``k`` are the mean and (unbiased, as PyTorch stores
+  ``running_var``) variance of its input over the calibration set *with every BN upstream of it in eval
+  mode using its own re-estimated statistics*. The usual shortcut (train-mode forward, ``momentum=None``)
+  differs in three ways: downstream BNs see inputs normalised by per-batch statistics instead of the
+  final ones, every batch weighs the same whatever its size (a short last batch is over-weighted), and
+  the variance is an average of per-batch variances (the spread of the batch means is lost). All three
+  vanish only for large equal batches. Here the train-mode pass is only the starting point; eval-mode
+  passes accumulate the exact per-channel mean and M2 in float64 (Chan et al.'s pairwise update) and
+  are repeated until no statistic moves (a fixed point: each pass makes at least one more level of
+  the BN dependency DAG exact, so at most ``#BN + 1`` passes; in practice 2–4).
+* **Only the BNs downstream of a changed layer** (``scope=downstream``, the default). A layer changed
+  when it lost input channels (its output is no longer the dense one; compensation methods rewrite
+  exactly these consumers). A BN whose input does not depend on any changed layer - e.g. the BN right
+  after the first pruned conv, whose kept channels are computed exactly as in the dense model - already
+  holds the statistics the dense model was trained and validated with; re-estimating it replaces them
+  with a finite-sample estimate of the same quantity, i.e. adds noise and repairs nothing. Dependence is
+  found with autograd on one input (a zero probe added to each changed layer's output; a BN depends on
+  it iff its input requires grad). ``scope=all`` re-estimates every BN (e.g. to also refresh stale
+  statistics of an unpruned part).
+* **All the calibration data, up to** ``samples`` (default 2048). The estimate's variance falls as
+  ``1/N`` and a pass is cheap, so there is no reason to use a subset of the calibration set the user
+  passed; the bound only keeps the in-memory calibration list finite for large datasets.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -16,51 +43,254 @@ from torch import nn
 from prunecli.errors import InputError
 from prunecli.restoration.core import RestoreContext
 
-__all__ = ["reestimate_bn", "restore_bn"]
+__all__ = ["BNEstimate", "bn_layers", "downstream_bns", "reestimate_bn", "restore_bn"]
+
+_SCOPES = ("downstream", "all")
 
 
-@torch.no_grad()
-def reestimate_bn(model: nn.Module, batches: list[torch.Tensor], device: torch.device) -> int:
-    """Recomputes the running mean/variance of every BatchNorm of ``model`` on ``batches``.
+@dataclass
+class BNEstimate:
+    """What :func:`reestimate_bn` did.
 
-    Returns:
-        the number of BatchNorm layers updated.
+    Attributes:
+        updated: names of the BN layers re-estimated, in execution order.
+        passes: eval-mode passes over the calibration batches (after the one train-mode start pass).
+        max_change: the largest relative change of a statistic in the last pass (0.0: exact fixed point).
+        samples: calibration images used.
     """
-    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
-    if not norms:
-        return 0
-    saved = [(m, m.momentum) for m in norms]
-    model.eval().to(device)
-    for m in norms:
+
+    updated: list[str]
+    passes: int
+    max_change: float
+    samples: int
+
+
+def bn_layers(model: nn.Module) -> dict[str, nn.modules.batchnorm._BatchNorm]:
+    """Name → BatchNorm module, for every BN that keeps running statistics."""
+    return {
+        n: m
+        for n, m in model.named_modules()
+        if isinstance(m, nn.modules.batchnorm._BatchNorm)
+        and m.track_running_stats
+        and m.running_mean is not None
+        and m.running_var is not None
+    }
+
+
+def _changed_modules(model: nn.Module, plan: dict[str, dict[str, Any]]) -> list[str]:
+    """Modules whose output differs from the dense model's: every non-BN module that lost input channels."""
+    names = dict(model.named_modules())
+    out = []
+    for name, entry in plan.items():
+        inp = entry.get("in")
+        if inp is None or len(inp["kept"]) >= inp["dense"] or name not in names:
+            continue
+        if isinstance(names[name], nn.modules.batchnorm._BatchNorm):  # per-channel: kept channels unchanged
+            continue
+        out.append(name)
+    return sorted(out)
+
+
+def downstream_bns(model: nn.Module, changed: Sequence[str], x: torch.Tensor) -> set[str]:
+    """The BN layers whose input depends on the output of any module in ``changed`` (autograd on ``x``).
+
+    Each changed module's output gets a zero probe that requires grad; with every parameter frozen, a
+    BN's input requires grad exactly when it is computed from a probe.
+    """
+    found: set[str] = set()
+    probe = torch.zeros((), requires_grad=True, device=x.device)
+    modules = dict(model.named_modules())
+    hooks = []
+
+    def add_probe(_m: nn.Module, _i: Any, out: Any) -> Any:
+        return out + probe if isinstance(out, torch.Tensor) and out.is_floating_point() else out
+
+    for name in changed:
+        hooks.append(modules[name].register_forward_hook(add_probe))
+    for name, bn in bn_layers(model).items():
+        hooks.append(
+            bn.register_forward_pre_hook(lambda _m, inp, n=name: found.add(n) if inp[0].requires_grad else None)
+        )
+    flags = [(p, p.requires_grad) for p in model.parameters()]
+    training = model.training
+    try:
+        for p, _ in flags:
+            p.requires_grad_(False)
+        model.eval()
+        with torch.enable_grad():
+            model(x)
+    finally:
+        for h in hooks:
+            h.remove()
+        for p, flag in flags:
+            p.requires_grad_(flag)
+        model.train(training)
+    return found
+
+
+class _Stats:
+    """Streaming per-channel mean and M2 (sum of squared deviations) in float64 (Chan et al.)."""
+
+    def __init__(self) -> None:
+        self.n = 0
+        self.mean: torch.Tensor | None = None
+        self.m2: torch.Tensor | None = None
+
+    def add(self, x: torch.Tensor) -> None:
+        x = x.detach().to(torch.float64)
+        flat = x.transpose(0, 1).reshape(x.shape[1], -1)  # (C, N·spatial)
+        nb = flat.shape[1]
+        if nb == 0:
+            return
+        mb = flat.mean(1)
+        m2b = ((flat - mb[:, None]) ** 2).sum(1)
+        if self.mean is None:
+            self.n, self.mean, self.m2 = nb, mb, m2b
+            return
+        n = self.n + nb
+        delta = mb - self.mean
+        self.mean = self.mean + delta * (nb / n)
+        self.m2 = self.m2 + m2b + delta**2 * (self.n * nb / n)
+        self.n = n
+
+
+def _train_mode_start(model: nn.Module, norms: dict[str, nn.Module], batches: Iterable[torch.Tensor]) -> None:
+    """One cumulative-average train-mode pass: a cheap starting point close to the fixed point."""
+    saved = {n: m.momentum for n, m in norms.items()}
+    for m in norms.values():
         m.reset_running_stats()
         m.momentum = None
         m.train()
     try:
         for x in batches:
-            model(x.to(device))
+            if len(x) > 1:  # a 1-sample batch has no variance in train-mode BN
+                model(x)
     finally:
-        for m, momentum in saved:
-            m.momentum = momentum
-        model.eval().to("cpu")
-    return len(norms)
+        for n, m in norms.items():
+            m.momentum = saved[n]
+            m.eval()
+
+
+@torch.no_grad()
+def reestimate_bn(
+    model: nn.Module,
+    batches: Sequence[torch.Tensor],
+    device: torch.device | str = "cpu",
+    *,
+    names: Iterable[str] | None = None,
+    tol: float = 1e-6,
+    max_passes: int | None = None,
+) -> BNEstimate:
+    """Sets the running mean/variance of the BN layers ``names`` (default: all) to the exact statistics
+    of their eval-mode inputs over ``batches``.
+
+    Args:
+        model: rewritten in place; left in eval mode on CPU.
+        batches: calibration input batches.
+        device: where the passes run.
+        names: the BN layers to re-estimate; the others keep their statistics.
+        tol: stop when no statistic changed by more than this, relative (mean: to σ, var: to var).
+        max_passes: cap on eval-mode passes (default ``#BN + 1``, enough to reach the fixed point exactly).
+
+    Returns:
+        the layers updated, the passes run and the last relative change.
+    """
+    dev = torch.device(device)
+    everything = bn_layers(model)
+    wanted = set(everything) if names is None else set(names) & set(everything)
+    if not wanted or not batches:
+        return BNEstimate([], 0, 0.0, sum(len(b) for b in batches))
+    model.eval().to(dev)
+    batches = [b.to(dev) for b in batches]
+    order: list[str] = []
+    norms = {n: everything[n] for n in sorted(wanted)}
+    hooks = [  # execution order, for a readable record
+        m.register_forward_pre_hook(lambda _m, _i, n=n: order.append(n) if n not in order else None)
+        for n, m in norms.items()
+    ]
+    try:
+        _train_mode_start(model, norms, batches)
+    finally:
+        for h in hooks:
+            h.remove()
+    order += sorted(wanted - set(order))  # BNs the forward never reached keep a stable place
+    cap = max_passes if max_passes is not None else len(norms) + 1
+    passes, change = 0, float("inf")
+    while passes < cap and change > tol:
+        acc = {n: _Stats() for n in norms}
+        hooks = [m.register_forward_pre_hook(lambda _m, inp, n=n: acc[n].add(inp[0])) for n, m in norms.items()]
+        try:
+            for x in batches:
+                model(x)
+        finally:
+            for h in hooks:
+                h.remove()
+        passes += 1
+        change = 0.0
+        for n, m in norms.items():
+            s = acc[n]
+            if s.mean is None or s.n < 2:
+                continue
+            var = s.m2 / (s.n - 1)
+            old_mean, old_var = m.running_mean.double(), m.running_var.double()
+            scale = var.clamp_min(float(m.eps))
+            change = max(
+                change,
+                float(((s.mean - old_mean).abs() / scale.sqrt()).max()),
+                float(((var - old_var).abs() / scale).max()),
+            )
+            m.running_mean.copy_(s.mean.to(m.running_mean.dtype))
+            m.running_var.copy_(var.to(m.running_var.dtype))
+            if m.num_batches_tracked is not None:
+                m.num_batches_tracked.fill_(len(batches))
+    model.eval().to("cpu")
+    return BNEstimate([n for n in order if n in norms], passes, change, sum(len(b) for b in batches))
+
+
+def _first_samples(batches: Sequence[torch.Tensor], samples: int) -> list[torch.Tensor]:
+    out, n = [], 0
+    for b in batches:
+        if n >= samples:
+            break
+        out.append(b[: samples - n])
+        n += len(out[-1])
+    return out
 
 
 def restore_bn(ctx: RestoreContext, params: dict[str, Any]) -> None:
-    """Re-estimates the BN statistics of ``ctx.pruned`` (registered as ``bn``)."""
+    """Re-estimates the BN statistics of ``ctx.pruned`` (registered as ``bn``).
+
+    Params: ``samples`` (calibration images, default 2048: all of a small calibration set), ``scope``
+    (``downstream`` of the changed layers, default, or ``all``).
+    """
     samples = int(params["samples"])
+    scope = str(params.get("scope", "downstream"))
     if samples < 2:
         raise InputError("bn: samples must be >= 2")
+    if scope not in _SCOPES:
+        raise InputError(f"bn: unknown scope {scope!r}; choose from {', '.join(_SCOPES)}")
     if not ctx.calib:
         raise InputError("bn needs calibration data", hint="pass --data SPEC (e.g. --data digits:train)")
-    batches, n = [], 0
-    for b in ctx.calib:
-        if n >= samples:
-            break
-        batches.append(b[: samples - n])
-        n += len(batches[-1])
-    if len(batches[-1]) < 2 and len(batches) > 1:  # a 1-sample batch has no variance in train-mode BN
-        batches.pop()
-    updated = reestimate_bn(ctx.pruned, batches, ctx.device)
-    if updated == 0:
+    norms = bn_layers(ctx.pruned)
+    if not norms:
         raise InputError("bn: the model has no BatchNorm layers to re-estimate")
-    ctx.layers["*"] = {"method": "bn", "bn_layers": updated, "samples": sum(len(b) for b in batches)}
+    batches = _first_samples(ctx.calib, samples)
+    names: set[str] = set(norms)
+    if scope == "downstream":
+        changed = _changed_modules(ctx.pruned, ctx.plan)
+        x = batches[0][:1].to(ctx.device)
+        ctx.pruned.to(ctx.device)
+        names = downstream_bns(ctx.pruned, changed, x) if changed else set()
+        ctx.pruned.to("cpu")
+        if not names:
+            ctx.warn("bn: no BatchNorm depends on a layer that lost input channels; statistics left as they are")
+    est = reestimate_bn(ctx.pruned, batches, ctx.device, names=names)
+    ctx.layers["*"] = {
+        "method": "bn",
+        "scope": scope,
+        "bn_layers": len(est.updated),
+        "bn_kept": len(norms) - len(est.updated),
+        "samples": est.samples,
+        "passes": est.passes,
+        "max_change": est.max_change,
+    }
