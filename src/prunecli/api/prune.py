@@ -14,6 +14,14 @@ differs from layer to layer).
 The layers pruned are the prunable ones (:mod:`prunecli.prunable`) minus the classifier head (unless
 ``include_head``) minus those matching an ``exclude`` glob. ``layer_ratios`` (``GLOB=R``; the last
 matching pattern wins) gives matching layers their own ratio and scope.
+
+Fast path: unstructured and N:M pruning of a prunecli checkpoint that carries a layer table
+(:mod:`prunecli.layertable`; every checkpoint prunecli saves from a model has one), with magnitude
+scores or a scores file and without ``--compensate``/``--input-size``/model args, never rebuilds the
+model: the file is read once (hashed while read), the table gives the prunable weights, the head and
+the MACs, the masks are applied to the tensors in place and the result is written (hashed while
+written). timm is not imported. The output — checkpoint bytes and metrics — is the one the model path
+writes (tests compare them); ``PRUNECLI_FAST_PRUNE=0`` forces the model path.
 """
 
 from __future__ import annotations
@@ -22,6 +30,7 @@ import copy
 import dataclasses
 import logging
 import math
+import os
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -171,11 +180,15 @@ def prune(
         raise InputError(f"scores file {str(scores)!r} does not exist")
     check_output(out, force=force, inputs=[scores_path])
 
-    loaded = load_input(spec, inputs)
+    fast = _fast_input(
+        spec, kind=kind, method=method, scores=scores_path, compensate=compensate, inputs=inputs, dopts=data_options
+    )
+    loaded = fast.loaded if fast else load_input(spec, inputs)
     check_output(out, force=force, inputs=[loaded.source.path, loaded.source.weights, scores_path])
     sf = _load_scores(scores_path, loaded, kind) if scores_path else None
     name = sf.method if sf else str(method)
     job = _Job(
+        fast=fast,
         loaded=loaded,
         kind=kind,
         nm=nm,
@@ -232,25 +245,115 @@ def prune(
     }
     if kind == "channel":
         options.update(round_to=round_to, min_channels=min_channels, restore=restore)
-    path, sha = save_output(out, loaded.model, loaded, command="prune", options=options, force=force, manifest=manifest)
+    state = fast.tensors if fast else loaded.model
+    path, sha = save_output(out, state, loaded, command="prune", options=options, force=force, manifest=manifest)
     from prunecli.device import describe, resolve_device
 
     dev = describe(resolve_device(device)) if job.sf is not None and sf is None else "cpu"
     return Result(checkpoint=path, sha256=sha, metrics=metrics, device=dev)
 
 
+@dataclasses.dataclass
+class _FastInput:
+    """A checkpoint read for the fast path: tensors straight from the file, the model described by its table."""
+
+    loaded: Any  # prunecli.checkpoint.io.Loaded with model=None and the sha256 of the bytes read
+    tensors: dict[str, Any]
+    table: Any  # prunecli.layertable.LayerTable
+
+
+def _fast_input(
+    spec: str,
+    *,
+    kind: str,
+    method: str | None,
+    scores: Path | None,
+    compensate: str | None,
+    inputs: InputOptions | None,
+    dopts: DataOptions | None,
+) -> _FastInput | None:
+    """Reads CKPT for the fast path (module docstring) when the run allows it; None → the model path.
+
+    Every condition is one under which the model path would compute exactly what the table and the
+    raw tensors give: weight scores that need no model (magnitude on the fly, or a scores file), no
+    bias compensation (it needs the BatchNorm modules), the MAC count at the table's input size,
+    float32 tensors (the model path converts others to float32), and a table that fits the file.
+    """
+    if os.environ.get("PRUNECLI_FAST_PRUNE", "1") == "0" or kind not in ("unstructured", "nm") or compensate:
+        return None
+    if scores is None and (method or "").lower() not in _MAGNITUDE:
+        return None
+    if (inputs is not None and inputs.model_args) or (dopts is not None and dopts.input_size):
+        return None
+    from prunecli.checkpoint.manifest import METADATA_KEY, Manifest
+    from prunecli.checkpoint.sources import SourceKind, resolve_source
+    from prunecli.layertable import LayerTable
+
+    source = resolve_source(spec)
+    header = source.header
+    if source.kind is not SourceKind.PRUNECLI or header is None:
+        return None
+    manifest = Manifest.from_json(header.metadata[METADATA_KEY], where=source.spec)
+    table = LayerTable.parse(manifest.layer_table)
+    if table is None or manifest.adapters or not table.fits({t.name: t.shape for t in header.tensors}):
+        return None
+    if any(t.dtype in _FLOAT_DTYPES and t.dtype != "F32" for t in header.tensors):
+        return None
+    from prunecli.checkpoint.io import Loaded, _check_finite, read_safetensors_hashed, remember_sha256
+
+    tensors, sha = read_safetensors_hashed(header)
+    assert source.weights is not None
+    remember_sha256(source.weights, sha)
+    _check_finite(tensors, source.spec)
+    loaded = Loaded(None, manifest, source, _sha=sha)  # type: ignore[arg-type]
+    return _FastInput(loaded, tensors, table)
+
+
+_FLOAT_DTYPES = frozenset({"F64", "F32", "F16", "BF16", "F8_E4M3", "F8_E5M2", "F8_E8M0", "F6_E2M3", "F6_E3M2", "F4"})
+
+
 class _Job:
-    """The resolved inputs of one prune run, shared by the structure engines."""
+    """The resolved inputs of one prune run, shared by the structure engines.
+
+    On the model path the prunable weights, the head and the MAC trace come from the rebuilt model;
+    on the fast path (``fast`` set) from the checkpoint's layer table and tensors.
+    """
 
     def __init__(self, **kw: Any) -> None:
         self.__dict__.update(kw)
-        from prunecli.prunable import prunable_layers
-
         self.model = self.loaded.model
-        self.layers = {f"{n}.weight": m for n, m in prunable_layers(self.model).items()}
-        self.weights = {n: m.weight.data for n, m in self.layers.items()}
+        if self.fast is not None:
+            entries = self.fast.table.layers
+            self.layers: dict[str, Any] = {e.name: e for e in entries}
+            self.weights = {e.name: self.fast.tensors[e.name] for e in entries}
+            self.head = [e.name for e in entries if e.head]
+        else:
+            from prunecli.prunable import classifier_modules, prunable_layers
+
+            self.layers = {f"{n}.weight": m for n, m in prunable_layers(self.model).items()}
+            self.weights = {n: m.weight.data for n, m in self.layers.items()}
+            self.head = [f"{n}.weight" for n in classifier_modules(self.model)]
         self.selected: list[str] = []
         self.per_layer: dict[str, float] = {}
+
+    def trace(self) -> Any:
+        """Output positions per layer (MACs) and BatchNorm successors: from the table or a traced forward pass."""
+        from prunecli.pruning import LayerTrace, trace_layers
+
+        if self.fast is not None:
+            return LayerTrace(positions={e.module: e.macs_per_weight for e in self.fast.table.layers}, device="table")
+        return trace_layers(self.model, self.input_size())
+
+    def state(self) -> dict[str, Any]:
+        """Every tensor the output will hold."""
+        return self.fast.tensors if self.fast is not None else self.model.state_dict()
+
+    def params(self) -> dict[str, int]:
+        """Parameter name → numel, deduplicated as ``model.parameters()`` is."""
+        if self.fast is not None:
+            buffers = set(self.fast.table.buffers)
+            return {n: t.numel() for n, t in self.fast.tensors.items() if n not in buffers}
+        return {n: p.numel() for n, p in self.model.named_parameters()}
 
     def back_to_cpu(self) -> None:
         """Scoring may have moved the model to a GPU: pruning and saving work on CPU tensors."""
@@ -261,9 +364,9 @@ class _Job:
 
     def select_layers(self, exclude: Sequence[str], include_head: bool, pairs: Sequence[tuple[str, float]]) -> None:
         """Resolves head/exclude/layer-ratio globs to parameter names; warns on globs matching nothing."""
-        from prunecli.prunable import classifier_modules, match_any
+        from prunecli.prunable import match_any
 
-        head = [] if include_head else [f"{n}.weight" for n in classifier_modules(self.model)]
+        head = [] if include_head else self.head
         for pattern in exclude:
             if not any(match_any(n, [pattern]) for n in self.layers):
                 _LOG.warning("--exclude %r matches no prunable layer", pattern)
@@ -334,12 +437,11 @@ def _check_granularity(sf: Any, kind: str) -> None:
 
 
 def _unstructured(job: _Job) -> tuple[dict[str, Any], Any]:
-    from prunecli.pruning import trace_layers
     from prunecli.pruning.unstructured import plan_scopes, prune_unstructured
 
     sizes = {n: job.weights[n].numel() for n in job.selected}
     scopes = plan_scopes(sizes, job.ratio, job.scope, job.per_layer)
-    trace = trace_layers(job.model, job.input_size())
+    trace = job.trace()
     comp = job.compensation(trace)
     removed = prune_unstructured(job.weights, job.score_of(), scopes, on_mask=comp)
     target = sum(s.k for s in scopes) / max(sum(sizes.values()), 1)
@@ -347,12 +449,11 @@ def _unstructured(job: _Job) -> tuple[dict[str, Any], Any]:
 
 
 def _nm(job: _Job) -> tuple[dict[str, Any], Any]:
-    from prunecli.pruning import trace_layers
     from prunecli.pruning.nm import prune_nm
 
     if job.per_layer:
         raise InputError("--layer-ratio does not apply to N:M sparsity", hint="--exclude layers instead")
-    trace = trace_layers(job.model, job.input_size())
+    trace = job.trace()
     comp = job.compensation(trace)
     n, m = job.nm
     removed, skipped = prune_nm(job.weights, job.score_of(), job.selected, n, m, on_mask=comp)
@@ -445,13 +546,17 @@ _ENGINES: dict[str, Callable[[_Job], tuple[dict[str, Any], Any]]] = {
 
 
 def _finish(job: _Job, trace: Any, removed: Mapping[str, int], target: float, comp: Any) -> tuple[dict[str, Any], Any]:
-    """Metrics of DESIGN §3 for a masked (dense-shape) result, and the manifest listing the masks."""
-    from prunecli.pruning import count_macs
+    """Metrics of DESIGN §3 for a masked (dense-shape) result, and the manifest listing the masks.
 
+    MACs follow :func:`prunecli.pruning.count_macs`: ``Σ positions · numel`` over the prunable layers,
+    and ``Σ positions · nnz`` for ``macs_nonzero``.
+    """
     masked = sorted(set(job.loaded.manifest.masked) | {n for n, c in removed.items() if c > 0})
     manifest = dataclasses.replace(job.loaded.manifest, masked=masked)
-    state = job.model.state_dict()
+    state = job.state()
     nnz = _nonzero(state)
+    params = job.params()
+    positions = {n: trace.positions.get(n.removesuffix(".weight"), 0) for n in job.weights}
     zeros = {n: job.weights[n].numel() - nnz[n] for n in job.weights}
     n_sel = sum(job.weights[n].numel() for n in job.selected)
     n_all = sum(w.numel() for w in job.weights.values())
@@ -467,8 +572,10 @@ def _finish(job: _Job, trace: Any, removed: Mapping[str, int], target: float, co
         "prunable": n_sel,
         "excluded": job.excluded,
         "layers": {n: zeros[n] / max(w.numel(), 1) for n, w in job.weights.items()},
-        **_param_counts(job.model, nnz),
-        **count_macs(job.model, trace, {n.removesuffix(".weight"): m for n, m in job.layers.items()}, nnz),
+        "params": sum(params.values()),
+        "params_nonzero": sum(nnz[n] for n in params),
+        "macs": sum(positions[n] * w.numel() for n, w in job.weights.items()),
+        "macs_nonzero": sum(positions[n] * nnz[n] for n in job.weights),
         **_storage(state, nnz, set(masked)),
     }
     if comp is not None:

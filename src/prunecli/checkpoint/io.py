@@ -8,8 +8,10 @@ weights_only=True)`` with one extra allowlisted global (``argparse.Namespace``, 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import hashlib
 import json
+import math
 import os
 import re
 import shutil
@@ -23,6 +25,7 @@ import torch
 from torch import nn
 
 from prunecli import __version__
+from prunecli.checkpoint.header import SafetensorsHeader
 from prunecli.checkpoint.manifest import METADATA_KEY, Manifest
 from prunecli.checkpoint.sources import Source, SourceKind, resolve_source
 from prunecli.errors import CheckpointError, InputError
@@ -35,6 +38,8 @@ __all__ = [
     "lineage_step",
     "load_checkpoint",
     "load_state_dict",
+    "read_safetensors_hashed",
+    "remember_sha256",
     "save_checkpoint",
     "write_safetensors",
 ]
@@ -128,6 +133,44 @@ def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
         raise CheckpointError(f"{path}: cannot read safetensors data ({str(exc).splitlines()[0][:160]})") from None
 
 
+_READ_CHUNK = 1 << 23
+
+
+def read_safetensors_hashed(header: SafetensorsHeader) -> tuple[dict[str, torch.Tensor], str]:
+    """Reads a whole safetensors file once: its tensors (writable, CPU) and the sha256 of its bytes.
+
+    One pass reads the file into one buffer and hashes each chunk while it is still in cache; the
+    tensors are views into that buffer (a copy only where a tensor is not aligned to its element
+    size). ``safetensors.torch.load_file`` followed by :func:`file_sha256` reads the file twice.
+
+    Raises:
+        CheckpointError: the file is shorter than its header says.
+    """
+    path, size = header.path, header.file_size
+    buf = torch.empty(size, dtype=torch.uint8)
+    view = memoryview(buf.numpy())
+    digest = hashlib.sha256()
+    with open(path, "rb", buffering=0) as fh:
+        pos = 0
+        while pos < size:
+            n = fh.readinto(view[pos : pos + _READ_CHUNK])
+            if not n:
+                raise CheckpointError(f"{path}: file is shorter than its header says (truncated while reading?)")
+            digest.update(view[pos : pos + n])
+            pos += n
+    dtypes = {v: k for k, v in _ST_DTYPES.items()}
+    tensors: dict[str, torch.Tensor] = {}
+    for info in header.tensors:
+        dtype = dtypes.get(info.dtype)
+        if dtype is None:
+            raise CheckpointError(f"{path}: tensor {info.name!r} has dtype {info.dtype}, which torch cannot hold")
+        raw = buf[header.data_start + info.begin : header.data_start + info.end]
+        if (header.data_start + info.begin) % dtype.itemsize:
+            raw = raw.clone()
+        tensors[info.name] = raw.view(dtype).view(info.shape)
+    return tensors, digest.hexdigest()
+
+
 def _num_classes_from(sd: Mapping[str, torch.Tensor], cfg: Mapping[str, Any]) -> int | None:
     head = cfg.get("classifier")
     names = [head] if isinstance(head, str) else list(head or [])
@@ -204,8 +247,13 @@ def _is_timm_model(name: str) -> bool:
 
 
 def _check_finite(sd: Mapping[str, torch.Tensor], where: str) -> None:
+    """Refuses NaN/inf weights. A finite sum proves every element finite (NaN and ±inf propagate through
+    additions), at a fraction of ``isfinite``'s cost; only a non-finite sum (possibly an overflow) is
+    checked element by element."""
     for name, t in sd.items():
-        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+        if not t.is_floating_point() or math.isfinite(float(t.sum())):
+            continue
+        if not bool(torch.isfinite(t).all()):
             raise CheckpointError(f"{where}: tensor {name!r} holds NaN or infinite values")
 
 
@@ -456,12 +504,24 @@ def save_checkpoint(
 
     ``out`` ending in ``/`` (or an existing folder) writes a timm folder: ``model.safetensors`` plus a
     ``config.json`` that ``timm.create_model('local-dir:…')`` reads. Anything else is one file.
+
+    Saving a model also stores its layer table (:mod:`prunecli.layertable`) in the manifest; saving a
+    mapping of tensors keeps ``manifest.layer_table`` only where it still fits the tensors' shapes.
     """
+    from prunecli.layertable import LayerTable, build_layer_table
+
     folder = _is_folder_output(out)
     path = check_output(out, force=force, inputs=inputs)
     if isinstance(state, nn.Module):
         num_features = num_features or getattr(state, "num_features", None)
-        state = state.state_dict()
+        model, state = state, state.state_dict()
+        manifest = dataclasses.replace(manifest, layer_table=build_layer_table(model, manifest, state))
+    else:  # tensors only: keep the caller's table where it still describes them
+        table = LayerTable.parse(manifest.layer_table)
+        if table is None or not table.fits({n: tuple(t.shape) for n, t in state.items()}):
+            manifest = dataclasses.replace(manifest, layer_table=None)
+        elif num_features is None:
+            num_features = table.num_features
     tensors = _tensors_for_save(state)
     metadata = {"format": "pt", METADATA_KEY: manifest.to_json()}
     parent = path.parent

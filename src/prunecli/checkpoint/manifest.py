@@ -35,6 +35,9 @@ class Manifest:
         adapters: LoRA adapters kept beside the weights (``finetune-lora --merge none``), or None.
         lineage: one entry per step that produced this checkpoint, oldest first.
         format: metadata format version.
+        layer_table: prunable weights, classifier head, MACs per weight and buffer names, written by
+            :func:`prunecli.checkpoint.io.save_checkpoint` so that weight pruning can run without
+            rebuilding the model (schema in :mod:`prunecli.layertable`), or None. Older readers ignore it.
     """
 
     arch: str
@@ -46,6 +49,7 @@ class Manifest:
     adapters: dict[str, Any] | None = None
     lineage: list[dict[str, Any]] = field(default_factory=list)
     format: int = FORMAT_VERSION
+    layer_table: dict[str, Any] | None = None
 
     def to_json(self) -> str:
         """Compact, key-sorted JSON (deterministic bytes for identical inputs)."""
