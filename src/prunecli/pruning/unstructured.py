@@ -17,6 +17,7 @@ magnitude pruning compute ``|w|`` on the fly instead of storing a second copy of
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 
@@ -200,6 +201,9 @@ def prune_unstructured(
         if scope.k <= 0:
             removed.update({n: 0 for n in scope.names})
             continue
+        if score_of is None and on_mask is None and all(_bits_ok(weights[n]) for n in scope.names):
+            removed.update(_magnitude_scope(weights, scope))
+            continue
         if len(scope.names) == 1:  # one layer: compute its keys once and keep them for the three passes
             name = scope.names[0]
             keys = _keys(name, weights[name], score_of)
@@ -255,3 +259,80 @@ def _apply(
     if on_mask is not None:
         on_mask(name, ~keep)
     return count, took
+
+
+# --------------------------------------------------------------------------- magnitude on the weights' bits
+
+
+def _bits_ok(weight: torch.Tensor) -> bool:
+    """The magnitude kernel reads and writes the float32 bits in place (little-endian, contiguous, CPU)."""
+    return weight.dtype == torch.float32 and weight.device.type == "cpu" and weight.is_contiguous() and _LITTLE_ENDIAN
+
+
+_LITTLE_ENDIAN = sys.byteorder == "little"
+
+
+def _magnitude_scope(weights: Mapping[str, torch.Tensor], scope: Scope) -> dict[str, int]:
+    """Magnitude pruning of one scope in two passes over the weights; same selection as the generic path.
+
+    The key of a weight is the bit pattern of ``|w|`` (``bits & 0x7FFFFFFF``), as in :func:`_keys`.
+
+    1. A 32,768-bin histogram of the keys' high 16 bits, read straight from the upper int16 half of
+       each float (no key tensor) → the bin ``hb`` holding the k-th smallest key, and the number
+       ``below`` of keys in lower bins.
+    2. Per layer, with in-place int32 operations (numpy: several times faster than the same torch
+       ops here): ``d = key − (hb << 16)``; every weight with ``d < 0`` is removed by clearing all
+       bits but the sign (exactly what multiplying by a 0/1 mask gives, ``-0.0`` included); the
+       weights of bin ``hb`` (``0 <= d < 65536``, unsigned compare) are collected with their low
+       16 bits.
+
+    Finally the ``k − below`` smallest collected weights in (low bits, layer, index) order — a
+    stable sort of the collected low bits, collected in layer and index order — are removed. That
+    is the order of the generic path: every key below the k-th smallest, then ties by position.
+    """
+    import numpy as np
+
+    names = scope.names
+    flats = {n: weights[n].detach().reshape(-1) for n in names}
+    hist = torch.zeros(_HALF, dtype=torch.int64)
+    for n in names:
+        if flats[n].numel():
+            high = flats[n].view(torch.int16)[1::2] & 0x7FFF  # high halves of the floats: sign + 15 key bits
+            hist += torch.bincount(high, minlength=_HALF)
+    cum = hist.cumsum(0)
+    hb = int(torch.searchsorted(cum, scope.k))
+    below = int(cum[hb - 1]) if hb else 0
+    start = hb << 16
+    removed: dict[str, int] = {}
+    picked: list[tuple[str, np.ndarray, np.ndarray]] = []  # layer, flat indices in bin hb, their low 16 bits
+    for n in names:
+        bits = flats[n].numpy().view(np.int32)
+        d = np.bitwise_and(bits, 0x7FFFFFFF)
+        np.subtract(d, start, out=d)
+        idx = np.flatnonzero(d.view(np.uint32) < (1 << 16))
+        picked.append((n, idx, d[idx].astype(np.uint16)))
+        np.right_shift(d, 31, out=d)  # -1 where removed, 0 where kept
+        removed[n] = -int(d.sum(dtype=np.int64))
+        np.bitwise_and(d, 0x7FFFFFFF, out=d)
+        np.invert(d, out=d)  # 0x80000000 where removed (keeps the sign: ±0.0), all ones where kept
+        np.bitwise_and(bits, d, out=bits)
+    need = scope.k - below
+    if need > 0:
+        lows = np.concatenate([p[2] for p in picked])
+        chosen = np.sort(np.argsort(lows, kind="stable")[:need])  # stable: ties stay in (layer, index) order
+        offsets = np.cumsum([0] + [len(p[1]) for p in picked])
+        bounds = np.searchsorted(chosen, offsets)
+        for i, (n, idx, _) in enumerate(picked):
+            take = chosen[bounds[i] : bounds[i + 1]] - offsets[i]
+            if take.size:
+                bits = flats[n].numpy().view(np.int32)
+                bits[idx[take]] &= np.int32(-0x80000000)
+                removed[n] += int(take.size)
+    if len(names) > 1:
+        for n in names:
+            if removed[n] >= flats[n].numel():
+                raise InputError(
+                    f"the global selection would remove every weight of {n!r} ({flats[n].numel()} weights)",
+                    hint="lower --ratio, give this layer its own --layer-ratio, or --exclude it",
+                )
+    return removed
