@@ -81,7 +81,8 @@ RESTORERS.add("merge", Restorer("merge", _merge, {"threshold": None, "lambda": 0
               aliases=("nm",))  # fmt: skip
 RESTORERS.add("lstsq", Restorer("lstsq", _lstsq, {"ridge": 1e-3, "samples": 256}, needs_data=True,
                                 summary="ridge least-squares refit of the consumers on calibration data"))  # fmt: skip
-RESTORERS.add("bn", Restorer("bn", _bn, {"samples": 2048, "scope": "downstream"}, needs_dense=False, needs_data=True,
+RESTORERS.add("bn", Restorer("bn", _bn, {"samples": 2048, "scope": "downstream", "exact": True},
+                             needs_dense=False, needs_data=True,
                              summary="BatchNorm statistics re-estimation on calibration data"))  # fmt: skip
 
 

@@ -6,17 +6,18 @@ data-aware repair; it does not need the dense parent.
 
 What is estimated, and why this way:
 
-* **The exact statistics the model sees at inference.** A BN in eval mode normalises with its running
-  mean/variance, so the right statistics for BN ``k`` are the mean and (unbiased, as PyTorch stores
-  ``running_var``) variance of its input over the calibration set *with every BN upstream of it in eval
-  mode using its own re-estimated statistics*. The usual shortcut (train-mode forward, ``momentum=None``)
-  differs in three ways: downstream BNs see inputs normalised by per-batch statistics instead of the
-  final ones, every batch weighs the same whatever its size (a short last batch is over-weighted), and
-  the variance is an average of per-batch variances (the spread of the batch means is lost). All three
-  vanish only for large equal batches. Here the train-mode pass is only the starting point; eval-mode
-  passes accumulate the exact per-channel mean and M2 in float64 (Chan et al.'s pairwise update) and
-  are repeated until no statistic moves (a fixed point: each pass makes at least one more level of
-  the BN dependency DAG exact, so at most ``#BN + 1`` passes; in practice 2–4).
+* **The exact statistics the model sees at inference** (``exact=true``, the default). A BN in eval
+  mode normalises with its running mean/variance, so the right statistics for BN ``k`` are the mean and
+  unbiased variance (what PyTorch stores in ``running_var``) of its input over the calibration set,
+  with every BN upstream of it in eval mode using its own re-estimated statistics. The usual shortcut
+  (one train-mode forward, ``momentum=None``) differs in three ways: downstream BNs see inputs
+  normalised by per-batch statistics instead of the final ones, every batch weighs the same whatever
+  its size (a short last batch is over-weighted), and the variance is an average of per-batch
+  variances (the spread of the batch means is lost). Here the BNs are visited in execution order; for
+  each, one pass over the calibration batches (stopped at that BN) accumulates the per-channel mean and
+  M2 in float64 (Chan et al.'s pairwise update). Cost: about ``#BN / 2`` full forward passes.
+  ``exact=false`` keeps one train-mode pass (pooled float64 statistics, but per-batch normalisation
+  upstream), for deep models on slow devices.
 * **Only the BNs downstream of a changed layer** (``scope=downstream``, the default). A layer changed
   when it lost input channels (its output is no longer the dense one; compensation methods rewrite
   exactly these consumers). A BN whose input does not depend on any changed layer - e.g. the BN right
@@ -33,6 +34,7 @@ What is estimated, and why this way:
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -54,14 +56,12 @@ class BNEstimate:
 
     Attributes:
         updated: names of the BN layers re-estimated, in execution order.
-        passes: eval-mode passes over the calibration batches (after the one train-mode start pass).
-        max_change: the largest relative change of a statistic in the last pass (0.0: exact fixed point).
+        passes: (partial) forward passes over the calibration batches.
         samples: calibration images used.
     """
 
     updated: list[str]
     passes: int
-    max_change: float
     samples: int
 
 
@@ -154,21 +154,51 @@ class _Stats:
         self.n = n
 
 
-def _train_mode_start(model: nn.Module, norms: dict[str, nn.Module], batches: Iterable[torch.Tensor]) -> None:
-    """One cumulative-average train-mode pass: a cheap starting point close to the fixed point."""
-    saved = {n: m.momentum for n, m in norms.items()}
+class _Stop(Exception):
+    """Raised by a BN's pre-hook to end a forward pass once that BN's input is recorded."""
+
+
+def _execution_order(model: nn.Module, norms: dict[str, nn.Module], x: torch.Tensor) -> tuple[list[str], set[str]]:
+    """BN names in first-call order on ``x`` (upstream before downstream), and those called more than once."""
+    calls: dict[str, int] = {}
+    hooks = [
+        m.register_forward_pre_hook(lambda _m, _i, n=n: calls.__setitem__(n, calls.get(n, 0) + 1))
+        for n, m in norms.items()
+    ]
+    try:
+        model(x)
+    finally:
+        for h in hooks:
+            h.remove()
+    order = list(calls)  # dicts keep insertion order: the first call of each BN
+    order += sorted(set(norms) - set(order))  # never reached on x: still estimated, last
+    return order, {n for n, c in calls.items() if c > 1}
+
+
+def _batch_stats_pass(model: nn.Module, norms: dict[str, nn.Module], batches: Sequence[torch.Tensor]) -> None:
+    """One train-mode pass; each BN's running stats become the pooled float64 statistics of its input."""
+    acc = {n: _Stats() for n in norms}
+    hooks = [m.register_forward_pre_hook(lambda _m, inp, n=n: acc[n].add(inp[0])) for n, m in norms.items()]
     for m in norms.values():
-        m.reset_running_stats()
-        m.momentum = None
         m.train()
     try:
         for x in batches:
             if len(x) > 1:  # a 1-sample batch has no variance in train-mode BN
                 model(x)
     finally:
-        for n, m in norms.items():
-            m.momentum = saved[n]
+        for h in hooks:
+            h.remove()
+        for m in norms.values():
             m.eval()
+    for n, m in norms.items():
+        _store(m, acc[n])
+
+
+def _store(bn: nn.Module, s: _Stats) -> None:
+    if s.mean is None or s.n < 2:
+        return
+    bn.running_mean.copy_(s.mean.to(bn.running_mean.dtype))
+    bn.running_var.copy_((s.m2 / (s.n - 1)).to(bn.running_var.dtype))  # unbiased, as PyTorch stores it
 
 
 @torch.no_grad()
@@ -178,73 +208,57 @@ def reestimate_bn(
     device: torch.device | str = "cpu",
     *,
     names: Iterable[str] | None = None,
-    tol: float = 1e-6,
-    max_passes: int | None = None,
+    exact: bool = True,
 ) -> BNEstimate:
-    """Sets the running mean/variance of the BN layers ``names`` (default: all) to the exact statistics
-    of their eval-mode inputs over ``batches``.
+    """Sets the running mean/variance of the BN layers ``names`` (default: all) from ``batches``.
 
     Args:
         model: rewritten in place; left in eval mode on CPU.
         batches: calibration input batches.
         device: where the passes run.
         names: the BN layers to re-estimate; the others keep their statistics.
-        tol: stop when no statistic changed by more than this, relative (mean: to σ, var: to var).
-        max_passes: cap on eval-mode passes (default ``#BN + 1``, enough to reach the fixed point exactly).
+        exact: True: each BN gets the exact mean / unbiased variance of its *eval-mode* input over all
+            ``batches``, every BN upstream of it already re-estimated (one pass per BN, in execution
+            order, each stopped at that BN: about ``#BN / 2`` forward passes in all). False: one
+            train-mode pass; the statistics are pooled exactly over the batches but each BN's input was
+            normalised upstream with per-batch statistics, which is close only for large batches.
 
     Returns:
-        the layers updated, the passes run and the last relative change.
+        the layers updated, the passes run and the images used.
     """
     dev = torch.device(device)
     everything = bn_layers(model)
     wanted = set(everything) if names is None else set(names) & set(everything)
+    samples = sum(len(b) for b in batches)
     if not wanted or not batches:
-        return BNEstimate([], 0, 0.0, sum(len(b) for b in batches))
+        return BNEstimate([], 0, samples)
     model.eval().to(dev)
     batches = [b.to(dev) for b in batches]
-    order: list[str] = []
     norms = {n: everything[n] for n in sorted(wanted)}
-    hooks = [  # execution order, for a readable record
-        m.register_forward_pre_hook(lambda _m, _i, n=n: order.append(n) if n not in order else None)
-        for n, m in norms.items()
-    ]
     try:
-        _train_mode_start(model, norms, batches)
+        order, shared = _execution_order(model, norms, batches[0][:1])
+        if not exact:
+            _batch_stats_pass(model, norms, batches)
+            return BNEstimate(order, 1, samples)
+        for name in order:
+            acc = _Stats()
+
+            def record(_m: nn.Module, inp: Any, acc: _Stats = acc, stop: bool = name not in shared) -> None:
+                acc.add(inp[0])
+                if stop:  # nothing after this BN matters for its statistics
+                    raise _Stop
+
+            hook = norms[name].register_forward_pre_hook(record)
+            try:
+                for x in batches:
+                    with contextlib.suppress(_Stop):
+                        model(x)
+            finally:
+                hook.remove()
+            _store(norms[name], acc)
+        return BNEstimate(order, len(order), samples)
     finally:
-        for h in hooks:
-            h.remove()
-    order += sorted(wanted - set(order))  # BNs the forward never reached keep a stable place
-    cap = max_passes if max_passes is not None else len(norms) + 1
-    passes, change = 0, float("inf")
-    while passes < cap and change > tol:
-        acc = {n: _Stats() for n in norms}
-        hooks = [m.register_forward_pre_hook(lambda _m, inp, n=n: acc[n].add(inp[0])) for n, m in norms.items()]
-        try:
-            for x in batches:
-                model(x)
-        finally:
-            for h in hooks:
-                h.remove()
-        passes += 1
-        change = 0.0
-        for n, m in norms.items():
-            s = acc[n]
-            if s.mean is None or s.n < 2:
-                continue
-            var = s.m2 / (s.n - 1)
-            old_mean, old_var = m.running_mean.double(), m.running_var.double()
-            scale = var.clamp_min(float(m.eps))
-            change = max(
-                change,
-                float(((s.mean - old_mean).abs() / scale.sqrt()).max()),
-                float(((var - old_var).abs() / scale).max()),
-            )
-            m.running_mean.copy_(s.mean.to(m.running_mean.dtype))
-            m.running_var.copy_(var.to(m.running_var.dtype))
-            if m.num_batches_tracked is not None:
-                m.num_batches_tracked.fill_(len(batches))
-    model.eval().to("cpu")
-    return BNEstimate([n for n in order if n in norms], passes, change, sum(len(b) for b in batches))
+        model.eval().to("cpu")
 
 
 def _first_samples(batches: Sequence[torch.Tensor], samples: int) -> list[torch.Tensor]:
@@ -265,6 +279,7 @@ def restore_bn(ctx: RestoreContext, params: dict[str, Any]) -> None:
     """
     samples = int(params["samples"])
     scope = str(params.get("scope", "downstream"))
+    exact = bool(params.get("exact", True))
     if samples < 2:
         raise InputError("bn: samples must be >= 2")
     if scope not in _SCOPES:
@@ -284,7 +299,7 @@ def restore_bn(ctx: RestoreContext, params: dict[str, Any]) -> None:
         ctx.pruned.to("cpu")
         if not names:
             ctx.warn("bn: no BatchNorm depends on a layer that lost input channels; statistics left as they are")
-    est = reestimate_bn(ctx.pruned, batches, ctx.device, names=names)
+    est = reestimate_bn(ctx.pruned, batches, ctx.device, names=names, exact=exact)
     ctx.layers["*"] = {
         "method": "bn",
         "scope": scope,
@@ -292,5 +307,5 @@ def restore_bn(ctx: RestoreContext, params: dict[str, Any]) -> None:
         "bn_kept": len(norms) - len(est.updated),
         "samples": est.samples,
         "passes": est.passes,
-        "max_change": est.max_change,
+        "exact": exact,
     }
