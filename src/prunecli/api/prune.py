@@ -443,9 +443,10 @@ def _unstructured(job: _Job) -> tuple[dict[str, Any], Any]:
     scopes = plan_scopes(sizes, job.ratio, job.scope, job.per_layer)
     trace = job.trace()
     comp = job.compensation(trace)
-    removed = prune_unstructured(job.weights, job.score_of(), scopes, on_mask=comp)
+    known: dict[str, int] = {}
+    removed = prune_unstructured(job.weights, job.score_of(), scopes, on_mask=comp, nonzero=known)
     target = sum(s.k for s in scopes) / max(sum(sizes.values()), 1)
-    return _finish(job, trace, removed, target, comp)
+    return _finish(job, trace, removed, target, comp, known)
 
 
 def _nm(job: _Job) -> tuple[dict[str, Any], Any]:
@@ -545,7 +546,14 @@ _ENGINES: dict[str, Callable[[_Job], tuple[dict[str, Any], Any]]] = {
 }
 
 
-def _finish(job: _Job, trace: Any, removed: Mapping[str, int], target: float, comp: Any) -> tuple[dict[str, Any], Any]:
+def _finish(
+    job: _Job,
+    trace: Any,
+    removed: Mapping[str, int],
+    target: float,
+    comp: Any,
+    known: Mapping[str, int] | None = None,
+) -> tuple[dict[str, Any], Any]:
     """Metrics of DESIGN §3 for a masked (dense-shape) result, and the manifest listing the masks.
 
     MACs follow :func:`prunecli.pruning.count_macs`: ``Σ positions · numel`` over the prunable layers,
@@ -554,7 +562,7 @@ def _finish(job: _Job, trace: Any, removed: Mapping[str, int], target: float, co
     masked = sorted(set(job.loaded.manifest.masked) | {n for n, c in removed.items() if c > 0})
     manifest = dataclasses.replace(job.loaded.manifest, masked=masked)
     state = job.state()
-    nnz = _nonzero(state)
+    nnz = _nonzero(state, known)
     params = job.params()
     positions = {n: trace.positions.get(n.removesuffix(".weight"), 0) for n in job.weights}
     zeros = {n: job.weights[n].numel() - nnz[n] for n in job.weights}
@@ -583,11 +591,15 @@ def _finish(job: _Job, trace: Any, removed: Mapping[str, int], target: float, co
     return metrics, manifest
 
 
-def _nonzero(state: Mapping[str, Any]) -> dict[str, int]:
-    """Non-zero entries per tensor (``count_nonzero`` of ``t != 0``: the float kernel is branchy and slow)."""
+def _nonzero(state: Mapping[str, Any], known: Mapping[str, int] | None = None) -> dict[str, int]:
+    """Non-zero entries per tensor (``count_nonzero`` of ``t != 0``: the float kernel is branchy and slow).
+
+    ``known`` counts (from the selection, see ``prune_unstructured(nonzero=)``) are taken as they are.
+    """
     import torch
 
-    return {n: int(torch.count_nonzero(t != 0)) for n, t in state.items()}
+    known = known or {}
+    return {n: known[n] if n in known else int(torch.count_nonzero(t != 0)) for n, t in state.items()}
 
 
 def _param_counts(model: Any, nnz: Mapping[str, int]) -> dict[str, int]:

@@ -171,6 +171,7 @@ def prune_unstructured(
     scopes: Sequence[Scope],
     *,
     on_mask: MaskFn | None = None,
+    nonzero: dict[str, int] | None = None,
 ) -> dict[str, int]:
     """Zeroes exactly ``scope.k`` lowest-scoring weights in every scope, in place.
 
@@ -183,6 +184,9 @@ def prune_unstructured(
         scopes: from :func:`plan_scopes`.
         on_mask: called as ``on_mask(name, removed)`` with the boolean mask of the weights removed
             from that layer (e.g. to apply bias compensation).
+        nonzero: if given, receives ``name → weights != 0 after pruning`` for the layers where the
+            selection knows it without another pass (magnitude pruning whose threshold is above the
+            smallest non-zero magnitudes: every kept weight is then non-zero).
 
     Returns:
         parameter name → number of weights removed.
@@ -202,7 +206,7 @@ def prune_unstructured(
             removed.update({n: 0 for n in scope.names})
             continue
         if score_of is None and on_mask is None and all(_bits_ok(weights[n]) for n in scope.names):
-            removed.update(_magnitude_scope(weights, scope))
+            removed.update(_magnitude_scope(weights, scope, nonzero))
             continue
         if len(scope.names) == 1:  # one layer: compute its keys once and keep them for the three passes
             name = scope.names[0]
@@ -272,7 +276,9 @@ def _bits_ok(weight: torch.Tensor) -> bool:
 _LITTLE_ENDIAN = sys.byteorder == "little"
 
 
-def _magnitude_scope(weights: Mapping[str, torch.Tensor], scope: Scope) -> dict[str, int]:
+def _magnitude_scope(
+    weights: Mapping[str, torch.Tensor], scope: Scope, nonzero: dict[str, int] | None = None
+) -> dict[str, int]:
     """Magnitude pruning of one scope in two passes over the weights; same selection as the generic path.
 
     The key of a weight is the bit pattern of ``|w|`` (``bits & 0x7FFFFFFF``), as in :func:`_keys`.
@@ -289,6 +295,10 @@ def _magnitude_scope(weights: Mapping[str, torch.Tensor], scope: Scope) -> dict[
     Finally the ``k − below`` smallest collected weights in (low bits, layer, index) order — a
     stable sort of the collected low bits, collected in layer and index order — are removed. That
     is the order of the generic path: every key below the k-th smallest, then ties by position.
+
+    When ``hb > 0`` every kept key is at least ``1 << 16`` (not zero) and every zero weight (key 0)
+    is removed, so a layer keeps exactly ``numel − removed`` non-zero weights; that goes to
+    ``nonzero``.
     """
     import numpy as np
 
@@ -335,4 +345,6 @@ def _magnitude_scope(weights: Mapping[str, torch.Tensor], scope: Scope) -> dict[
                     f"the global selection would remove every weight of {n!r} ({flats[n].numel()} weights)",
                     hint="lower --ratio, give this layer its own --layer-ratio, or --exclude it",
                 )
+    if nonzero is not None and hb > 0:
+        nonzero.update({n: flats[n].numel() - removed[n] for n in names})
     return removed
