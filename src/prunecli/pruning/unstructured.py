@@ -304,11 +304,19 @@ def _magnitude_scope(
 
     names = scope.names
     flats = {n: weights[n].detach().reshape(-1) for n in names}
+    # One scratch buffer per kind, sized for the largest layer: per-layer temporaries would be fresh
+    # allocations (page faults) every time.
+    size = max(f.numel() for f in flats.values())
+    scratch16 = torch.empty(size, dtype=torch.int16)
+    scratch32 = np.empty(size, dtype=np.int32)
+    in_bin = np.empty(size, dtype=np.bool_)
     hist = torch.zeros(_HALF, dtype=torch.int64)
     for n in names:
         if flats[n].numel():
-            high = flats[n].view(torch.int16)[1::2] & 0x7FFF  # high halves of the floats: sign + 15 key bits
+            high = scratch16[: flats[n].numel()]  # high halves of the floats: sign + 15 key bits
+            torch.bitwise_and(flats[n].view(torch.int16)[1::2], 0x7FFF, out=high)
             hist += torch.bincount(high, minlength=_HALF)
+    del scratch16
     cum = hist.cumsum(0)
     hb = int(torch.searchsorted(cum, scope.k))
     below = int(cum[hb - 1]) if hb else 0
@@ -317,9 +325,9 @@ def _magnitude_scope(
     picked: list[tuple[str, np.ndarray, np.ndarray]] = []  # layer, flat indices in bin hb, their low 16 bits
     for n in names:
         bits = flats[n].numpy().view(np.int32)
-        d = np.bitwise_and(bits, 0x7FFFFFFF)
+        d = np.bitwise_and(bits, 0x7FFFFFFF, out=scratch32[: bits.size])
         np.subtract(d, start, out=d)
-        idx = np.flatnonzero(d.view(np.uint32) < (1 << 16))
+        idx = np.flatnonzero(np.less(d.view(np.uint32), 1 << 16, out=in_bin[: bits.size]))
         picked.append((n, idx, d[idx].astype(np.uint16)))
         np.right_shift(d, 31, out=d)  # -1 where removed, 0 where kept
         removed[n] = -int(d.sum(dtype=np.int64))
