@@ -33,6 +33,38 @@ def bare_loop(model: torch.nn.Module, data: list) -> None:
     model.zero_grad(set_to_none=True)
 
 
+def bare_plus_wgrad(model: torch.nn.Module, data: list) -> None:
+    """The bare loop plus one more weight-gradient-sized product per conv/linear layer.
+
+    biascomp needs no weight gradient but two weight-gradient-sized products (``M1``, ``M2``, METHODS
+    §5.3), i.e. one more than the bare loop: this run is the floor of that algorithm, measured with the
+    same kernels (``conv_weight_stat`` for convolutions, a GEMM for linear layers).
+    """
+    from prunecli.criteria._conv import conv_weight_stat
+    from prunecli.prunable import prunable_layers
+
+    handles = []
+
+    def capture(layer: torch.nn.Module, args: tuple, out: torch.Tensor) -> None:
+        x = args[0].detach()
+
+        def extra(g: torch.Tensor) -> None:
+            if isinstance(layer, torch.nn.Linear):
+                g.reshape(-1, g.shape[-1]).t() @ x.reshape(-1, x.shape[-1])
+            else:
+                conv_weight_stat(layer, x, g)
+
+        out.register_hook(extra)
+
+    for layer in prunable_layers(model).values():
+        handles.append(layer.register_forward_hook(capture))
+    try:
+        bare_loop(model, data)
+    finally:
+        for h in handles:
+            h.remove()
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="resnet18")
@@ -68,6 +100,7 @@ def main() -> None:
 
     runs = {
         "bare": lambda: bare_loop(model, data),
+        "bare+1 wgrad": lambda: bare_plus_wgrad(model, data),
         **{m: (lambda m=m: run_criterion(model, get_criterion(m), data, device=dev)) for m in methods},
     }
     bare_loop(model, data[:1])  # warm-up (allocator, oneDNN kernels)

@@ -1,7 +1,8 @@
 """Weight-gradient-shaped statistics of convolutions: Σ_{s,p} a[s,o,p]·U[s,k,p] without im2col.
 
-``torch.nn.grad.conv{1,2,3}d_weight(x, weight_size, a)`` computes exactly that sum (the weight
-gradient of the convolution with ``a`` in place of the output gradient, METHODS §5.4). This module
+The weight gradient of the convolution with ``a`` in place of the output gradient is exactly that sum
+(METHODS §5.4); it is computed with ``aten.convolution_backward`` as ``torch.nn.grad.conv{1,2,3}d_weight``
+do, but without their weight-sized copy. This module
 only reproduces how the layer pads its input (``padding='same'``, non-zero padding modes, timm's
 ``Conv2dSame``), so the statistics see the same im2col columns as the forward pass.
 """
@@ -13,8 +14,6 @@ import torch.nn.functional as F
 from torch import nn
 
 __all__ = ["conv_weight_stat", "padded_input"]
-
-_WEIGHT_FNS = {1: torch.nn.grad.conv1d_weight, 2: torch.nn.grad.conv2d_weight, 3: torch.nn.grad.conv3d_weight}
 
 
 def padded_input(conv: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, tuple[int, ...]]:
@@ -49,5 +48,15 @@ def conv_weight_stat(
     g = conv.groups if groups is None else groups
     o = conv.weight.shape[0] if out_channels is None else out_channels
     size = (o, xp.shape[1] // g, *k)
-    fn = _WEIGHT_FNS[len(k)]
-    return fn(xp, size, a, stride=conv.stride, padding=padding, dilation=conv.dilation, groups=g)
+    # the weight only gives the shape: an uninitialised tensor, not torch.nn.grad's expanded scalar, which
+    # the kernel first copies into a dense weight-sized tensor (a full extra pass per call)
+    shape_only = torch.empty(size, dtype=xp.dtype, device=xp.device)
+    n = len(k)
+    return torch.ops.aten.convolution_backward(
+        a, xp, shape_only, None, _tuple(conv.stride, n), _tuple(padding, n), _tuple(conv.dilation, n),
+        False, [0] * n, g, (False, True, False),
+    )[1]  # fmt: skip
+
+
+def _tuple(v: int | tuple[int, ...], n: int) -> list[int]:
+    return [v] * n if isinstance(v, int) else list(v)

@@ -82,13 +82,10 @@ class BiasComp(Criterion):
                 self._compensate[pname] = f"bn:{follow[lname].norm}"
             else:
                 self._compensate[pname] = "add" if self.options.missing_bias == "add" else "none"
+        # float64 accumulators, created from the first batch's products (no zero-filled buffers)
         self._A: dict[str, torch.Tensor] = {}
         self._M1: dict[str, torch.Tensor] = {}
         self._M2: dict[str, torch.Tensor] = {}
-        for pname, w in ctx.params.items():
-            self._A[pname] = torch.zeros(w.shape[0], dtype=torch.float64, device=w.device)
-            self._M1[pname] = torch.zeros(w.shape, dtype=torch.float64, device=w.device)
-            self._M2[pname] = torch.zeros(w.shape, dtype=torch.float64, device=w.device)
         self._x: dict[str, torch.Tensor] = {}
         self._y: dict[str, torch.Tensor] = {}
         self._a: dict[str, torch.Tensor] = {}
@@ -158,20 +155,16 @@ class BiasComp(Criterion):
             if isinstance(layer, nn.Linear):
                 a2 = a.reshape(-1, a.shape[-1])
                 xs = x.reshape(-1, x.shape[-1])
-                self._A[name].add_(a2.sum(0, dtype=torch.float64))
-                m = a2.t() @ torch.cat([xs, xs.square()], dim=1)
-                self._M1[name].add_(m[:, : xs.shape[1]])
-                self._M2[name].add_(m[:, xs.shape[1] :])
+                total = a2.sum(0, dtype=torch.float64)
+                m1, m2 = a2.t() @ xs, a2.t() @ xs.square()
             else:
-                self._A[name].add_(a.sum([d for d in range(a.ndim) if d != 1], dtype=torch.float64))
-                if layer.groups == 1:  # one weight-gradient GEMM for x and x² together
-                    m = conv_weight_stat(layer, torch.cat([x, x.square()], dim=1), a)
-                    c = layer.weight.shape[1]
-                    self._M1[name].add_(m[:, :c])
-                    self._M2[name].add_(m[:, c:])
-                else:
-                    self._M1[name].add_(conv_weight_stat(layer, x, a))
-                    self._M2[name].add_(conv_weight_stat(layer, x.square(), a))
+                total = a.sum([d for d in range(a.ndim) if d != 1], dtype=torch.float64)
+                # two weight-gradient calls: measured faster than one call on cat([x, x²]) (oneDNN picks a
+                # slow kernel for the doubled channel count; benchmarks/score.md)
+                m1, m2 = conv_weight_stat(layer, x, a), conv_weight_stat(layer, x.square(), a)
+            _accumulate(self._A, name, total)
+            _accumulate(self._M1, name, m1)
+            _accumulate(self._M2, name, m2)
         self._y.clear()
         self._x.clear()
         self._a.clear()
@@ -184,18 +177,32 @@ class BiasComp(Criterion):
         scores, shifts, notes = {}, {}, {}
         for name, w in ctx.params.items():
             w = w.detach().double()
+            if name not in self._A:  # the layer never saw data (unused branch): nothing to rank by
+                scores[name], shifts[name] = torch.zeros(w.shape), torch.zeros(w.shape)
+                notes[name] = {"compensate": self._compensate[name]}
+                continue
             A = self._A[name].reshape(-1, *([1] * (w.ndim - 1)))
             M1, M2 = self._M1[name], self._M2[name]
             live = A > 0
-            safe = torch.where(live, A, torch.ones_like(A))
+            inv = torch.where(live, A, torch.ones_like(A)).reciprocal_().mul_(live)  # 1/A, 0 where A = 0
             if self._compensate[name] == "none":
-                imp = w.square() * M2
+                imp = M2.mul(w.square())
                 delta = torch.zeros_like(w)
             else:
-                imp = w.square() * (M2 - M1.square() / safe)
-                delta = torch.where(live, w * M1 / safe, torch.zeros_like(w))
-            imp = torch.where(live, imp.clamp_min(0), torch.zeros_like(imp))
+                ratio = M1 * inv  # the sensitivity-weighted mean of the input: δ* = w·M1/A
+                imp = M2.sub(M1.mul_(ratio)).clamp_min_(0).mul_(w.square())  # w²(M2 − M1²/A); M1 is spent
+                delta = ratio.mul_(w)
+            imp.mul_(live)
             scores[name] = imp.float().cpu()
             shifts[name] = delta.float().cpu()
             notes[name] = {"compensate": self._compensate[name]}
+        self._A.clear(), self._M1.clear(), self._M2.clear()
         return CriterionOutput(scores, extras={"bias_shift": shifts}, notes=notes)
+
+
+def _accumulate(acc: dict[str, torch.Tensor], name: str, value: torch.Tensor) -> None:
+    """``acc[name] += value`` in float64; the first value becomes the accumulator."""
+    if name in acc:
+        acc[name].add_(value)
+    else:
+        acc[name] = value.to(torch.float64, copy=True)
