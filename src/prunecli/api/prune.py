@@ -181,7 +181,14 @@ def prune(
     check_output(out, force=force, inputs=[scores_path])
 
     fast = _fast_input(
-        spec, kind=kind, method=method, scores=scores_path, compensate=compensate, inputs=inputs, dopts=data_options
+        spec,
+        kind=kind,
+        method=method,
+        scores=scores_path,
+        compensate=compensate,
+        inputs=inputs,
+        dopts=data_options,
+        out=(out, force),
     )
     loaded = fast.loaded if fast else load_input(spec, inputs)
     check_output(out, force=force, inputs=[loaded.source.path, loaded.source.weights, scores_path])
@@ -271,6 +278,7 @@ def _fast_input(
     compensate: str | None,
     inputs: InputOptions | None,
     dopts: DataOptions | None,
+    out: tuple[str | Path, bool],
 ) -> _FastInput | None:
     """Reads CKPT for the fast path (module docstring) when the run allows it; None → the model path.
 
@@ -299,8 +307,9 @@ def _fast_input(
         return None
     if any(t.dtype in _FLOAT_DTYPES and t.dtype != "F32" for t in header.tensors):
         return None
-    from prunecli.checkpoint.io import Loaded, _check_finite, read_safetensors_hashed, remember_sha256
+    from prunecli.checkpoint.io import Loaded, _check_finite, check_output, read_safetensors_hashed, remember_sha256
 
+    check_output(out[0], force=out[1], inputs=[source.path, source.weights])  # before reading a large file
     tensors, sha = read_safetensors_hashed(header)
     assert source.weights is not None
     remember_sha256(source.weights, sha)
