@@ -11,9 +11,12 @@ the stem.
 Usage::
 
     OMP_NUM_THREADS=2 .venv/bin/python benchmarks/restore_study.py [--out DIR] [--epochs-cnn 8] [--epochs-resnet 15]
-        [--models improved_cnn,resnet10t] [--prune-stem]
+        [--models improved_cnn,resnet10t] [--prune-stem] [--ratios 0.3,0.5] [--seed 0]
 
-Prints a markdown table (and writes ``DIR/restore_study.json``).
+``--seed`` seeds the base model's training (the base file name carries it when it is not 0), to tell
+one-test-image differences from noise.
+
+Prints markdown tables (and writes ``DIR/restore_study_<models>[_stem]_s<seed>.json``).
 """
 
 from __future__ import annotations
@@ -48,6 +51,8 @@ def main() -> int:
     ap.add_argument("--epochs-resnet", type=int, default=15)
     ap.add_argument("--models", default=",".join(MODELS))
     ap.add_argument("--prune-stem", action="store_true", help="resnet10t: also prune the deep stem's conv1.0/conv1.3")
+    ap.add_argument("--ratios", default=",".join(f"{r:g}" for r in RATIOS))
+    ap.add_argument("--seed", type=int, default=0, help="training seed of the base model")
     args = ap.parse_args()
     logging.getLogger("prunecli").setLevel(logging.ERROR)
     out = Path(args.out)
@@ -55,19 +60,20 @@ def main() -> int:
     rows = []
     for name in args.models.split(","):
         epochs = args.epochs_cnn if name == "improved_cnn" else args.epochs_resnet
-        base = out / f"{name}_base.safetensors"
+        tag = f"_s{args.seed}" if args.seed else ""
+        base = out / f"{name}_base{tag}.safetensors"
         t0 = time.perf_counter()
         if not base.exists():
             finetune(f"arch:{name}", "digits:train", output=base, epochs=epochs, lr=1e-3, augment=False,
                      inputs=InputOptions(num_classes=10),
-                     data_options=DOPTS, device="cpu", amp=False, seed=0)  # fmt: skip
+                     data_options=DOPTS, device="cpu", amp=False, seed=args.seed)  # fmt: skip
         dense = evaluate(str(base), "digits:test", data_options=DOPTS, device="cpu").metrics["top1"]
         print(f"{name}: dense top1 {dense:.4f} (train {time.perf_counter() - t0:.0f}s)", file=sys.stderr)
-        for ratio in RATIOS:
-            pruned = out / f"{name}_p{int(ratio * 100)}.safetensors"
+        for ratio in [float(r) for r in args.ratios.split(",")]:
+            pruned = out / f"{name}{tag}_p{round(ratio * 100)}.safetensors"
             prune(str(base), out=pruned, method="magnitude", structure="channel", ratio=ratio,
                   exclude=_exclude(name, args.prune_stem), data_options=DOPTS, device="cpu", force=True)  # fmt: skip
-            row = {"model": name, "ratio": ratio, "dense": dense}
+            row = {"model": name, "ratio": ratio, "dense": dense, "seed": args.seed}
             variants = [(m, {}) for m in METHODS] + [(f"lbyl λ2={v:g}", {"lambda2": v}) for v in LAMBDA2_SCAN]
             for label, params in variants:
                 method = label.split(" ")[0]
@@ -78,17 +84,27 @@ def main() -> int:
                 row["prune"] = m["top1_before"]
                 row[label] = m["top1"]
                 row[f"{label} err"] = m.get("recon_error_mean")
+                row[f"{label} loss"], row["prune loss"] = m["loss"], m["loss_before"]
                 row["prune err"] = m.get("recon_error_before_mean")
                 row["restored_layers"] = m["restored_layers"]
                 print(f"  {name} r={ratio} {label}: {m['top1_before']:.4f} → {m['top1']:.4f}", file=sys.stderr)
             rows.append(row)
-    (out / "restore_study.json").write_text(json.dumps(rows, indent=2, sort_keys=True))
+    stem = "_stem" if args.prune_stem else ""
+    name = f"restore_study_{args.models.replace(',', '_')}{stem}_s{args.seed}.json"
+    (out / name).write_text(json.dumps(rows, indent=2, sort_keys=True))
     cols = ["prune", *METHODS]
     print("| model | ratio | dense | " + " | ".join(cols) + " |")
     print("|---|---|---|" + "---|" * len(cols))
     for row in rows:
         cells = [f"{100 * row[c]:.1f}" for c in cols]
         print(f"| {row['model']} | {row['ratio']:.0%} | {100 * row['dense']:.1f} | " + " | ".join(cells) + " |")
+    print()
+    print("Test cross-entropy (lower is better):")
+    print("| model | ratio | prune | " + " | ".join(METHODS) + " |")
+    print("|---|---|---|" + "---|" * len(METHODS))
+    for row in rows:
+        cells = [f"{row[f'{c} loss']:.3f}" for c in ("prune", *METHODS)]
+        print(f"| {row['model']} | {row['ratio']:.0%} | " + " | ".join(cells) + " |")
     print()
     print("Consumer reconstruction error (mean relative error of restored consumers' pre-activations, 4 batches):")
     print("| model | ratio | prune | merge | lbyl | lstsq | " + " | ".join(f"lbyl λ2={v:g}" for v in LAMBDA2_SCAN)
