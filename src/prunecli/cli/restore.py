@@ -57,7 +57,8 @@ ValOpt = Annotated[
 ParamOpt = Annotated[
     Optional[list[str]],
     typer.Option("--param", "-p", help="Method option key=value (repeatable): lbyl lambda1, lambda2, "
-                 "mode=math|compat; merge threshold, lambda, mode; lstsq ridge, samples; bn samples."),
+                 "mode=math|compat; merge threshold, lambda, mode; lstsq ridge, samples; "
+                 "bn samples (default 2048), scope=downstream|all, exact=true|false."),
 ]  # fmt: skip
 
 
