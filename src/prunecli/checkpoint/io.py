@@ -571,6 +571,7 @@ def save_checkpoint(
     tensors = _tensors_for_save(state)
     metadata = {"format": "pt", METADATA_KEY: manifest.to_json()}
     parent = path.parent
+    _drop_cached_pages(path / "model.safetensors" if folder else path)
     if not folder:
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=parent)
         os.close(fd)
@@ -611,6 +612,24 @@ def save_checkpoint(
     _fsync_dir(parent)
     remember_sha256(path / "model.safetensors", sha)
     return str(path), sha
+
+
+def _drop_cached_pages(path: Path) -> None:
+    """Lets the OS drop the cached pages of an output that is about to be replaced (``--force``).
+
+    The new file is written beside the old one and renamed over it (atomic), so for a moment both
+    would sit in the page cache; where memory is tight the kernel then reclaims pages inside this
+    process's writes (measured: 0.1–0.9 s of system time for a 330 MiB checkpoint, against 0.07 s).
+    The old file stays intact on disk until the rename; only its clean cached copy goes.
+    """
+    if not hasattr(os, "posix_fadvise") or not path.is_file():
+        return
+    with contextlib.suppress(OSError):
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
 
 
 def _fsync(path: Path) -> None:
