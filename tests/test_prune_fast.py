@@ -98,6 +98,20 @@ def test_fast_path_writes_the_model_paths_bytes(
     assert manifest["layer_table"] is not None  # the output can take the fast path again
 
 
+@pytest.mark.parametrize("arch", ["test_resnet", "test_vit"])
+def test_fast_path_on_a_channel_pruned_checkpoint(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, ckpts: dict[str, Path], arch: str
+) -> None:
+    """Structured checkpoints rebuild through manifest.structure; their table must match that rebuild."""
+    monkeypatch.setenv("PRUNECLI_FAST_PRUNE", "0")
+    PRUNE.prune(str(ckpts[arch]), out=tmp_path / "c.safetensors", method="magnitude", ratio=0.3, structure="channel")
+    kw = {"method": "magnitude", "ratio": 0.5, "scope": "global"}
+    a = _run(monkeypatch, True, tmp_path / "c.safetensors", tmp_path / "fast.safetensors", **kw)
+    b = _run(monkeypatch, False, tmp_path / "c.safetensors", tmp_path / "slow.safetensors", **kw)
+    assert (tmp_path / "fast.safetensors").read_bytes() == (tmp_path / "slow.safetensors").read_bytes()
+    assert a.metrics == b.metrics
+
+
 def test_fast_path_scores_file_and_folder_output(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path, ckpts: dict[str, Path]
 ) -> None:
