@@ -1,11 +1,16 @@
 """Unstructured global magnitude pruning of a large timm model: time and peak memory vs. the anchors.
 
-Three jobs run in fresh processes on the same safetensors file (a randomly initialised timm model,
-written first by prunecli so that it is self-describing):
+Jobs run in fresh processes on the same safetensors file (a randomly initialised timm model, written
+first by prunecli so that it is self-describing, layer table included):
 
 * ``io``     — the I/O limit: ``safetensors.torch.load_file`` + ``save_file`` of the same tensors;
 * ``io+timm`` — the same after ``import timm`` (what any tool that builds timm models pays first);
-* ``prunecli`` — ``prunecli prune CKPT --method magnitude --ratio R --scope global -o OUT``;
+* ``prunecli`` — ``prunecli prune CKPT --method magnitude --ratio R --scope global -o OUT``: the fast
+  path (layer table, no timm, no model);
+* ``prunecli-model`` — the same command with ``PRUNECLI_FAST_PRUNE=0`` (rebuilds the timm model, as
+  for any input without a layer table); its output must be byte-identical to ``prunecli``'s;
+* ``prunecli-hf`` — the same pruning of the same weights saved by ``timm.models.save_for_hf`` (a
+  third-party Hugging Face folder: ``config.json`` + ``model.safetensors``), which takes the model path;
 * ``torch``  — ``torch.nn.utils.prune.global_unstructured`` (L1) over the same weights (every
   conv/linear weight except the classifier head), ``prune.remove``, then ``save_file``.
 
@@ -85,9 +90,10 @@ def _wrap(cmd: list[str]) -> None:
     print(json.dumps({"wall_s": wall, "cpu_s": ru.ru_utime + ru.ru_stime, "peak_mib": ru.ru_maxrss / 1024}))
 
 
-def _make_checkpoint(arch: str, path: Path, num_classes: int) -> tuple[int, str]:
+def _make_checkpoint(arch: str, path: Path, num_classes: int, hf_folder: Path) -> tuple[int, str]:
     import timm
     import torch
+    from timm.models import save_for_hf
 
     from prunecli.checkpoint.io import save_checkpoint
     from prunecli.checkpoint.manifest import Manifest
@@ -96,8 +102,32 @@ def _make_checkpoint(arch: str, path: Path, num_classes: int) -> tuple[int, str]
     torch.manual_seed(0)
     model = timm.create_model(arch, num_classes=num_classes)
     save_checkpoint(path, model, Manifest(arch, num_classes, {}, default_pretrained_cfg(arch)), force=True)
+    shutil.rmtree(hf_folder, ignore_errors=True)
+    save_for_hf(model, str(hf_folder), safe_serialization=True)
+    (hf_folder / "pytorch_model.bin").unlink(missing_ok=True)
     head = model.pretrained_cfg.get("classifier", "head")
     return sum(p.numel() for p in model.parameters()), head
+
+
+def _same_bytes(a: Path, b: Path) -> bool:
+    return a.stat().st_size == b.stat().st_size and a.read_bytes() == b.read_bytes()
+
+
+def _same_tensors(a: Path, b: Path) -> bool:
+    """Equal tensors bit for bit (the manifests differ: lineage input, pretrained_cfg of the source)."""
+    import torch
+    from safetensors import safe_open
+
+    with safe_open(str(a), "pt") as fa, safe_open(str(b), "pt") as fb:
+        if set(fa.keys()) != set(fb.keys()):
+            return False
+        for key in fa.keys():  # noqa: SIM118 (safe_open has no __iter__)
+            ta, tb = fa.get_tensor(key), fb.get_tensor(key)
+            if ta.shape != tb.shape or not torch.equal(
+                ta.reshape(-1).view(torch.uint8), tb.reshape(-1).view(torch.uint8)
+            ):
+                return False
+    return True
 
 
 def _compare(src: Path, a: Path, b: Path) -> dict[str, object]:
@@ -139,31 +169,26 @@ def main() -> None:
     ap.add_argument("--workdir", type=Path, default=Path("/tmp/bench_prune_unstructured"))
     ap.add_argument("--repeat", type=int, default=1, help="runs per job; the minimum is reported")
     ap.add_argument("--skip-torch", action="store_true", help="skip the (slow, memory-hungry) torch baseline")
+    ap.add_argument("--skip-model-path", action="store_true", help="skip the prunecli-model and prunecli-hf jobs")
     args = ap.parse_args()
 
     args.workdir.mkdir(parents=True, exist_ok=True)
     src = args.workdir / f"{args.arch}.safetensors"
-    params, head = _make_checkpoint(args.arch, src, args.num_classes)
+    hf = args.workdir / "hf"
+    params, head = _make_checkpoint(args.arch, src, args.num_classes, hf)
     size_mib = src.stat().st_size / 2**20
     env_threads = os.environ.get("OMP_NUM_THREADS", "unset")
+
+    def prune_cmd(ckpt: Path, out: str) -> list[str]:
+        opts = ["--method", "magnitude", "--ratio", str(args.ratio), "--scope", "global"]
+        return [str(PRUNECLI), "prune", str(ckpt), *opts, "-o", str(args.workdir / out), "--force", "--quiet"]
+
     jobs = {
         "io": [sys.executable, "-c", IO_JOB, str(src), str(args.workdir / "io.safetensors")],
         "io+timm": [sys.executable, "-c", "import timm\n" + IO_JOB, str(src), str(args.workdir / "io.safetensors")],
-        "prunecli": [
-            str(PRUNECLI),
-            "prune",
-            str(src),
-            "--method",
-            "magnitude",
-            "--ratio",
-            str(args.ratio),
-            "--scope",
-            "global",
-            "-o",
-            str(args.workdir / "prunecli.safetensors"),
-            "--force",
-            "--quiet",
-        ],
+        "prunecli": prune_cmd(src, "prunecli.safetensors"),
+        "prunecli-model": ["env", "PRUNECLI_FAST_PRUNE=0", *prune_cmd(src, "prunecli_model.safetensors")],
+        "prunecli-hf": prune_cmd(hf, "prunecli_hf.safetensors"),
         "torch": [
             sys.executable,
             "-c",
@@ -178,6 +203,8 @@ def main() -> None:
     }
     if args.skip_torch:
         del jobs["torch"]
+    if args.skip_model_path:
+        del jobs["prunecli-model"], jobs["prunecli-hf"]
     results: dict[str, dict[str, float]] = {}
     for name, cmd in jobs.items():
         runs = [_measure(cmd) for _ in range(args.repeat)]
@@ -202,6 +229,19 @@ def main() -> None:
         "prunecli_peak_over_io_timm_mib": pc["peak_mib"] - results["io+timm"]["peak_mib"],
         "peak_budget_mib": 0.5 * size_mib,
     }
+    for job in ("prunecli-model", "prunecli-hf"):
+        if job in results:
+            summary[f"{job}_vs_io_wall"] = results[job]["wall_s"] / io["wall_s"]
+            summary[f"{job}_vs_io_cpu"] = results[job]["cpu_s"] / io["cpu_s"]
+            summary[f"{job}_peak_over_io_mib"] = results[job]["peak_mib"] - io["peak_mib"]
+    if "prunecli-model" in results:
+        summary["fast_equals_model_path_bytes"] = _same_bytes(
+            args.workdir / "prunecli.safetensors", args.workdir / "prunecli_model.safetensors"
+        )
+    if "prunecli-hf" in results:
+        summary["hf_input_same_weights"] = _same_tensors(
+            args.workdir / "prunecli.safetensors", args.workdir / "prunecli_hf.safetensors"
+        )
     if "torch" in results:
         summary["torch_vs_prunecli_wall"] = results["torch"]["wall_s"] / pc["wall_s"]
         summary["torch_vs_prunecli_cpu"] = results["torch"]["cpu_s"] / pc["cpu_s"]
