@@ -5,9 +5,9 @@ data, so the bare loop (``zero_grad; CE(model(x), y).backward()`` on every param
 physical limit. Each criterion runs through the real engine (``prunecli.scoring.run_criterion``:
 hooks, tracing, accumulation and the final score computation included) over the same in-memory
 batches; data loading is excluded from both sides. The runs are interleaved and repeated, and the
-median time of each is reported.
+median time of each is reported (CPU: process CPU time; GPU: wall time).
 
-    OMP_NUM_THREADS=2 python benchmarks/bench_score.py --model resnet18 --size 96 --batch 32 --batches 6
+    OMP_NUM_THREADS=1 python benchmarks/bench_score.py --model resnet18 --size 128 --batch 32 --batches 4 --repeats 5
 """
 
 from __future__ import annotations
@@ -91,12 +91,16 @@ def main() -> None:
     methods = args.methods.split(",")
     sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
 
+    # CPU: process CPU time (with OMP_NUM_THREADS=1 it is the work done, and it is far less disturbed
+    # than wall time by other jobs on a shared machine); GPU: wall time around synchronisations
+    clock = time.perf_counter if dev.type == "cuda" else time.process_time
+
     def timed(fn) -> float:
         sync()
-        t = time.perf_counter()
+        t = clock()
         fn()
         sync()
-        return time.perf_counter() - t
+        return clock() - t
 
     runs = {
         "bare": lambda: bare_loop(model, data),
@@ -118,7 +122,7 @@ def main() -> None:
         rows.append({"run": name, "images_per_s": round(ips, 1), "ratio_vs_bare": round(ips / bare_ips, 3)})
     print(
         f"model={args.model} input={args.size} batch={args.batch} batches={args.batches} device={args.device} "
-        f"threads={torch.get_num_threads()} torch={torch.__version__}"
+        f"threads={torch.get_num_threads()} clock={clock.__name__} repeats={args.repeats} torch={torch.__version__}"
     )
     print("| run | images/s | ratio vs bare fwd+bwd |\n| --- | ---: | ---: |")
     for r in rows:

@@ -155,10 +155,12 @@ class BiasComp(Criterion):
             if isinstance(layer, nn.Linear):
                 a2 = a.reshape(-1, a.shape[-1])
                 xs = x.reshape(-1, x.shape[-1])
-                total = a2.sum(0, dtype=torch.float64)
+                total = a2.sum(0)
                 m1, m2 = a2.t() @ xs, a2.t() @ xs.square()
             else:
-                total = a.sum([d for d in range(a.ndim) if d != 1], dtype=torch.float64)
+                # per-batch sums in the product precision like M1/M2 (a float64 sum would first copy
+                # the whole activation to float64); the running totals are float64
+                total = a.sum([d for d in range(a.ndim) if d != 1])
                 # two weight-gradient calls: measured faster than one call on cat([x, x²]) (oneDNN picks a
                 # slow kernel for the doubled channel count; benchmarks/score.md)
                 m1, m2 = conv_weight_stat(layer, x, a), conv_weight_stat(layer, x.square(), a)
