@@ -261,16 +261,6 @@ def reestimate_bn(
         model.eval().to("cpu")
 
 
-def _first_samples(batches: Sequence[torch.Tensor], samples: int) -> list[torch.Tensor]:
-    out, n = [], 0
-    for b in batches:
-        if n >= samples:
-            break
-        out.append(b[: samples - n])
-        n += len(out[-1])
-    return out
-
-
 def restore_bn(ctx: RestoreContext, params: dict[str, Any]) -> None:
     """Re-estimates the BN statistics of ``ctx.pruned`` (registered as ``bn``).
 
@@ -289,7 +279,7 @@ def restore_bn(ctx: RestoreContext, params: dict[str, Any]) -> None:
     norms = bn_layers(ctx.pruned)
     if not norms:
         raise InputError("bn: the model has no BatchNorm layers to re-estimate")
-    batches = _first_samples(ctx.calib, samples)
+    batches = ctx.calib_samples(samples)
     names: set[str] = set(norms)
     if scope == "downstream":
         changed = _changed_modules(ctx.pruned, ctx.plan)

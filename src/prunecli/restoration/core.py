@@ -148,6 +148,17 @@ class RestoreContext:
     layers: dict[str, dict[str, Any]] = field(default_factory=dict)
     _warned: set[str] = field(default_factory=set)
 
+    def calib_samples(self, samples: int) -> list[torch.Tensor]:
+        """The first ``samples`` calibration images, as batches (the last one cut short)."""
+        out: list[torch.Tensor] = []
+        n = 0
+        for b in self.calib or ():
+            if n >= samples:
+                break
+            out.append(b[: samples - n])
+            n += len(out[-1])
+        return out
+
     def warn(self, message: str) -> None:
         """Records and logs ``message`` once."""
         if message not in self._warned:

@@ -125,7 +125,7 @@ def restore_lstsq(ctx: RestoreContext, params: dict[str, Any]) -> None:
         raise InputError("lstsq: ridge must be >= 0")
     if not ctx.calib:
         raise InputError("lstsq needs calibration data", hint="pass --data SPEC (e.g. --data digits:train)")
-    batches = _first_samples(ctx.calib, samples)
+    batches = ctx.calib_samples(samples)
     assert ctx.pairs is not None
     owner: dict[str, str] = {}
     for pair, kept, pruned in ctx.restorable():
@@ -152,13 +152,3 @@ def restore_lstsq(ctx: RestoreContext, params: dict[str, Any]) -> None:
     finally:
         ctx.pruned.to("cpu")
         ctx.dense.to("cpu")
-
-
-def _first_samples(batches: list[torch.Tensor], samples: int) -> list[torch.Tensor]:
-    out, n = [], 0
-    for b in batches:
-        if n >= samples:
-            break
-        out.append(b[: samples - n])
-        n += len(out[-1])
-    return out
