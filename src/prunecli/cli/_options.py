@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated, Any, Optional
 
 import typer
 
@@ -85,3 +85,25 @@ def ints(text: str | None, name: str) -> tuple[int, ...] | None:
         return tuple(int(v) for v in text.replace("x", ",").split(",") if v.strip())
     except ValueError:
         raise typer.BadParameter(f"{text!r} is not S, HxW or CxHxW", param_hint=name) from None
+
+
+def model_inputs(
+    arch: str | None,
+    num_classes: int | None,
+    ema: bool,
+    input_size: str | None,
+    mean: str | None,
+    std: str | None,
+) -> tuple[Any, Any, dict[str, Any]]:
+    """The options every model-reading command shares, parsed once.
+
+    Returns:
+        ``(InputOptions, DataOptions, record entries)``: how to read CKPT, the transform overrides, and
+        the raw values for the record's ``options`` (as the user typed them).
+    """
+    from prunecli.api._common import DataOptions, InputOptions  # here: --help must not import torch
+
+    inputs = InputOptions(arch=arch, num_classes=num_classes, ema=ema)
+    dopts = DataOptions(ints(input_size, "--input-size"), floats(mean, "--mean"), floats(std, "--std"))
+    record = {"arch": arch, "num_classes": num_classes, "ema": ema, "input_size": input_size, "mean": mean, "std": std}
+    return inputs, dopts, record

@@ -21,8 +21,7 @@ from prunecli.cli._options import (
     SeedOpt,
     StdOpt,
     WorkersOpt,
-    floats,
-    ints,
+    model_inputs,
 )
 from prunecli.cli._output import console, run_command
 
@@ -54,12 +53,10 @@ def eval_cmd(
     quiet: QuietOpt = False,
 ) -> None:
     """Evaluate a checkpoint: top-1, top-5, loss and samples on a data spec."""
-    from prunecli.api._common import DataOptions, InputOptions
     from prunecli.api.eval import evaluate
     from prunecli.distributed import main_only_output
 
-    inputs = InputOptions(arch=arch, num_classes=num_classes, ema=ema)
-    dopts = DataOptions(ints(input_size, "--input-size"), floats(mean, "--mean"), floats(std, "--std"))
+    inputs, dopts, common = model_inputs(arch, num_classes, ema, input_size, mean, std)
 
     def summary(result: object) -> None:
         m = result.metrics  # type: ignore[attr-defined]
@@ -86,12 +83,7 @@ def eval_cmd(
                 "data": data,
                 "reference": reference,
                 "benchmark": benchmark,
-                "arch": arch,
-                "num_classes": num_classes,
-                "ema": ema,
-                "input_size": input_size,
-                "mean": mean,
-                "std": std,
+                **common,
                 "batch_size": batch_size,
                 "seed": seed,
             },

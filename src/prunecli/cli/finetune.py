@@ -22,8 +22,7 @@ from prunecli.cli._options import (
     SeedOpt,
     StdOpt,
     WorkersOpt,
-    floats,
-    ints,
+    model_inputs,
 )
 from prunecli.cli._output import console, run_command
 
@@ -124,20 +123,17 @@ def finetune_cmd(
     Weight Concentration Regularizer so that later magnitude pruning hurts less. Runs
     data-parallel under torchrun; only rank 0 writes.
     """
-    from prunecli.api._common import DataOptions, InputOptions
     from prunecli.api.finetune import finetune
     from prunecli.distributed import main_only_output
 
-    inputs = InputOptions(arch=arch, num_classes=num_classes, ema=ema)
-    dopts = DataOptions(ints(input_size, "--input-size"), floats(mean, "--mean"), floats(std, "--std"))
+    inputs, dopts, common = model_inputs(arch, num_classes, ema, input_size, mean, std)
     train_kw = {
         "val": val, "epochs": epochs, "batch_size": batch_size, "optimizer": optimizer, "lr": lr,
         "weight_decay": weight_decay, "momentum": momentum, "schedule": schedule, "augment": augment,
         "label_smoothing": label_smoothing, "clip_grad": clip_grad, "amp": amp, "max_steps": max_steps, "wcr": wcr,
         "wcr_eps": wcr_eps, "wcr_delta": wcr_delta, "seed": seed,
     }  # fmt: skip
-    options = {"data": data, **train_kw, "arch": arch, "num_classes": num_classes, "ema": ema,
-               "input_size": input_size, "mean": mean, "std": std, "output": str(output)}  # fmt: skip
+    options = {"data": data, **train_kw, **common, "output": str(output)}  # fmt: skip
 
     def summary(result: object) -> None:
         from rich.table import Table

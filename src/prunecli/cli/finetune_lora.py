@@ -21,8 +21,7 @@ from prunecli.cli._options import (
     SeedOpt,
     StdOpt,
     WorkersOpt,
-    floats,
-    ints,
+    model_inputs,
 )
 from prunecli.cli._output import console, run_command
 from prunecli.cli.finetune import (
@@ -138,19 +137,17 @@ def finetune_lora_cmd(
     a merged checkpoint whose pruned weights are still exactly zero. Runs data-parallel under
     torchrun; only rank 0 writes.
     """
-    from prunecli.api._common import DataOptions, InputOptions
     from prunecli.api.finetune_lora import finetune_lora
     from prunecli.distributed import main_only_output
 
-    inputs = InputOptions(arch=arch, num_classes=num_classes, ema=ema)
-    dopts = DataOptions(ints(input_size, "--input-size"), floats(mean, "--mean"), floats(std, "--std"))
+    inputs, dopts, common = model_inputs(arch, num_classes, ema, input_size, mean, std)
     options = {
         "data": data, "val": val, "rank": rank, "alpha": alpha, "dropout": dropout, "linear": linear,
         "targets": targets or [], "exclude": exclude or [], "dora": dora, "bn": bn, "merge": merge, "epochs": epochs,
         "batch_size": batch_size, "optimizer": optimizer, "lr": lr, "weight_decay": weight_decay,
         "schedule": schedule, "augment": augment, "label_smoothing": label_smoothing, "clip_grad": clip_grad,
-        "amp": amp, "max_steps": max_steps, "wcr": wcr, "wcr_eps": wcr_eps, "wcr_delta": wcr_delta, "arch": arch,
-        "num_classes": num_classes, "ema": ema, "input_size": input_size, "mean": mean, "std": std, "seed": seed,
+        "amp": amp, "max_steps": max_steps, "wcr": wcr, "wcr_eps": wcr_eps, "wcr_delta": wcr_delta, **common,
+        "seed": seed,
         "output": str(output),
     }  # fmt: skip
 

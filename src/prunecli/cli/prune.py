@@ -23,8 +23,7 @@ from prunecli.cli._options import (
     SeedOpt,
     StdOpt,
     WorkersOpt,
-    floats,
-    ints,
+    model_inputs,
 )
 from prunecli.cli._output import console, run_command
 
@@ -193,11 +192,9 @@ def prune_cmd(
     Unstructured and N:M pruning keep dense shapes with zeros and list the masked tensors in the
     output's metadata, so fine-tuning keeps them zero.
     """
-    from prunecli.api._common import DataOptions, InputOptions
     from prunecli.api.prune import parse_layer_ratio, prune
 
-    inputs = InputOptions(arch=arch, num_classes=num_classes, ema=ema)
-    dopts = DataOptions(ints(input_size, "--input-size"), floats(mean, "--mean"), floats(std, "--std"))
+    inputs, dopts, common = model_inputs(arch, num_classes, ema, input_size, mean, std)
     params = _kv(param)
 
     def work() -> object:
@@ -261,12 +258,7 @@ def prune_cmd(
             "min_channels": min_channels,
             "compensate": compensate,
             "restore": restore,
-            "arch": arch,
-            "num_classes": num_classes,
-            "ema": ema,
-            "input_size": input_size,
-            "mean": mean,
-            "std": std,
+            **common,
             "batch_size": batch_size,
             "seed": seed,
         },

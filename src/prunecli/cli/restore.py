@@ -22,8 +22,7 @@ from prunecli.cli._options import (
     SeedOpt,
     StdOpt,
     WorkersOpt,
-    floats,
-    ints,
+    model_inputs,
 )
 from prunecli.cli._output import console, run_command
 
@@ -95,12 +94,10 @@ def restore_cmd(
     quiet: QuietOpt = False,
 ) -> None:
     """Restore a channel-pruned checkpoint without training (LBYL, Neuron Merging, least squares, BN)."""
-    from prunecli.api._common import DataOptions, InputOptions
     from prunecli.api.restore import restore
 
     params = _params(param)
-    inputs = InputOptions(arch=arch, num_classes=num_classes, ema=ema)
-    dopts = DataOptions(ints(input_size, "--input-size"), floats(mean, "--mean"), floats(std, "--std"))
+    inputs, dopts, common = model_inputs(arch, num_classes, ema, input_size, mean, std)
 
     def summary(result: object) -> None:
         m = result.metrics  # type: ignore[attr-defined]
@@ -136,12 +133,7 @@ def restore_cmd(
             "data": data,
             "val": val,
             "params": params,
-            "arch": arch,
-            "num_classes": num_classes,
-            "ema": ema,
-            "input_size": input_size,
-            "mean": mean,
-            "std": std,
+            **common,
             "batch_size": batch_size,
             "seed": seed,
             "output": str(output),

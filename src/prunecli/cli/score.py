@@ -22,8 +22,7 @@ from prunecli.cli._options import (
     SeedOpt,
     StdOpt,
     WorkersOpt,
-    floats,
-    ints,
+    model_inputs,
 )
 from prunecli.cli._output import console, run_command
 
@@ -103,7 +102,6 @@ def score_cmd(
     quiet: QuietOpt = False,
 ) -> None:
     """Score every prunable parameter of a checkpoint with an importance criterion (higher = keep)."""
-    from prunecli.api._common import DataOptions, InputOptions
     from prunecli.errors import InputError
     from prunecli.record import Result
 
@@ -140,8 +138,7 @@ def score_cmd(
                     metrics_file=metrics, quiet=quiet, summary=show_pairs)  # fmt: skip
         return
 
-    inputs = InputOptions(arch=arch, num_classes=num_classes, ema=ema)
-    dopts = DataOptions(ints(input_size, "--input-size"), floats(mean, "--mean"), floats(std, "--std"))
+    inputs, dopts, common = model_inputs(arch, num_classes, ema, input_size, mean, std)
     checkpoint = paths[0] if len(paths) == 1 else None
 
     def work() -> Result:
@@ -172,8 +169,7 @@ def score_cmd(
             work,
             input=checkpoint,
             options={"method": method, "data": data, "batches": batches, "fraction": fraction, "params": param or [],
-                     "score_mode": score_mode, "arch": arch, "num_classes": num_classes, "ema": ema,
-                     "input_size": input_size, "mean": mean, "std": std, "batch_size": batch_size, "seed": seed},
+                     "score_mode": score_mode, **common, "batch_size": batch_size, "seed": seed},
             metrics_file=metrics,
             quiet=quiet,
             summary=summary,
