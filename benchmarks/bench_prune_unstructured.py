@@ -32,6 +32,7 @@ import json
 import os
 import resource
 import shutil
+import statistics
 import subprocess
 import sys
 import time
@@ -205,16 +206,28 @@ def main() -> None:
         del jobs["torch"]
     if args.skip_model_path:
         del jobs["prunecli-model"], jobs["prunecli-hf"]
-    results: dict[str, dict[str, float]] = {}
-    for name, cmd in jobs.items():
-        runs = [_measure(cmd) for _ in range(args.repeat)]
-        results[name] = {k: min(r[k] for r in runs) for k in runs[0]}
+    # Rounds run every job once, in turn: load on the shared machine drifts, and interleaving gives
+    # each job the same conditions. Per job the minimum over rounds is reported; the ratios to io are
+    # also given per round (their median is robust to one job having a lucky or unlucky round).
+    runs: dict[str, list[dict[str, float]]] = {name: [] for name in jobs}
+    for _ in range(args.repeat):
+        for name, cmd in jobs.items():
+            runs[name].append(_measure(cmd))
+    results = {name: {k: min(r[k] for r in rs) for k in rs[0]} for name, rs in runs.items()}
+    for name, res in results.items():
         print(
-            f"{name:9s} wall {results[name]['wall_s']:7.2f} s  cpu {results[name]['cpu_s']:7.2f} s  "
-            f"peak {results[name]['peak_mib']:8.1f} MiB",
+            f"{name:14s} wall {res['wall_s']:7.2f} s  cpu {res['cpu_s']:7.2f} s  peak {res['peak_mib']:8.1f} MiB",
             flush=True,
         )
     io, pc = results["io"], results["prunecli"]
+    per_round = {
+        f"{name}_vs_io_{k}_per_round": [
+            round(r[f"{k}_s"] / i[f"{k}_s"], 3) for r, i in zip(rs, runs["io"], strict=True)
+        ]
+        for name, rs in runs.items()
+        if name.startswith("prunecli")
+        for k in ("wall", "cpu")
+    }
     summary = {
         "arch": args.arch,
         "params": params,
@@ -228,6 +241,9 @@ def main() -> None:
         "prunecli_vs_io_timm_cpu": pc["cpu_s"] / results["io+timm"]["cpu_s"],
         "prunecli_peak_over_io_timm_mib": pc["peak_mib"] - results["io+timm"]["peak_mib"],
         "peak_budget_mib": 0.5 * size_mib,
+        **per_round,
+        **{f"{k.removesuffix('_per_round')}_median": statistics.median(v) for k, v in per_round.items()},
+        "runs": runs,
     }
     for job in ("prunecli-model", "prunecli-hf"):
         if job in results:
