@@ -248,6 +248,28 @@ def test_inputs_without_a_table_take_the_model_path(
     assert calls == [1, 1, 1]
 
 
+@pytest.mark.parametrize("edit", ["extra", "bias_shape"])
+def test_file_that_does_not_fit_its_table_takes_the_model_path(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, ckpts: dict[str, Path], edit: str
+) -> None:
+    """Tensors that are not exactly the model's: the fast path must not write what loading would refuse."""
+    from safetensors.torch import save_file
+
+    header = read_header(ckpts["test_resnet"])
+    tensors = _load(ckpts["test_resnet"])
+    if edit == "extra":
+        tensors["extra.weight"] = torch.ones(3)
+    else:
+        tensors["fc.bias"] = torch.zeros(11)
+    save_file(tensors, str(tmp_path / "bad.safetensors"), metadata=dict(header.metadata))
+    monkeypatch.setenv("PRUNECLI_FAST_PRUNE", "1")
+    calls: list[int] = []
+    monkeypatch.setattr(PRUNE, "load_input", lambda *a, **k: calls.append(1) or _load_input(*a, **k))
+    with pytest.raises(CheckpointError, match=r"unexpected|shape"):
+        PRUNE.prune(str(tmp_path / "bad.safetensors"), out=tmp_path / "o.safetensors", method="magnitude", ratio=0.5)
+    assert calls == [1] and not (tmp_path / "o.safetensors").exists()
+
+
 def _load_input(*a: Any, **k: Any) -> Any:
     from prunecli.api._common import load_input
 

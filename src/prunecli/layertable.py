@@ -15,6 +15,7 @@ Schema (``manifest.layer_table``, JSON; ``version`` :data:`TABLE_VERSION`)::
      "input_size": [3, 224, 224],        # C, H, W of the MAC count (the data config's input size)
      "num_features": 768,                # model.num_features (a folder output's config.json), or null
      "buffers": ["bn1.running_mean", …], # state-dict names that are not parameters, sorted
+     "state_digest": "9f2c…",            # sha256 of the sorted "name:shape" lines of the whole state dict
      "layers": [                         # prunable weights in module definition order (the tie-break order)
         {"name": "blocks.0.attn.qkv.weight", "kind": "linear", "shape": [2304, 768],
          "head": false, "macs_per_weight": 197}, …]}
@@ -28,7 +29,8 @@ the forward pass never runs), so ``macs = Σ macs_per_weight · numel`` as in
 The table is only written when it is exact: no LoRA adapters beside the weights, no two state
 tensors sharing memory (a tied weight pruned through one name would change the other), and a layer
 trace that runs on the ``meta`` device (so saving never pays for a real forward pass). Readers check
-``version`` and that every listed tensor exists in the file with the listed shape.
+``version`` and ``state_digest`` against the file's tensor names and shapes: a file whose tensors are
+not exactly the model's (where loading the model would fail) never takes the fast path.
 
 This module is torch-free at import time (``inspect`` may read tables without torch).
 """
@@ -40,7 +42,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-__all__ = ["TABLE_VERSION", "LayerEntry", "LayerTable", "build_layer_table"]
+__all__ = ["TABLE_VERSION", "LayerEntry", "LayerTable", "build_layer_table", "state_digest"]
 
 _LOG = logging.getLogger("prunecli")
 
@@ -71,6 +73,7 @@ class LayerTable:
     num_features: int | None
     buffers: tuple[str, ...]
     layers: tuple[LayerEntry, ...]
+    state_digest: str
 
     @classmethod
     def parse(cls, doc: Any) -> LayerTable | None:
@@ -91,15 +94,24 @@ class LayerTable:
                 int(nf) if nf is not None else None,
                 tuple(str(b) for b in doc["buffers"]),
                 layers,
+                str(doc["state_digest"]),
             )
         except (KeyError, TypeError, ValueError):
             return None
 
     def fits(self, shapes: Mapping[str, Sequence[int]]) -> bool:
-        """True when every listed weight and buffer is among ``shapes`` (tensor name → shape), with that shape."""
-        return all(tuple(shapes.get(e.name, ())) == e.shape for e in self.layers) and all(
-            b in shapes for b in self.buffers
+        """True when ``shapes`` (tensor name → shape) are exactly the state dict the table was built from."""
+        return state_digest(shapes) == self.state_digest and all(
+            tuple(shapes.get(e.name, ())) == e.shape for e in self.layers
         )
+
+
+def state_digest(shapes: Mapping[str, Sequence[int]]) -> str:
+    """sha256 of the sorted ``name:d0,d1,…`` lines: the identity of a state dict's names and shapes."""
+    import hashlib
+
+    lines = "\n".join(f"{n}:{','.join(str(int(d)) for d in shapes[n])}" for n in sorted(shapes))
+    return hashlib.sha256(lines.encode()).hexdigest()
 
 
 def build_layer_table(model: Any, manifest: Any, state: Mapping[str, Any] | None = None) -> dict[str, Any] | None:
@@ -153,6 +165,7 @@ def _build(model: Any, manifest: Any, state: Mapping[str, Any] | None) -> dict[s
         "input_size": list(input_size),
         "num_features": nf if isinstance(nf, int) else None,
         "buffers": sorted(n for n in state if n not in params),
+        "state_digest": state_digest({n: tuple(t.shape) for n, t in state.items()}),
         "layers": [
             {
                 "name": f"{n}.weight",
