@@ -176,7 +176,10 @@ def read_safetensors_hashed(header: SafetensorsHeader) -> tuple[dict[str, torch.
         CheckpointError: the file is shorter than its header says.
     """
     path, size = header.path, header.file_size
-    buf = _large_buffer(size)
+    # Ordinary pages: a MADV_HUGEPAGE mapping faults 400x less often, but after other processes freed
+    # memory the kernel compacts for it inside this read (measured 0.6-0.75 s of system time against
+    # 0.14 s with 4 KiB pages for 330 MiB); the steady cost is the better choice.
+    buf = torch.empty(size, dtype=torch.uint8)
     view = memoryview(buf.numpy())
     with _Sha256Pipe() as digest, open(path, "rb", buffering=0) as fh:
         pos = 0
@@ -198,24 +201,6 @@ def read_safetensors_hashed(header: SafetensorsHeader) -> tuple[dict[str, torch.
             raw = raw.clone()
         tensors[info.name] = raw.view(dtype).view(info.shape)
     return tensors, sha
-
-
-def _large_buffer(size: int) -> torch.Tensor:
-    """An uninitialised uint8 CPU tensor of ``size`` bytes, in transparent huge pages where the OS allows.
-
-    Filling a multi-GB buffer costs one page fault per 4 KiB page; on Linux with THP in ``madvise``
-    mode a private anonymous mapping marked ``MADV_HUGEPAGE`` takes one per 2 MiB (a few times less
-    system time to read a checkpoint, and to free it at exit). Elsewhere: ``torch.empty``.
-    """
-    import mmap
-
-    advice = getattr(mmap, "MADV_HUGEPAGE", None)
-    if advice is None or size < (1 << 24):
-        return torch.empty(size, dtype=torch.uint8)
-    mem = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
-    with contextlib.suppress(OSError):  # THP disabled: ordinary pages
-        mem.madvise(advice)
-    return torch.frombuffer(mem, dtype=torch.uint8)  # the tensor keeps the mapping alive
 
 
 def _num_classes_from(sd: Mapping[str, torch.Tensor], cfg: Mapping[str, Any]) -> int | None:
