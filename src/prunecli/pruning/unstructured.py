@@ -17,15 +17,17 @@ magnitude pruning compute ``|w|`` on the fly instead of storing a second copy of
 
 from __future__ import annotations
 
+import functools
 import sys
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
 from prunecli.errors import InputError
 
-__all__ = ["Scope", "order_keys", "plan_scopes", "prune_unstructured"]
+__all__ = ["MagnitudeMasks", "Scope", "order_keys", "plan_scopes", "prune_unstructured"]
 
 ScoreFn = Callable[[str], torch.Tensor]
 MaskFn = Callable[[str, torch.Tensor], None]
@@ -279,26 +281,50 @@ _LITTLE_ENDIAN = sys.byteorder == "little"
 def _magnitude_scope(
     weights: Mapping[str, torch.Tensor], scope: Scope, nonzero: dict[str, int] | None = None
 ) -> dict[str, int]:
-    """Magnitude pruning of one scope in two passes over the weights; same selection as the generic path.
+    """Magnitude pruning of one scope, in place: :func:`_magnitude_plan`, then :func:`_magnitude_apply`."""
+    import numpy as np
+
+    plan = _magnitude_plan(weights, scope)
+    scratch = np.empty(max(weights[n].numel() for n in scope.names), dtype=np.int32)
+    for n in scope.names:
+        bits = weights[n].detach().reshape(-1).numpy().view(np.int32)
+        _magnitude_apply(bits, plan.start, plan.picks[n], bits, scratch)
+    if nonzero is not None and plan.nonzero_known:
+        nonzero.update({n: weights[n].numel() - plan.removed[n] for n in scope.names})
+    return dict(plan.removed)
+
+
+@dataclass(frozen=True)
+class _Plan:
+    """Which weights of one scope magnitude pruning removes (see :func:`_magnitude_plan`)."""
+
+    start: int
+    picks: dict[str, Any]  # layer → flat indices (numpy int64) removed from the threshold bin
+    removed: dict[str, int]
+    nonzero_known: bool
+
+
+def _magnitude_plan(weights: Mapping[str, torch.Tensor], scope: Scope) -> _Plan:
+    """The exact magnitude selection of one scope in two read-only passes; same selection as the generic path.
 
     The key of a weight is the bit pattern of ``|w|`` (``bits & 0x7FFFFFFF``), as in :func:`_keys`.
 
     1. A 32,768-bin histogram of the keys' high 16 bits, read straight from the upper int16 half of
        each float (no key tensor) → the bin ``hb`` holding the k-th smallest key, and the number
-       ``below`` of keys in lower bins.
-    2. Per layer, with in-place int32 operations (numpy: several times faster than the same torch
-       ops here): ``d = key − (hb << 16)``; every weight with ``d < 0`` is removed by clearing all
-       bits but the sign (exactly what multiplying by a 0/1 mask gives, ``-0.0`` included); the
-       weights of bin ``hb`` (``0 <= d < 65536``, unsigned compare) are collected with their low
-       16 bits.
+       ``below`` of keys in lower bins. Every weight whose key is below ``start = hb << 16`` goes.
+    2. Per layer, with int32 numpy operations (several times faster than the same torch ops here):
+       ``d = key − start``; the weights of bin ``hb`` (``0 <= d < 65536``, one unsigned compare) are
+       collected with their low 16 bits, and the weights with ``d < 0`` counted.
 
     Finally the ``k − below`` smallest collected weights in (low bits, layer, index) order — a
-    stable sort of the collected low bits, collected in layer and index order — are removed. That
+    stable sort of the collected low bits, collected in layer and index order — are picked too. That
     is the order of the generic path: every key below the k-th smallest, then ties by position.
 
     When ``hb > 0`` every kept key is at least ``1 << 16`` (not zero) and every zero weight (key 0)
-    is removed, so a layer keeps exactly ``numel − removed`` non-zero weights; that goes to
-    ``nonzero``.
+    is removed, so a layer keeps exactly ``numel − removed`` non-zero weights (``nonzero_known``).
+
+    Raises:
+        InputError: a scope of several layers would lose every weight of one of them.
     """
     import numpy as np
 
@@ -308,8 +334,6 @@ def _magnitude_scope(
     # allocations (page faults) every time.
     size = max(f.numel() for f in flats.values())
     scratch16 = torch.empty(size, dtype=torch.int16)
-    scratch32 = np.empty(size, dtype=np.int32)
-    in_bin = np.empty(size, dtype=np.bool_)
     hist = torch.zeros(_HALF, dtype=torch.int64)
     for n in names:
         if flats[n].numel():
@@ -321,31 +345,27 @@ def _magnitude_scope(
     hb = int(torch.searchsorted(cum, scope.k))
     below = int(cum[hb - 1]) if hb else 0
     start = hb << 16
+    scratch32 = np.empty(size, dtype=np.int32)
+    flags = np.empty(size, dtype=np.bool_)
     removed: dict[str, int] = {}
-    picked: list[tuple[str, np.ndarray, np.ndarray]] = []  # layer, flat indices in bin hb, their low 16 bits
+    found: list[tuple[str, np.ndarray, np.ndarray]] = []  # layer, flat indices in bin hb, their low 16 bits
     for n in names:
         bits = flats[n].numpy().view(np.int32)
         d = np.bitwise_and(bits, 0x7FFFFFFF, out=scratch32[: bits.size])
         np.subtract(d, start, out=d)
-        idx = np.flatnonzero(np.less(d.view(np.uint32), 1 << 16, out=in_bin[: bits.size]))
-        picked.append((n, idx, d[idx].astype(np.uint16)))
-        np.right_shift(d, 31, out=d)  # -1 where removed, 0 where kept
-        removed[n] = -int(d.sum(dtype=np.int64))
-        np.bitwise_and(d, 0x7FFFFFFF, out=d)
-        np.invert(d, out=d)  # 0x80000000 where removed (keeps the sign: ±0.0), all ones where kept
-        np.bitwise_and(bits, d, out=bits)
+        idx = np.flatnonzero(np.less(d.view(np.uint32), 1 << 16, out=flags[: bits.size]))
+        found.append((n, idx, d[idx].astype(np.uint16)))
+        removed[n] = int(np.count_nonzero(np.less(d, 0, out=flags[: bits.size])))
+    picks = {n: np.empty(0, dtype=np.int64) for n in names}
     need = scope.k - below
     if need > 0:
-        lows = np.concatenate([p[2] for p in picked])
+        lows = np.concatenate([f[2] for f in found])
         chosen = np.sort(np.argsort(lows, kind="stable")[:need])  # stable: ties stay in (layer, index) order
-        offsets = np.cumsum([0] + [len(p[1]) for p in picked])
+        offsets = np.cumsum([0] + [len(f[1]) for f in found])
         bounds = np.searchsorted(chosen, offsets)
-        for i, (n, idx, _) in enumerate(picked):
-            take = chosen[bounds[i] : bounds[i + 1]] - offsets[i]
-            if take.size:
-                bits = flats[n].numpy().view(np.int32)
-                bits[idx[take]] &= np.int32(-0x80000000)
-                removed[n] += int(take.size)
+        for i, (n, idx, _) in enumerate(found):
+            picks[n] = idx[chosen[bounds[i] : bounds[i + 1]] - offsets[i]]
+            removed[n] += int(picks[n].size)
     if len(names) > 1:
         for n in names:
             if removed[n] >= flats[n].numel():
@@ -353,6 +373,73 @@ def _magnitude_scope(
                     f"the global selection would remove every weight of {n!r} ({flats[n].numel()} weights)",
                     hint="lower --ratio, give this layer its own --layer-ratio, or --exclude it",
                 )
-    if nonzero is not None and hb > 0:
-        nonzero.update({n: flats[n].numel() - removed[n] for n in names})
-    return removed
+    return _Plan(start, picks, removed, hb > 0)
+
+
+def _magnitude_apply(src: Any, start: int, picks: Any, out: Any, scratch: Any) -> None:
+    """``out`` = the int32 bits ``src`` with every weight of key < ``start`` and the ``picks`` removed.
+
+    A removed weight keeps only its sign bit: exactly what multiplying by a 0/1 mask gives (``-0.0``
+    included). ``out`` may be ``src`` (in place); ``scratch`` is an int32 buffer of at least its size.
+    """
+    import numpy as np
+
+    d = np.bitwise_and(src, 0x7FFFFFFF, out=scratch[: src.size])
+    np.subtract(d, start, out=d)
+    np.right_shift(d, 31, out=d)  # -1 where removed, 0 where kept
+    np.bitwise_and(d, 0x7FFFFFFF, out=d)
+    np.invert(d, out=d)  # 0x80000000 where removed, all ones where kept
+    np.bitwise_and(src, d, out=out)
+    if picks.size:
+        out[picks] &= np.int32(-0x80000000)
+
+
+class MagnitudeMasks:
+    """Magnitude pruning planned on read-only weights and applied while they are written out.
+
+    For inputs that are memory-mapped straight from the checkpoint file (``prune``'s fast path): the
+    weights are never modified in place, so the file's pages are never copied; each pruned tensor is
+    masked into a scratch buffer just before it is written (:meth:`transform`). The bytes are those
+    :func:`prune_unstructured` produces in place (same plan, same masking code).
+    """
+
+    def __init__(self, weights: Mapping[str, torch.Tensor], plans: Sequence[_Plan]) -> None:
+        self._plans = {n: p for p in plans for n in p.picks}
+        self.removed = {n: c for p in plans for n, c in p.removed.items()}
+        self.nonzero = {n: weights[n].numel() - c for p in plans if p.nonzero_known for n, c in p.removed.items()}
+        size = max((weights[n].numel() for n in self._plans), default=0)
+        # two output buffers: the writer hashes one while the next tensor is masked into the other
+        self._out = (torch.empty(size, dtype=torch.int32), torch.empty(size, dtype=torch.int32))
+        self._work = torch.empty(size, dtype=torch.int32)
+        self._turn = 0
+
+    @classmethod
+    def plan(cls, weights: Mapping[str, torch.Tensor], scopes: Sequence[Scope]) -> MagnitudeMasks | None:
+        """Plans every scope; None when a layer's non-zero count would need the masked weights (see ``nonzero``)."""
+        plans = []
+        for scope in scopes:
+            if scope.k > 0:
+                if not all(_bits_ok(weights[n]) for n in scope.names):
+                    return None
+                plans.append(_magnitude_plan(weights, scope))
+        if not all(p.nonzero_known for p in plans):
+            return None
+        return cls(weights, plans)
+
+    def transform(self) -> dict[str, Callable[[torch.Tensor], torch.Tensor]]:
+        """Tensor name → function giving its masked version to write.
+
+        The result lives in one of two buffers used in turn: it stays valid until the next-but-one
+        call (the writer must finish hashing it before then).
+        """
+        return {n: functools.partial(self._masked, n) for n in self._plans}
+
+    def _masked(self, name: str, tensor: torch.Tensor) -> torch.Tensor:
+        import numpy as np
+
+        plan = self._plans[name]
+        out = self._out[self._turn][: tensor.numel()]
+        self._turn ^= 1
+        src = tensor.detach().reshape(-1).numpy().view(np.int32)
+        _magnitude_apply(src, plan.start, plan.picks[name], out.numpy(), self._work.numpy())
+        return out.view(torch.float32).view(tensor.shape)
