@@ -112,6 +112,26 @@ def test_fast_path_on_a_channel_pruned_checkpoint(
     assert a.metrics == b.metrics
 
 
+def test_fast_path_threshold_among_zeros(monkeypatch: pytest.MonkeyPatch, tmp_path: Path, save_model) -> None:
+    """More zero weights than the ratio removes: the mapped input must fall back to pruning copies in place."""
+    model = _model("improved_cnn", seed=4)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, (nn.Conv2d, nn.Linear)):
+                m.weight[torch.rand(m.weight.shape) < 0.7] = 0.0
+    src = save_model(model, tmp_path / "z.safetensors", "improved_cnn", 10)
+    before = src.read_bytes()
+    kw = {"method": "magnitude", "ratio": 0.5, "scope": "global"}
+    a = _run(monkeypatch, True, src, tmp_path / "fast.safetensors", **kw)
+    b = _run(monkeypatch, False, src, tmp_path / "slow.safetensors", **kw)
+    assert (tmp_path / "fast.safetensors").read_bytes() == (tmp_path / "slow.safetensors").read_bytes()
+    assert a.metrics == b.metrics
+    out = _load(tmp_path / "fast.safetensors")
+    params = dict(model.named_parameters())
+    assert a.metrics["params_nonzero"] == sum(int((out[n] != 0).sum()) for n in params)
+    assert src.read_bytes() == before  # the input is only ever mapped read-only or copied
+
+
 def test_fast_path_scores_file_and_folder_output(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path, ckpts: dict[str, Path]
 ) -> None:

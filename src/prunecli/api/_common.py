@@ -86,10 +86,15 @@ def save_output(
     options: Mapping[str, Any],
     force: bool,
     manifest: Any = None,
+    transform: Any = None,
 ) -> tuple[str, str]:
-    """Writes ``model`` with ``loaded``'s manifest (or ``manifest``) plus one lineage step."""
+    """Writes ``model`` with ``loaded``'s manifest (or ``manifest``) plus one lineage step.
+
+    ``model`` may also be a mapping of tensors; ``transform`` goes to :func:`prunecli.checkpoint.io.write_safetensors`.
+    """
     from prunecli.checkpoint.io import lineage_step, save_checkpoint
 
     base = manifest or loaded.manifest
     new = base.with_step(lineage_step(command, options, loaded))
-    return save_checkpoint(out, model, new, force=force, inputs=[loaded.source.path, loaded.source.weights])
+    inputs = [loaded.source.path, loaded.source.weights]
+    return save_checkpoint(out, model, new, force=force, inputs=inputs, transform=transform)

@@ -253,7 +253,12 @@ def prune(
     if kind == "channel":
         options.update(round_to=round_to, min_channels=min_channels, restore=restore)
     state = fast.tensors if fast else loaded.model
-    path, sha = save_output(out, state, loaded, command="prune", options=options, force=force, manifest=manifest)
+    if fast:
+        fast.input_sha256()  # the lineage names the input's digest
+    transform = fast.transform if fast else None
+    path, sha = save_output(
+        out, state, loaded, command="prune", options=options, force=force, manifest=manifest, transform=transform
+    )
     from prunecli.device import describe, resolve_device
 
     dev = describe(resolve_device(device)) if job.sf is not None and sf is None else "cpu"
@@ -262,11 +267,33 @@ def prune(
 
 @dataclasses.dataclass
 class _FastInput:
-    """A checkpoint read for the fast path: tensors straight from the file, the model described by its table."""
+    """A checkpoint read for the fast path: tensors straight from the file, the model described by its table.
 
-    loaded: Any  # prunecli.checkpoint.io.Loaded with model=None and the sha256 of the bytes read
+    ``mapped``: the tensors are read-only views of the file (magnitude pruning plans on them and masks
+    each pruned tensor while writing it, ``transform``); otherwise they are a private copy, pruned in
+    place. ``sha``: a future of the input's sha256 while it is being hashed.
+    """
+
+    loaded: Any  # prunecli.checkpoint.io.Loaded with model=None
     tensors: dict[str, Any]
     table: Any  # prunecli.layertable.LayerTable
+    mapped: bool = False
+    sha: Any = None
+    transform: dict[str, Any] | None = None
+
+    def input_sha256(self) -> str:
+        """The input's digest (waits for the hashing thread); also what the lineage records."""
+        if self.sha is not None:
+            from prunecli.checkpoint.io import remember_sha256
+
+            self.loaded._sha = self.sha.result()
+            remember_sha256(self.loaded.source.weights, self.loaded._sha)
+            self.sha = None
+        return str(self.loaded._sha)
+
+    def writable(self, names: Sequence[str]) -> None:
+        """Private copies of ``names`` (for in-place pruning of a mapped input)."""
+        self.tensors.update({n: self.tensors[n].clone() for n in names})
 
 
 def _fast_input(
@@ -307,15 +334,32 @@ def _fast_input(
         return None
     if any(t.dtype in _FLOAT_DTYPES and t.dtype != "F32" for t in header.tensors):
         return None
-    from prunecli.checkpoint.io import Loaded, _check_finite, check_output, read_safetensors_hashed, remember_sha256
+    from prunecli.checkpoint.io import (
+        Loaded,
+        _check_finite,
+        check_output,
+        map_safetensors_hashed,
+        read_safetensors_hashed,
+        remember_sha256,
+    )
 
     check_output(out[0], force=out[1], inputs=[source.path, source.weights])  # before reading a large file
-    tensors, sha = read_safetensors_hashed(header)
     assert source.weights is not None
-    remember_sha256(source.weights, sha)
-    _check_finite(tensors, source.spec)
-    loaded = Loaded(None, manifest, source, _sha=sha)  # type: ignore[arg-type]
-    return _FastInput(loaded, tensors, table)
+    # Magnitude pruning needs no writable weights (MagnitudeMasks): map the file instead of copying it.
+    mapped = map_safetensors_hashed(header) if kind == "unstructured" and scores is None else None
+    if mapped is not None:
+        tensors, future = mapped
+        fast = _FastInput(Loaded(None, manifest, source), tensors, table, mapped=True, sha=future)  # type: ignore[arg-type]
+    else:
+        tensors, sha = read_safetensors_hashed(header)
+        remember_sha256(source.weights, sha)
+        fast = _FastInput(Loaded(None, manifest, source, _sha=sha), tensors, table)  # type: ignore[arg-type]
+    try:
+        _check_finite(tensors, source.spec)
+    except BaseException:
+        fast.input_sha256()  # let the hashing thread finish before the error unwinds
+        raise
+    return fast
 
 
 _FLOAT_DTYPES = frozenset({"F64", "F32", "F16", "BF16", "F8_E4M3", "F8_E5M2", "F8_E8M0", "F6_E2M3", "F6_E3M2", "F4"})
@@ -446,15 +490,22 @@ def _check_granularity(sf: Any, kind: str) -> None:
 
 
 def _unstructured(job: _Job) -> tuple[dict[str, Any], Any]:
-    from prunecli.pruning.unstructured import plan_scopes, prune_unstructured
+    from prunecli.pruning.unstructured import MagnitudeMasks, plan_scopes, prune_unstructured
 
     sizes = {n: job.weights[n].numel() for n in job.selected}
     scopes = plan_scopes(sizes, job.ratio, job.scope, job.per_layer)
     trace = job.trace()
     comp = job.compensation(trace)
+    target = sum(s.k for s in scopes) / max(sum(sizes.values()), 1)
+    if job.fast is not None and job.fast.mapped:
+        masks = MagnitudeMasks.plan(job.weights, scopes)
+        if masks is not None:  # the weights stay read-only; each pruned one is masked as it is written
+            job.fast.transform = masks.transform()
+            return _finish(job, trace, masks.removed, target, comp, masks.nonzero)
+        job.fast.writable(job.selected)  # rare: a threshold among the zeros; prune private copies in place
+        job.weights.update({n: job.fast.tensors[n] for n in job.selected})
     known: dict[str, int] = {}
     removed = prune_unstructured(job.weights, job.score_of(), scopes, on_mask=comp, nonzero=known)
-    target = sum(s.k for s in scopes) / max(sum(sizes.values()), 1)
     return _finish(job, trace, removed, target, comp, known)
 
 

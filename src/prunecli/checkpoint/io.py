@@ -17,7 +17,7 @@ import os
 import re
 import shutil
 import tempfile
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -39,6 +39,7 @@ __all__ = [
     "lineage_step",
     "load_checkpoint",
     "load_state_dict",
+    "map_safetensors_hashed",
     "read_safetensors_hashed",
     "remember_sha256",
     "save_checkpoint",
@@ -83,8 +84,9 @@ class _Sha256Pipe:
         self._sha = hashlib.sha256()
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="prunecli-sha256")
 
-    def update(self, chunk: Any) -> None:
-        self._pool.submit(self._sha.update, chunk)
+    def update(self, chunk: Any) -> Any:
+        """Queues ``chunk``; returns the future that completes once it is hashed."""
+        return self._pool.submit(self._sha.update, chunk)
 
     def hexdigest(self) -> str:
         self._pool.shutdown(wait=True)
@@ -200,6 +202,41 @@ def read_safetensors_hashed(header: SafetensorsHeader) -> tuple[dict[str, torch.
         if (header.data_start + info.begin) % dtype.itemsize:
             raw = raw.clone()
         tensors[info.name] = raw.view(dtype).view(info.shape)
+    return tensors, sha
+
+
+def map_safetensors_hashed(header: SafetensorsHeader) -> tuple[dict[str, torch.Tensor], Any] | None:
+    """Maps a safetensors file read-only: its tensors (views of the file's cached pages, no copy) and a
+    future of the sha256 of its bytes (hashed on a worker thread meanwhile).
+
+    The tensors must never be written (the mapping is read-only; use :func:`read_safetensors_hashed`
+    for tensors to modify in place). None where the platform has no such mapping or a tensor is not
+    aligned to its element size.
+    """
+    import mmap
+    import warnings
+    from concurrent.futures import ThreadPoolExecutor
+
+    if not hasattr(mmap, "MAP_SHARED") or not hasattr(mmap, "PROT_READ"):  # pragma: no cover - Windows
+        return None
+    dtypes = {v: k for k, v in _ST_DTYPES.items()}
+    if any(
+        dtypes.get(i.dtype) is None or (header.data_start + i.begin) % dtypes[i.dtype].itemsize for i in header.tensors
+    ):
+        return None
+    with open(header.path, "rb") as fh:
+        flags = mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0)  # one call maps every cached page
+        mem = mmap.mmap(fh.fileno(), header.file_size, flags=flags, prot=mmap.PROT_READ)
+    pool = ThreadPoolExecutor(1, thread_name_prefix="prunecli-sha256")
+    sha = pool.submit(lambda: hashlib.sha256(memoryview(mem)).hexdigest())
+    pool.shutdown(wait=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "buffer is not writable": nothing writes these tensors
+        buf = torch.frombuffer(mem, dtype=torch.uint8)
+    tensors = {
+        i.name: buf[header.data_start + i.begin : header.data_start + i.end].view(dtypes[i.dtype]).view(i.shape)
+        for i in header.tensors
+    }
     return tensors, sha
 
 
@@ -479,7 +516,13 @@ _ST_DTYPES: dict[torch.dtype, str] = {
 _ALIGN = 64  # bytes: a cache line, and the widest SIMD load
 
 
-def write_safetensors(path: str | Path, tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str]) -> str:
+def write_safetensors(
+    path: str | Path,
+    tensors: Mapping[str, torch.Tensor],
+    metadata: Mapping[str, str],
+    *,
+    transform: Mapping[str, Callable[[torch.Tensor], torch.Tensor]] | None = None,
+) -> str:
     """Writes a safetensors file whose bytes depend only on the tensors and the metadata.
 
     ``safetensors.torch.save_file`` keeps ``__metadata__`` in a Rust hash map, so two saves of the same
@@ -492,6 +535,10 @@ def write_safetensors(path: str | Path, tensors: Mapping[str, torch.Tensor], met
     alignment it had in memory, so SIMD kernels take the same path and a reloaded model computes
     bit-identical outputs — with 8-byte alignment that depended on the header's length).
 
+    ``transform`` (tensor name → function) replaces a tensor by what the function returns, of the
+    same dtype and shape, just before it is written (``prune`` masks memory-mapped weights this way
+    instead of copying them). A returned tensor may be overwritten after the next-but-one call.
+
     Returns:
         The sha256 of the bytes written, computed while writing: the record and the lineage need the
         digest, and reading a large file back only to hash it costs a second pass over it.
@@ -501,7 +548,10 @@ def write_safetensors(path: str | Path, tensors: Mapping[str, torch.Tensor], met
     if sys.byteorder != "little":  # pragma: no cover - no big-endian CI
         from safetensors.torch import save_file
 
-        save_file({k: v.clone() for k, v in tensors.items()}, str(path), metadata=dict(metadata))
+        fix = transform or {}
+        save_file(
+            {k: (fix[k](v) if k in fix else v).clone() for k, v in tensors.items()}, str(path), metadata=dict(metadata)
+        )
         return _hash_file(Path(path))
     entries = []
     for name, t in tensors.items():
@@ -521,10 +571,17 @@ def write_safetensors(path: str | Path, tensors: Mapping[str, torch.Tensor], met
         for chunk in (len(raw).to_bytes(8, "little"), raw):
             digest.update(chunk)
             fh.write(chunk)
-        for _, t in entries:
+        hashed: list[Any] = []  # futures of the transformed chunks (their buffers are reused)
+        for name, t in entries:
+            if transform is not None and name in transform:
+                if len(hashed) >= 2:
+                    hashed[-2].result()  # the buffer the transform is about to reuse is hashed
+                t = transform[name](t)
             if t.numel():
                 data = memoryview(t.reshape(-1).view(torch.uint8).numpy())
-                digest.update(data)  # hashed on the worker while this thread writes it
+                done = digest.update(data)  # hashed on the worker while this thread writes it
+                if transform is not None and name in transform:
+                    hashed.append(done)
                 fh.write(data)
         return digest.hexdigest()
 
@@ -537,6 +594,7 @@ def save_checkpoint(
     force: bool = False,
     inputs: Sequence[Path | None] = (),
     num_features: int | None = None,
+    transform: Mapping[str, Callable[[torch.Tensor], torch.Tensor]] | None = None,
 ) -> tuple[str, str]:
     """Writes a self-describing checkpoint atomically; returns (absolute path, sha256 of the weights).
 
@@ -545,6 +603,7 @@ def save_checkpoint(
 
     Saving a model also stores its layer table (:mod:`prunecli.layertable`) in the manifest; saving a
     mapping of tensors keeps ``manifest.layer_table`` only where it still fits the tensors' shapes.
+    ``transform`` is passed to :func:`write_safetensors`.
     """
     from prunecli.layertable import LayerTable, build_layer_table
 
@@ -568,7 +627,7 @@ def save_checkpoint(
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=parent)
         os.close(fd)
         try:
-            sha = write_safetensors(tmp, tensors, metadata)
+            sha = write_safetensors(tmp, tensors, metadata, transform=transform)
             _fsync(Path(tmp))
             os.replace(tmp, path)
         except BaseException:
@@ -579,7 +638,7 @@ def save_checkpoint(
         return str(path), sha
     tmpdir = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=parent))
     try:
-        sha = write_safetensors(tmpdir / "model.safetensors", tensors, metadata)
+        sha = write_safetensors(tmpdir / "model.safetensors", tensors, metadata, transform=transform)
         config = {
             "architecture": manifest.arch,
             "num_classes": manifest.num_classes,
