@@ -621,13 +621,14 @@ def save_checkpoint(
             num_features = table.num_features
     tensors = _tensors_for_save(state)
     metadata = {"format": "pt", METADATA_KEY: manifest.to_json()}
+    extra = {"transform": transform} if transform else {}
     parent = path.parent
     _drop_cached_pages(path / "model.safetensors" if folder else path)
     if not folder:
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=parent)
         os.close(fd)
         try:
-            sha = write_safetensors(tmp, tensors, metadata, transform=transform)
+            sha = write_safetensors(tmp, tensors, metadata, **extra)
             _fsync(Path(tmp))
             os.replace(tmp, path)
         except BaseException:
@@ -638,7 +639,7 @@ def save_checkpoint(
         return str(path), sha
     tmpdir = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=parent))
     try:
-        sha = write_safetensors(tmpdir / "model.safetensors", tensors, metadata, transform=transform)
+        sha = write_safetensors(tmpdir / "model.safetensors", tensors, metadata, **extra)
         config = {
             "architecture": manifest.arch,
             "num_classes": manifest.num_classes,
