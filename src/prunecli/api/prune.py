@@ -18,10 +18,12 @@ matching pattern wins) gives matching layers their own ratio and scope.
 Fast path: unstructured and N:M pruning of a prunecli checkpoint that carries a layer table
 (:mod:`prunecli.layertable`; every checkpoint prunecli saves from a model has one), with magnitude
 scores or a scores file and without ``--compensate``/``--input-size``/model args, never rebuilds the
-model: the file is read once (hashed while read), the table gives the prunable weights, the head and
-the MACs, the masks are applied to the tensors in place and the result is written (hashed while
-written). timm is not imported. The output — checkpoint bytes and metrics — is the one the model path
-writes (tests compare them); ``PRUNECLI_FAST_PRUNE=0`` forces the model path.
+model: the table gives the prunable weights, the head and the MACs; magnitude pruning maps the file
+read-only and masks each pruned tensor as it is written (no copy of the weights), scores files and
+N:M read the file once into a buffer and prune it in place; both hash the input and the output on
+a worker thread without a second pass over either. timm is not imported. The output — checkpoint
+bytes and metrics — is the one the model path writes (tests compare them); ``PRUNECLI_FAST_PRUNE=0``
+forces the model path.
 """
 
 from __future__ import annotations
