@@ -172,7 +172,7 @@ _CRITERIA = [
     ("wanda", {}),
 ]
 
-_WORKER = '''
+_WORKER = """
 import sys, torch
 from prunecli import distributed as D
 from prunecli.api._common import load_input
@@ -186,7 +186,7 @@ for i, (method, params) in enumerate(criteria):
     sf = compute_scores(loaded, method, params=params, **calib)
     if D.is_main():
         save_scores(f"{outdir}/{i}.scores", sf)
-'''
+"""
 
 
 @pytest.fixture(scope="module")
