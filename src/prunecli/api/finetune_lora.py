@@ -39,13 +39,6 @@ def _check(wcr: float, wcr_eps: float, wcr_delta: float, batch_size: int) -> Non
         raise InputError(f"--batch-size must be positive, got {batch_size}")
 
 
-def _evaluate(model: Any, data: Any, device: Any, batch_size: int, workers: int) -> dict[str, Any]:
-    """Top-1/loss on ``data``, each rank on its shard, joined into whole-data metrics."""
-    from prunecli.evaluation import evaluate_sharded
-
-    return evaluate_sharded(model, data, device, batch_size=batch_size, workers=workers)
-
-
 def _prunable_sparsity(model: Any, names: list[str]) -> float:
     from prunecli.masks import sparsity
 
@@ -148,6 +141,7 @@ def finetune_lora(
     from prunecli.checkpoint.sources import resolve_source
     from prunecli.data import make_loader
     from prunecli.device import describe, resolve_device, seed_everything
+    from prunecli.evaluation import evaluate_sharded
     from prunecli.prunable import prunable_params
     from prunecli.training import TrainConfig, train
     from prunecli.wcr import WCR
@@ -190,7 +184,7 @@ def finetune_lora(
 
     metrics: dict[str, Any] = {}
     if val_ds is not None:
-        before = _evaluate(model, val_ds, dev, eval_bs, workers)
+        before = evaluate_sharded(model, val_ds, dev, batch_size=eval_bs, workers=workers)
         metrics.update(top1_before=before["top1"], loss_before=before["loss"])
 
     chosen = lora.select_targets(model, opts)
@@ -222,7 +216,8 @@ def finetune_lora(
         metrics["wcr"] = {k: stats[k] for k in ("lambda", "eps", "delta", "R", "value", "layers", "var_abs")}
 
     if val_ds is not None:
-        metrics["top1_unmerged"] = _evaluate(peft_model, val_ds, dev, eval_bs, workers)["top1"]
+        unmerged = evaluate_sharded(peft_model, val_ds, dev, batch_size=eval_bs, workers=workers)
+        metrics["top1_unmerged"] = unmerged["top1"]
     peft_model.to("cpu")
     outcome = merge_fn(peft_model, {k: v.cpu() for k, v in masks.items()})
     for w in outcome.warnings:
@@ -236,7 +231,7 @@ def finetune_lora(
         metrics["sparsity_effective"] = _effective_sparsity(final, prunable, eff)
     if val_ds is not None:
         if outcome.adapter_state is None:
-            after = _evaluate(final, val_ds, dev, eval_bs, workers)["top1"]
+            after = evaluate_sharded(final, val_ds, dev, batch_size=eval_bs, workers=workers)["top1"]
         else:
             after = metrics["top1_unmerged"]  # the written checkpoint evaluates with its adapter attached
         metrics.update(top1_after=after, lora_improvement=after - metrics["top1_before"])

@@ -91,7 +91,6 @@ class BiasComp(Criterion):
         self._a: dict[str, torch.Tensor] = {}
         self._scale = 1.0
         self._batch = 0
-        self._seed = ctx.seed
         self._ctx = ctx
         for (lname, layer), pname in zip(ctx.layers.items(), self._names, strict=True):
             self.hook(layer.register_forward_hook(self._capture(pname, follow[lname].inplace_after)))
@@ -117,7 +116,7 @@ class BiasComp(Criterion):
             return [F.cross_entropy(logits, targets, reduction="sum")]
         if mode == "jacobian" and k <= _MAX_EXACT_OUTPUTS:
             return [logits[..., i].sum() for i in range(k)]
-        g = torch.Generator().manual_seed(self._seed * 1_000_003 + self._batch)
+        g = torch.Generator().manual_seed(self._ctx.seed * 1_000_003 + self._batch)
         r = self.options.probes
         self._scale = 1.0 / r
         # draw the probes of the whole global batch and keep this rank's rows (rank::world_size), so a
