@@ -4,10 +4,15 @@ One optimizer step = forward, cross-entropy (+ the WCR term where named), backwa
 the body of :func:`prunecli.training.train` without the data loader, timed with the same code for
 every variant on a fixed batch:
 
+The model is pruned first (50 % global magnitude over every conv/linear weight but the head, with
+``torch.nn.utils.prune``), as finetune-lora's inputs are; the dense kernels cost the same either way.
+
 - ``plain``: full fine-tuning (every parameter trainable) — the anchor "bare forward/backward loop";
-- ``lora``: paper A's LoRA (rank 8, α 16, every Linear layer; everything else frozen) via peft;
-- ``lora+conv``: LoRA also on the three convolutions (``--targets 'features.*.conv'``);
-- ``lora+wcr``: paper A's LoRA with ``--wcr 1e-5`` on the effective weights W + (α/r)·B A;
+- ``lora``: finetune-lora's default: paper A's LoRA (rank 8, α 16, every Linear layer; everything
+  else frozen) via peft, with the masked layers trained through their mask, ``(W + (α/r)·B A) ⊙ M``;
+- ``lora plain-update``: the same with ``--no-masked-update`` (paper A's factorised ``W x + s·B(A x)``);
+- ``lora+conv`` / ``lora+conv plain-update``: LoRA also on the convolutions (``--targets 'features.*.conv'``);
+- ``lora+wcr``: the default LoRA with ``--wcr 1e-5`` on the effective weights;
 - ``lora masked-merge``: the one-off cost of ``--merge masked`` at the end of a run (not per step).
 
 Usage:
@@ -25,6 +30,7 @@ from collections.abc import Callable
 import timm
 import torch
 import torch.nn.functional as F
+import torch.nn.utils.prune as P
 from torch import nn
 
 import prunecli.archs  # noqa: F401
@@ -72,6 +78,12 @@ def main() -> None:
     dev = torch.device(args.device)
     torch.manual_seed(0)
     base = timm.create_model(args.arch, num_classes=10)
+    head = base.pretrained_cfg.get("classifier", "head")
+    layers = [(m, "weight") for n, m in base.named_modules() if isinstance(m, (nn.Linear, nn.Conv2d)) and n != head]
+    P.global_unstructured(layers, pruning_method=P.L1Unstructured, amount=0.5)
+    for mod, name in layers:
+        P.remove(mod, name)
+    masks = {n: p.detach() != 0 for n, p in base.named_parameters() if p.ndim > 1 and not n.startswith(head + ".")}
     x = torch.randn(args.batch, *base.pretrained_cfg["input_size"], device=dev)
     y = torch.randint(0, 10, (args.batch,), device=dev)
 
@@ -82,12 +94,18 @@ def main() -> None:
     variants: dict[str, tuple[nn.Module, Callable[[], torch.Tensor] | None]] = {}
     plain = copy.deepcopy(base).to(dev).train()
     variants["plain"] = (plain, None)
-    for name, opts, wcr in (
-        ("lora", lora.LoraOptions(), 0.0),
-        ("lora+conv", lora.LoraOptions(targets=("features.*.conv",)), 0.0),
-        ("lora+wcr", lora.LoraOptions(), 1e-5),
+    conv = lora.LoraOptions(targets=("features.*.conv",))
+    for name, opts, wcr, through_mask in (
+        ("lora", lora.LoraOptions(), 0.0, True),
+        ("lora plain-update", lora.LoraOptions(), 0.0, False),
+        ("lora+conv", conv, 0.0, True),
+        ("lora+conv plain-update", conv, 0.0, False),
+        ("lora+wcr", lora.LoraOptions(), 1e-5, True),
     ):
-        pm = lora.attach_lora(copy.deepcopy(base), opts).to(dev).train()
+        pm = lora.attach_lora(copy.deepcopy(base), opts)
+        if through_mask:
+            lora.mask_updates(pm, masks)
+        pm = pm.to(dev).train()
         variants[name] = (pm, WCR(lora.effective_weight_fns(pm), wcr) if wcr else None)
 
     # Round-robin: one step of each variant in turn, so load on a shared machine hits all alike.
@@ -108,7 +126,6 @@ def main() -> None:
         rows.append((name, t * 1e3, t / ref, trainable))
 
     pm = lora.attach_lora(copy.deepcopy(base), lora.LoraOptions())
-    masks = {n: p.detach() != 0 for n, p in base.named_parameters() if p.ndim > 1}
 
     def merge() -> None:
         lora.MERGE_MODES.get("masked")(copy.deepcopy(pm), masks)

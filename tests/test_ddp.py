@@ -93,6 +93,7 @@ def test_finetune_lora_two_gloo_processes_match_one_process(cli, pruned_mlp: Pat
     two = json.loads(lines[0])
     a, b = one.record["metrics"], two["metrics"]
     assert b["world_size"] == 2 and a["world_size"] == 1
+    assert a["masked_update_layers"] == b["masked_update_layers"] == ["fc1.weight", "fc2.weight"]  # through the mask
     assert a["steps"] == b["steps"] == 2 * (1437 // 128)
     for key in ("train_loss", "train_acc_per_epoch", "wcr_per_epoch"):
         assert b[key] == pytest.approx(a[key], rel=1e-5), key

@@ -131,6 +131,105 @@ def test_wcr_on_effective_weights_equals_the_formula() -> None:
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in lora.trainable_params(peft_model).values())
 
 
+# ----------------------------------------------------------------------------------------- masked update
+
+
+@pytest.mark.parametrize("dora", [False, True])
+def test_masked_update_starts_exactly_at_the_pruned_model(dora: bool) -> None:
+    model, keep = _pruned_mlp_with_masks()
+    x = torch.randn(6, 1, 8, 8)
+    reference = copy.deepcopy(model)(x)
+    peft_model = lora.attach_lora(model, lora.LoraOptions(dora=dora))
+    assert lora.mask_updates(peft_model, keep) == ["fc1.weight", "fc2.weight"]  # head carries no mask
+    out = peft_model.eval()(x)
+    if dora:
+        torch.testing.assert_close(out, reference, rtol=1e-5, atol=1e-6)
+    else:
+        assert torch.equal(out, reference)  # (W + 0) ⊙ M = W: bit-identical
+
+
+def test_masked_update_computes_the_hand_formula_for_linear_and_conv() -> None:
+    torch.manual_seed(0)
+    model = timm.create_model("improved_cnn", num_classes=10).eval()
+    _prune_global(model, ["features.1.conv", "fc1"], 0.6)
+    keep = {n: model.get_parameter(n).detach() != 0 for n in ("features.1.conv.weight", "fc1.weight")}
+    peft_model = lora.attach_lora(model, lora.LoraOptions(rank=4, alpha=12, targets=("features.1.conv",)))
+    _randomise_adapters(peft_model)
+    assert lora.mask_updates(peft_model, keep) == ["fc1.weight", "features.1.conv.weight"]
+    layers = lora.lora_layers(peft_model)
+    fc1 = layers["fc1"]
+    a, b, w = fc1.lora_A["default"].weight, fc1.lora_B["default"].weight, fc1.base_layer.weight
+    expect = (w + 3.0 * (b @ a)) * keep["fc1.weight"]
+    x = torch.randn(3, 4096)
+    torch.testing.assert_close(fc1(x), F.linear(x, expect, fc1.base_layer.bias), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(lora.effective_weights(peft_model)["fc1.weight"], expect)
+    conv = layers["features.1.conv"]
+    a, b, w = conv.lora_A["default"].weight, conv.lora_B["default"].weight, conv.base_layer.weight
+    expect = (w + 3.0 * torch.einsum("or,rchw->ochw", b[:, :, 0, 0], a)) * keep["features.1.conv.weight"]
+    x = torch.randn(2, 64, 16, 16)
+    torch.testing.assert_close(conv(x), F.conv2d(x, expect, conv.base_layer.bias, padding=1), rtol=1e-4, atol=1e-4)
+    # Unmasked layers keep peft's forward: fc2 computes W + s·B A, dense.
+    fc2 = layers["fc2"]
+    dense = fc2.base_layer.weight + 3.0 * fc2.lora_B["default"].weight @ fc2.lora_A["default"].weight
+    x = torch.randn(3, 512)
+    torch.testing.assert_close(fc2(x), F.linear(x, dense, fc2.base_layer.bias), rtol=1e-5, atol=1e-5)
+
+
+def test_masked_update_gradients_equal_autograd_of_the_hand_formula() -> None:
+    model, keep = _pruned_mlp_with_masks()
+    peft_model = lora.attach_lora(model, lora.LoraOptions())
+    _randomise_adapters(peft_model)
+    lora.mask_updates(peft_model, keep)
+    fc1 = lora.lora_layers(peft_model)["fc1"]
+    x = torch.randn(5, 64)
+    (fc1(x) ** 2).sum().backward()
+    a = fc1.lora_A["default"].weight.detach().clone().requires_grad_(True)
+    b = fc1.lora_B["default"].weight.detach().clone().requires_grad_(True)
+    w = fc1.base_layer.weight.detach()
+    (F.linear(x, (w + 2.0 * b @ a) * keep["fc1.weight"], fc1.base_layer.bias.detach()) ** 2).sum().backward()
+    torch.testing.assert_close(fc1.lora_A["default"].weight.grad, a.grad)
+    torch.testing.assert_close(fc1.lora_B["default"].weight.grad, b.grad)
+    # Kept positions only: the update's gradient is zero wherever the weight is pruned.
+    g = torch.autograd.functional.jacobian(lambda d: (F.linear(x, (w + d) * keep["fc1.weight"]) ** 2).sum(),
+                                           torch.zeros_like(w))  # fmt: skip
+    assert torch.count_nonzero(g[~keep["fc1.weight"]]) == 0
+
+
+def test_masked_update_dropout_only_on_the_update_input() -> None:
+    model, keep = _pruned_mlp_with_masks()
+    peft_model = lora.attach_lora(model, lora.LoraOptions(dropout=0.3))
+    _randomise_adapters(peft_model)
+    lora.mask_updates(peft_model, keep)
+    fc1 = lora.lora_layers(peft_model)["fc1"].train()
+    x = torch.randn(4, 64)
+    torch.manual_seed(5)
+    got = fc1(x)
+    torch.manual_seed(5)
+    dropped = F.dropout(x, 0.3, training=True)
+    w, bias = fc1.base_layer.weight, fc1.base_layer.bias
+    update = (2.0 * fc1.lora_B["default"].weight @ fc1.lora_A["default"].weight) * keep["fc1.weight"]
+    torch.testing.assert_close(got, F.linear(x, w, bias) + F.linear(dropped, update), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("dora", [False, True])
+def test_masked_update_merged_checkpoint_is_the_trained_model(dora: bool) -> None:
+    x = torch.randn(8, 1, 8, 8)
+    outputs = {}
+    for through_mask in (True, False):
+        model, keep = _pruned_mlp_with_masks()
+        peft_model = lora.attach_lora(model, lora.LoraOptions(dora=dora))
+        _randomise_adapters(peft_model)
+        if through_mask:
+            lora.mask_updates(peft_model, keep)
+        trained = peft_model.eval()(x).detach()
+        merged = lora.MERGE_MODES.get("masked")(peft_model, keep).model.eval()
+        for name, k in keep.items():
+            assert torch.equal(merged.get_parameter(name) != 0, k)
+        outputs[through_mask] = (trained, merged(x).detach())
+    torch.testing.assert_close(outputs[True][1], outputs[True][0], rtol=1e-5, atol=1e-5)
+    assert (outputs[False][1] - outputs[False][0]).abs().max() > 1e-2  # paper A's plain update loses part of itself
+
+
 # ----------------------------------------------------------------------------------------- merges
 
 
@@ -242,6 +341,8 @@ def test_cli_masked_keeps_sparsity_exactly_and_reports_recovery(cli, pruned_mlp:
     assert len(m["train_loss"]) == 2 and 0 <= m["train_acc"] <= 1
     assert m["lora_improvement"] == pytest.approx(m["top1_after"] - m["top1_before"])
     assert m["merge"] == "masked" and m["targets"] == ["fc1", "fc2", "head"]
+    assert m["masked_update"] is True and m["masked_update_layers"] == ["fc1.weight", "fc2.weight"]
+    assert m["top1_unmerged"] == m["top1_after"]  # trained through the mask: the written model is the trained one
     header = json.loads(__import__("prunecli.checkpoint.header", fromlist=["x"]).read_header(out).metadata["prunecli"])
     assert header["masked"] == ["fc1.weight", "fc2.weight"] and header["adapters"] is None
     assert header["lineage"][-1]["command"] == "finetune-lora"
@@ -310,6 +411,7 @@ def test_cli_masked_on_a_checkpoint_without_masks_warns_and_merges_dense(cli, sa
         (["--merge", "sideways"], "unknown merge mode"),
         (["--bn", "maybe"], "unknown BatchNorm mode"),
         (["--wcr", "-1"], "--wcr must be >= 0"),
+        (["--masked-update", "--merge", "none"], "--masked-update needs --merge masked"),
     ],
 )
 def test_cli_bad_input_exits_1_without_output(cli, pruned_mlp: Path, tmp_path: Path, args: list[str], message: str):
@@ -318,3 +420,14 @@ def test_cli_bad_input_exits_1_without_output(cli, pruned_mlp: Path, tmp_path: P
     assert r.exit_code == 1
     assert message in r.stderr and "Traceback" not in r.stderr
     assert not out.exists() and not (tmp_path / "bad.adapter").exists()
+
+
+def test_cli_no_masked_update_trains_paper_a_plain_update(cli, pruned_mlp: Path, tmp_path: Path) -> None:
+    out = tmp_path / "plain.safetensors"
+    r = cli("finetune-lora", pruned_mlp, "--no-masked-update", "--max-steps", "3", "--lr", "1e-2", "--device", "cpu",
+            "-o", out)  # fmt: skip
+    assert r.exit_code == 0, r.stderr
+    m = r.record["metrics"]
+    assert m["masked_update"] is False and m["masked_update_layers"] == [] and m["merge"] == "masked"
+    before, after = load_file(str(pruned_mlp)), load_file(str(out))
+    assert torch.equal(after["fc1.weight"] != 0, before["fc1.weight"] != 0)  # the merge still re-masks

@@ -14,6 +14,8 @@ between prunecli and peft:
   (``mask = weight != 0`` for tensors listed in ``Manifest.masked``) so the sparsity survives
   exactly; ``dense`` merges and reports the sparsity lost; ``none`` keeps the adapter beside the
   weights in peft's own format (``adapter_config.json`` + ``adapter_model.safetensors``);
+- :func:`mask_updates` makes masked layers train through their mask, ``(W + scale·B A) ⊙ M``, so that
+  the ``masked`` merge writes exactly the model that was trained;
 - :func:`effective_weights` gives the weights the adapted model really computes with
   (``W + scale·B A``, or DoRA's rescaled form) for the WCR term (METHODS §3);
 - :func:`attach_adapters` re-attaches a kept adapter when a checkpoint is loaded, so ``eval`` gives
@@ -57,6 +59,7 @@ __all__ = [
     "effective_weight_fns",
     "effective_weights",
     "lora_layers",
+    "mask_updates",
     "masks_of",
     "merge_adapters",
     "merge_kept_adapters",
@@ -247,21 +250,28 @@ def effective_weights(model: nn.Module, only: str | None = None) -> dict[str, to
 
     Vanilla LoRA: ``W + (α/r)·B A`` (peft's ``get_delta_weight``, which covers conv shapes).
     DoRA: ``m / ‖W + ΔW‖_row · (W + ΔW)`` (the merged weight, with the norm not detached so that a
-    regulariser sees it). These are the tensors the WCR term regularises (METHODS §3, paper C's
-    LoRA setting).
+    regulariser sees it). A layer set up by :func:`mask_updates` multiplies this by its pruning mask.
+    These are the tensors the WCR term regularises (METHODS §3, paper C's LoRA setting).
     """
     out: dict[str, torch.Tensor] = {}
     for name, layer in sorted(lora_layers(model).items()):
         if ADAPTER_NAME not in layer.lora_A or (only is not None and only != f"{name}.weight"):
             continue
-        w = layer.get_base_layer().weight
-        eff = w + layer.get_delta_weight(ADAPTER_NAME)
-        if ADAPTER_NAME in getattr(layer, "lora_magnitude_vector", {}):
-            mag = layer.lora_magnitude_vector[ADAPTER_NAME].weight
-            norm = eff.flatten(1).norm(p=2, dim=1)
-            eff = eff * (mag.reshape(-1) / norm).reshape(-1, *([1] * (eff.ndim - 1)))
-        out[f"{name}.weight"] = eff
+        eff = _merged_weight(layer)
+        keep = _mask_of(layer)
+        out[f"{name}.weight"] = eff if keep is None else eff * keep
     return out
+
+
+def _merged_weight(layer: nn.Module) -> torch.Tensor:
+    """The weight a merge would write for one LoRA layer (before any mask), differentiable."""
+    w = layer.get_base_layer().weight
+    eff = w + layer.get_delta_weight(ADAPTER_NAME)
+    if ADAPTER_NAME in getattr(layer, "lora_magnitude_vector", {}):
+        mag = layer.lora_magnitude_vector[ADAPTER_NAME].weight
+        norm = eff.flatten(1).norm(p=2, dim=1)
+        eff = eff * (mag.reshape(-1) / norm).reshape(-1, *([1] * (eff.ndim - 1)))
+    return eff
 
 
 def effective_weight_fns(model: nn.Module) -> dict[str, Callable[[], torch.Tensor]]:
@@ -287,6 +297,77 @@ def masks_of(model: nn.Module, masked: Iterable[str]) -> dict[str, torch.Tensor]
     """
     params = dict(model.named_parameters())
     return {n: params[n].detach() != 0 for n in sorted(set(masked)) if n in params}
+
+
+# ----------------------------------------------------------------------------------------- masked update
+
+_MASK_ATTR = "_prunecli_keep"
+_MASKABLE: tuple[type[nn.Module], ...] = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
+
+
+def mask_updates(model: nn.Module, masks: Mapping[str, torch.Tensor]) -> list[str]:
+    """Makes every adapted layer that carries a pruning mask compute with ``(W + ΔW) ⊙ M``.
+
+    Paper A trains ``W + (α/r)·B A`` with a dense ``B A``; re-applying the mask after the merge then
+    throws away the part of the update that fell on pruned positions, so the written checkpoint is not
+    the model that was trained (at high sparsity most of the update is lost). Training through the
+    mask keeps the update where it survives: the adapted layer computes with exactly the weight the
+    ``masked`` merge writes, and the gradient reaching ``B`` and ``A`` sees only kept positions. With
+    ``B = 0`` the layer still computes ``W ⊙ M = W``, so training starts at the pruned model.
+
+    The layer's ``forward`` is replaced on the instance (peft's class is untouched); merging or
+    unloading drops the LoRA layer and with it the replacement.
+
+    Args:
+        model: a model with peft LoRA layers (:func:`attach_lora`).
+        masks: base parameter name → boolean keep-mask (:func:`masks_of`).
+
+    Returns:
+        The base parameter names now trained through their mask, sorted.
+    """
+    done: list[str] = []
+    for name, layer in sorted(lora_layers(model).items()):
+        keep = masks.get(f"{name}.weight")
+        base = layer.get_base_layer()
+        if keep is None or ADAPTER_NAME not in layer.lora_A or not isinstance(base, _MASKABLE):
+            continue
+        # A plain attribute, not a buffer: DDP would broadcast a weight-sized buffer every step.
+        setattr(layer, _MASK_ATTR, keep.to(torch.bool))
+        layer.forward = functools.partial(_masked_forward, layer)
+        done.append(f"{name}.weight")
+    return done
+
+
+def _mask_of(layer: nn.Module) -> torch.Tensor | None:
+    """The layer's keep-mask on its weight's device (moved once, then cached), or None."""
+    keep = getattr(layer, _MASK_ATTR, None)
+    if keep is None:
+        return None
+    device = layer.get_base_layer().weight.device
+    if keep.device != device:
+        keep = keep.to(device)
+        setattr(layer, _MASK_ATTR, keep)
+    return keep
+
+
+def _masked_forward(layer: nn.Module, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+    """``(W + ΔW) ⊙ M`` applied as the base layer would apply ``W``; dropout only on the update's input."""
+    base = layer.get_base_layer()
+    if layer.disable_adapters or layer.merged or ADAPTER_NAME not in layer.active_adapters:
+        return base(x, *args, **kwargs)
+    weight = _merged_weight(layer) * _mask_of(layer)
+    dropout = layer.lora_dropout[ADAPTER_NAME]
+    if isinstance(dropout, nn.Dropout) and dropout.training and dropout.p > 0:
+        # W ⊙ M = W (the mask is W's own non-zero pattern), so the update alone sees the dropped input.
+        return _apply(base, x, base.weight, base.bias) + _apply(base, dropout(x), weight - base.weight, None)
+    return _apply(base, x, weight, base.bias)
+
+
+def _apply(base: nn.Module, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """The base layer's operation with another weight (its stride, padding, groups for convolutions)."""
+    if isinstance(base, nn.Linear):
+        return nn.functional.linear(x, weight, bias)
+    return base._conv_forward(x, weight, bias)
 
 
 # ----------------------------------------------------------------------------------------- merge

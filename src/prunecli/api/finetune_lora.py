@@ -5,7 +5,10 @@ Adapters ``(α/r)·B A`` are trained beside the frozen (pruned) weights of every
 Afterwards a merge mode from :data:`prunecli.lora.MERGE_MODES` decides what is written:
 ``masked`` (merge, then re-apply each masked tensor's pruning mask: the sparsity survives exactly),
 ``dense`` (merge; the adapted layers lose their zeros) or ``none`` (the adapter stays beside the
-weights, in peft's format, in ``OUT.adapter/``; ``eval`` and peft both load it).
+weights, in peft's format, in ``OUT.adapter/``; ``eval`` and peft both load it). With ``masked`` the
+masked layers also *train* through their mask (:func:`prunecli.lora.mask_updates`), so the written
+checkpoint is exactly the trained model; ``masked_update=False`` trains paper A's plain ``W + s·B A``
+instead and loses the update's pruned positions at the merge.
 
 Under ``torchrun --nproc-per-node N`` the run is data-parallel (DDP over the adapter parameters;
 see :mod:`prunecli.distributed` for how N processes reproduce one); only rank 0 writes.
@@ -63,6 +66,7 @@ def finetune_lora(
     dora: bool = False,
     bn: str = "train",
     merge: str = "masked",
+    masked_update: bool | None = None,
     wcr: float = 0.0,
     wcr_eps: float = 1e-8,
     wcr_delta: float = 1e-8,
@@ -154,6 +158,13 @@ def finetune_lora(
     _check(wcr, wcr_eps, wcr_delta, batch_size)
     merge_fn = lora.MERGE_MODES.get(merge)
     merge = lora.MERGE_MODES.canonical(merge)
+    if masked_update is None:
+        masked_update = merge == "masked"
+    elif masked_update and merge != "masked":
+        raise InputError(
+            f"--masked-update needs --merge masked (got --merge {merge})",
+            hint="--merge dense and none keep the whole update; drop --masked-update",
+        )
     lora.BN_MODES.canonical(bn)
     opts = lora.LoraOptions(rank, alpha, dropout, linear, tuple(targets), tuple(exclude), dora, bn)
 
@@ -189,6 +200,7 @@ def finetune_lora(
 
     chosen = lora.select_targets(model, opts)
     peft_model = lora.attach_lora(model, opts, chosen)
+    through_mask = lora.mask_updates(peft_model, masks) if masked_update else []
     n_trainable = sum(p.numel() for p in lora.trainable_params(peft_model).values())
     trainee = D.wrap_ddp(_BnMode(peft_model, bn), dev)
     n = len(train_ds.dataset)
@@ -251,6 +263,8 @@ def finetune_lora(
             "trainable_params": n_trainable,
             "merge": outcome.mode,
             "merge_requested": merge,
+            "masked_update": bool(through_mask),
+            "masked_update_layers": through_mask,
             "masked": outcome.masked,
             "sparsity_before": sparsity_before,
             "sparsity_lost": max(0.0, sparsity_before - metrics["sparsity_after"]),
@@ -261,7 +275,8 @@ def finetune_lora(
     )
     lineage_options = {
         "data": data, "val": val, "rank": rank, "alpha": alpha, "dropout": dropout, "linear": linear,
-        "targets": list(targets), "exclude": list(exclude), "dora": dora, "bn": bn, "merge": merge, "wcr": wcr,
+        "targets": list(targets), "exclude": list(exclude), "dora": dora, "bn": bn, "merge": merge,
+        "masked_update": masked_update, "wcr": wcr,
         "wcr_eps": wcr_eps, "wcr_delta": wcr_delta, "epochs": epochs, "batch_size": batch_size, "optimizer": optimizer,
         "lr": lr, "weight_decay": weight_decay, "schedule": schedule, "augment": augment,
         "label_smoothing": label_smoothing, "clip_grad": clip_grad, "amp": amp, "max_steps": max_steps, "seed": seed,

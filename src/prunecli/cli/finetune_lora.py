@@ -81,6 +81,13 @@ MergeOpt = Annotated[
     typer.Option("--merge", help="masked: merge and re-apply the pruning masks (sparsity kept); dense: merge; "
                  "none: keep the adapter beside the weights in peft's format (OUT.adapter/).", rich_help_panel=_LORA),
 ]  # fmt: skip
+MaskedUpdateOpt = Annotated[
+    Optional[bool],
+    typer.Option("--masked-update/--no-masked-update",
+                 help="Train masked layers through their pruning mask, (W + (α/r)·B A) ⊙ M, so the merged "
+                 "checkpoint is exactly the trained model. Default: on with --merge masked; "
+                 "--no-masked-update trains paper A's plain W + (α/r)·B A.", rich_help_panel=_LORA),
+]  # fmt: skip
 ScheduleOpt = Annotated[str, typer.Option("--schedule", help="LR schedule per step: none (paper A), cosine or step.")]
 WcrOpt = Annotated[
     float,
@@ -103,6 +110,7 @@ def finetune_lora_cmd(
     dora: DoraOpt = False,
     bn: BnOpt = "train",
     merge: MergeOpt = "masked",
+    masked_update: MaskedUpdateOpt = None,
     epochs: EpochsOpt = 10,
     batch_size: BatchOpt = 128,
     optimizer: OptimizerOpt = "adam",
@@ -143,7 +151,8 @@ def finetune_lora_cmd(
     inputs, dopts, common = model_inputs(arch, num_classes, ema, input_size, mean, std)
     options = {
         "data": data, "val": val, "rank": rank, "alpha": alpha, "dropout": dropout, "linear": linear,
-        "targets": targets or [], "exclude": exclude or [], "dora": dora, "bn": bn, "merge": merge, "epochs": epochs,
+        "targets": targets or [], "exclude": exclude or [], "dora": dora, "bn": bn, "merge": merge,
+        "masked_update": masked_update, "epochs": epochs,
         "batch_size": batch_size, "optimizer": optimizer, "lr": lr, "weight_decay": weight_decay,
         "schedule": schedule, "augment": augment, "label_smoothing": label_smoothing, "clip_grad": clip_grad,
         "amp": amp, "max_steps": max_steps, "wcr": wcr, "wcr_eps": wcr_eps, "wcr_delta": wcr_delta, **common,
@@ -180,6 +189,7 @@ def finetune_lora_cmd(
                 dora=dora,
                 bn=bn,
                 merge=merge,
+                masked_update=masked_update,
                 wcr=wcr,
                 wcr_eps=wcr_eps,
                 wcr_delta=wcr_delta,
