@@ -175,6 +175,28 @@ def test_masked_update_computes_the_hand_formula_for_linear_and_conv() -> None:
     torch.testing.assert_close(fc2(x), F.linear(x, dense, fc2.base_layer.bias), rtol=1e-5, atol=1e-5)
 
 
+def test_masked_update_runs_a_conv_subclass_own_forward() -> None:
+    # timm's Conv2dSame pads in its forward ("SAME" padding, stride 2): the masked update must keep that.
+    from timm.layers import Conv2dSame
+
+    torch.manual_seed(0)
+    model = nn.Sequential(Conv2dSame(3, 8, 3, stride=2), nn.Flatten(), nn.LazyLinear(4))
+    model(torch.randn(1, 3, 9, 9))
+    _prune_global(model, ["0"], 0.5)
+    keep = {"0.weight": model[0].weight.detach() != 0}
+    peft_model = lora.attach_lora(model, lora.LoraOptions(rank=2, linear=False, targets=("0",)))
+    _randomise_adapters(peft_model)
+    assert lora.mask_updates(peft_model, keep) == ["0.weight"]
+    conv = lora.lora_layers(peft_model)["0"]
+    reference = copy.deepcopy(conv.base_layer)
+    with torch.no_grad():
+        reference.weight.copy_(lora.effective_weights(peft_model)["0.weight"])
+    x = torch.randn(2, 3, 9, 9)
+    torch.testing.assert_close(conv(x), reference(x), rtol=1e-5, atol=1e-5)
+    merged = lora.MERGE_MODES.get("masked")(peft_model, keep).model
+    torch.testing.assert_close(merged[0](x), reference(x), rtol=1e-5, atol=1e-5)
+
+
 def test_masked_update_gradients_equal_autograd_of_the_hand_formula() -> None:
     model, keep = _pruned_mlp_with_masks()
     peft_model = lora.attach_lora(model, lora.LoraOptions())

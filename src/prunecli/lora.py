@@ -363,11 +363,21 @@ def _masked_forward(layer: nn.Module, x: torch.Tensor, *args: Any, **kwargs: Any
     return _apply(base, x, weight, base.bias)
 
 
+_PLAIN_FORWARDS = frozenset({nn.Linear.forward, nn.Conv1d.forward, nn.Conv2d.forward, nn.Conv3d.forward})
+
+
 def _apply(base: nn.Module, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     """The base layer's operation with another weight (its stride, padding, groups for convolutions)."""
-    if isinstance(base, nn.Linear):
-        return nn.functional.linear(x, weight, bias)
-    return base._conv_forward(x, weight, bias)
+    if type(base).forward in _PLAIN_FORWARDS:
+        if isinstance(base, nn.Linear):
+            return nn.functional.linear(x, weight, bias)
+        return base._conv_forward(x, weight, bias)
+    # A subclass with its own forward (timm's Conv2dSame pads first, StdConv2d standardises the weight):
+    # run that forward with the weight swapped in, so the merged layer computes the same thing.
+    params = {"weight": weight}
+    if base.bias is not None:
+        params["bias"] = bias if bias is not None else torch.zeros_like(base.bias)
+    return torch.func.functional_call(base, params, (x,))
 
 
 # ----------------------------------------------------------------------------------------- merge
