@@ -11,10 +11,12 @@ the stem.
 Usage::
 
     OMP_NUM_THREADS=2 .venv/bin/python benchmarks/restore_study.py [--out DIR] [--epochs-cnn 8] [--epochs-resnet 15]
-        [--models improved_cnn,resnet10t] [--prune-stem] [--ratios 0.3,0.5] [--seed 0]
+        [--models improved_cnn,resnet10t] [--prune-stem] [--ratios 0.3,0.5] [--seed 0] [--folds K]
 
 ``--seed`` seeds the base model's training (the base file name carries it when it is not 0), to tell
-one-test-image differences from noise.
+one-test-image differences from noise. ``--folds K`` replaces the fixed 80/20 split (360 test images)
+by stratified K-fold cross-validation over all 1797 images: every fold trains its own base model, and
+the tables pool the K test folds (every image tested once).
 
 Prints markdown tables (and writes ``DIR/restore_study_<models>[_stem]_s<seed>.json``).
 """
@@ -53,9 +55,32 @@ def main() -> int:
     ap.add_argument("--prune-stem", action="store_true", help="resnet10t: also prune the deep stem's conv1.0/conv1.3")
     ap.add_argument("--ratios", default=",".join(f"{r:g}" for r in RATIOS))
     ap.add_argument("--seed", type=int, default=0, help="training seed of the base model")
+    ap.add_argument("--folds", type=int, default=0,
+                    help="K-fold cross-validation over all 1797 digits images instead of the fixed split")  # fmt: skip
     args = ap.parse_args()
     logging.getLogger("prunecli").setLevel(logging.ERROR)
     out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    ratios = [float(r) for r in args.ratios.split(",")]
+    stem = "_stem" if args.prune_stem else ""
+    stamp = f"{args.models.replace(',', '_')}{stem}_s{args.seed}"
+    if args.folds:
+        rows = []
+        for k, (train, test) in enumerate(_write_folds(out / f"folds{args.folds}", args.folds)):
+            fold_rows = _study(args, out / f"fold{k}", train, test, ratios)
+            rows += [{**r, "fold": k} for r in fold_rows]
+        (out / f"restore_study_{stamp}_cv{args.folds}.json").write_text(json.dumps(rows, indent=2, sort_keys=True))
+        _print_fold_deltas(rows)
+        rows = _pool_folds(rows)
+    else:
+        rows = _study(args, out, "digits:train", "digits:test", ratios)
+        (out / f"restore_study_{stamp}.json").write_text(json.dumps(rows, indent=2, sort_keys=True))
+    _print_tables(rows)
+    return 0
+
+
+def _study(args: argparse.Namespace, out: Path, train: str, test: str, ratios: list[float]) -> list[dict]:
+    """Trains, prunes and restores every model of ``--models`` on one train/test split."""
     out.mkdir(parents=True, exist_ok=True)
     rows = []
     for name in args.models.split(","):
@@ -64,21 +89,22 @@ def main() -> int:
         base = out / f"{name}_base{tag}.safetensors"
         t0 = time.perf_counter()
         if not base.exists():
-            finetune(f"arch:{name}", "digits:train", output=base, epochs=epochs, lr=1e-3, augment=False,
+            finetune(f"arch:{name}", train, output=base, epochs=epochs, lr=1e-3, augment=False,
                      inputs=InputOptions(num_classes=10),
                      data_options=DOPTS, device="cpu", amp=False, seed=args.seed)  # fmt: skip
-        dense = evaluate(str(base), "digits:test", data_options=DOPTS, device="cpu").metrics["top1"]
+        dense_eval = evaluate(str(base), test, data_options=DOPTS, device="cpu").metrics
+        dense = dense_eval["top1"]
         print(f"{name}: dense top1 {dense:.4f} (train {time.perf_counter() - t0:.0f}s)", file=sys.stderr)
-        for ratio in [float(r) for r in args.ratios.split(",")]:
+        for ratio in ratios:
             pruned = out / f"{name}{tag}_p{round(ratio * 100)}.safetensors"
             prune(str(base), out=pruned, method="magnitude", structure="channel", ratio=ratio,
                   exclude=_exclude(name, args.prune_stem), data_options=DOPTS, device="cpu", force=True)  # fmt: skip
-            row = {"model": name, "ratio": ratio, "dense": dense, "seed": args.seed}
+            row = {"model": name, "ratio": ratio, "dense": dense, "seed": args.seed, "n_test": dense_eval["samples"]}
             variants = [(m, {}) for m in METHODS] + [(f"lbyl λ2={v:g}", {"lambda2": v}) for v in LAMBDA2_SCAN]
             for label, params in variants:
                 method = label.split(" ")[0]
-                r = restore(str(pruned), method=method, out=str(out / "tmp.safetensors"), data="digits:train",
-                            val="digits:test", params=params, data_options=DOPTS, device="cpu", force=True,
+                r = restore(str(pruned), method=method, out=str(out / "tmp.safetensors"), data=train,
+                            val=test, params=params, data_options=DOPTS, device="cpu", force=True,
                             batch_size=128)  # fmt: skip
                 m = r.metrics
                 row["prune"] = m["top1_before"]
@@ -89,15 +115,90 @@ def main() -> int:
                 row["restored_layers"] = m["restored_layers"]
                 print(f"  {name} r={ratio} {label}: {m['top1_before']:.4f} → {m['top1']:.4f}", file=sys.stderr)
             rows.append(row)
-    stem = "_stem" if args.prune_stem else ""
-    name = f"restore_study_{args.models.replace(',', '_')}{stem}_s{args.seed}.json"
-    (out / name).write_text(json.dumps(rows, indent=2, sort_keys=True))
+    return rows
+
+
+def _write_folds(root: Path, k: int) -> list[tuple[str, str]]:
+    """Writes the 1797 digits images (prunecli's 32×32 rendering) as K stratified train/test image folders.
+
+    The fixed 80/20 split has 360 test images, so one image is 0.28 points; K-fold cross-validation
+    tests every image once (seeded ``StratifiedKFold``, ``random_state=0``) and pools the K test sets.
+    """
+    from sklearn.model_selection import StratifiedKFold
+
+    from prunecli.data import _digits
+
+    parts = _digits()
+    images = parts["train"][0] + parts["test"][0]
+    labels = parts["train"][1] + parts["test"][1]
+    specs = []
+    folds = StratifiedKFold(n_splits=k, shuffle=True, random_state=0).split(images, labels)
+    for i, (tr, te) in enumerate(folds):
+        for split, ids in (("train", tr), ("test", te)):
+            d = root / f"fold{i}" / split
+            if not d.exists():
+                tmp = d.with_name(split + ".tmp")
+                for j in ids:
+                    (tmp / str(labels[j])).mkdir(parents=True, exist_ok=True)
+                    images[j].save(tmp / str(labels[j]) / f"{j:04d}.png")
+                tmp.rename(d)
+        specs.append((f"imagefolder:{root / f'fold{i}' / 'train'}", f"imagefolder:{root / f'fold{i}' / 'test'}"))
+    return specs
+
+
+def _pool_folds(rows: list[dict]) -> list[dict]:
+    """Pools the folds of each (model, ratio): accuracies and losses weighted by test-fold size."""
+    pooled: dict[tuple[str, float], dict] = {}
+    for r in rows:
+        key = (r["model"], r["ratio"])
+        acc = pooled.setdefault(key, {"model": r["model"], "ratio": r["ratio"], "n_test": 0, "_sum": {}})
+        n = r["n_test"]
+        acc["n_test"] += n
+        for k, v in r.items():
+            if isinstance(v, float) and k != "ratio":
+                acc["_sum"][k] = acc["_sum"].get(k, 0.0) + v * n
+    out = []
+    for acc in pooled.values():
+        sums = acc.pop("_sum")
+        out.append({**acc, **{k: v / acc["n_test"] for k, v in sums.items()}})
+    return out
+
+
+def _counts(row: dict) -> tuple[dict[str, int], str]:
+    """Correct test images per method, and ``bn``'s change after prune / merge / lbyl / lstsq."""
+    n = row["n_test"]
+    c = {k: round(row[k] * n) for k in ("dense", "prune", *METHODS)}
+    delta = [c["bn"] - c["prune"], *(c[f"{m}+bn"] - c[m] for m in ("merge", "lbyl", "lstsq"))]
+    return c, " / ".join(f"{d:+d}" for d in delta)
+
+
+def _print_fold_deltas(rows: list[dict]) -> None:
+    """Per fold: correct test images of each method and what ``bn`` after it changes (before pooling)."""
+    print("Per fold: correct test images, and the change from `bn` after prune / merge / lbyl / lstsq:")
+    print("| model | ratio | fold | n_test | dense | prune | merge | lbyl | lstsq | bn after |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        c, delta = _counts(r)
+        cells = " | ".join(str(c[k]) for k in ("dense", "prune", "merge", "lbyl", "lstsq"))
+        print(f"| {r['model']} | {r['ratio']:.0%} | {r['fold']} | {r['n_test']} | {cells} | {delta} |")
+    print()
+
+
+def _print_tables(rows: list[dict]) -> None:
     cols = ["prune", *METHODS]
     print("| model | ratio | dense | " + " | ".join(cols) + " |")
     print("|---|---|---|" + "---|" * len(cols))
     for row in rows:
         cells = [f"{100 * row[c]:.1f}" for c in cols]
         print(f"| {row['model']} | {row['ratio']:.0%} | {100 * row['dense']:.1f} | " + " | ".join(cells) + " |")
+    print()
+    print("Correct test images (of n_test), and what `bn` after each method changes:")
+    print("| model | ratio | n_test | dense | " + " | ".join(cols) + " | bn after prune/merge/lbyl/lstsq |")
+    print("|---|---|---|---|" + "---|" * len(cols) + "---|")
+    for row in rows:
+        c, delta = _counts(row)
+        print(f"| {row['model']} | {row['ratio']:.0%} | {row['n_test']} | "
+              + " | ".join(str(c[k]) for k in ["dense", *cols]) + f" | {delta} |")  # fmt: skip
     print()
     print("Test cross-entropy (lower is better):")
     print("| model | ratio | prune | " + " | ".join(METHODS) + " |")
@@ -120,7 +221,6 @@ def main() -> int:
     for row in rows:
         cells = [f"{100 * row['lbyl']:.1f}"] + [f"{100 * row[f'lbyl λ2={v:g}']:.1f}" for v in LAMBDA2_SCAN]
         print(f"| {row['model']} | {row['ratio']:.0%} | " + " | ".join(cells) + " |")
-    return 0
 
 
 def _exclude(name: str, prune_stem: bool) -> list[str]:
