@@ -18,7 +18,7 @@ one-test-image differences from noise. ``--folds K`` replaces the fixed 80/20 sp
 by stratified K-fold cross-validation over all 1797 images: every fold trains its own base model, and
 the tables pool the K test folds (every image tested once).
 
-Prints markdown tables (and writes ``DIR/restore_study_<models>[_stem]_s<seed>.json``).
+Prints markdown tables (and writes ``DIR/restore_study_<models>[_stem]_s<seed>[_cv<K>].json``).
 """
 
 from __future__ import annotations
