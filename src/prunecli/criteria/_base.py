@@ -47,6 +47,7 @@ __all__ = [
     "CriterionOutput",
     "NoOptions",
     "ScoreContext",
+    "at_least_float32",
     "option_help",
     "option_key",
     "options_dict",
@@ -158,7 +159,7 @@ class Criterion:
 
     def objectives(self, logits: torch.Tensor, targets: torch.Tensor) -> Iterable[torch.Tensor]:
         """Scalars to differentiate, one backward pass each (default: mean cross-entropy of the batch)."""
-        return [F.cross_entropy(logits.float(), targets)]
+        return [F.cross_entropy(at_least_float32(logits), targets)]
 
     def grad_targets(self, ctx: ScoreContext) -> Sequence[torch.Tensor]:
         """Tensors whose gradients :meth:`on_grads` receives (default: the prunable weights)."""
@@ -191,6 +192,16 @@ class Criterion:
     def hook(self, handle: Any) -> None:
         """Keeps a hook handle so :meth:`close` removes it."""
         self._handles.append(handle)
+
+
+def at_least_float32(t: torch.Tensor) -> torch.Tensor:
+    """``t`` in float32, or kept in float64.
+
+    Half-precision activations and logits are upcast so that losses and statistics are accumulated in
+    at least float32; a float64 model (the tests' independent references run in float64) keeps its
+    precision instead of being rounded to float32 half-way through.
+    """
+    return t if t.dtype == torch.float64 else t.float()
 
 
 # ---------------------------------------------------------------------------------------- options

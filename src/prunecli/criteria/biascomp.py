@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from prunecli.criteria._base import Criterion, CriterionOutput, ScoreContext
+from prunecli.criteria._base import Criterion, CriterionOutput, ScoreContext, at_least_float32
 from prunecli.criteria._conv import conv_weight_stat
 
 __all__ = ["BiasComp", "BiasCompOptions"]
@@ -108,7 +108,7 @@ class BiasComp(Criterion):
         return hook
 
     def objectives(self, logits: torch.Tensor, targets: torch.Tensor) -> Iterable[torch.Tensor]:
-        logits = logits.float()
+        logits = at_least_float32(logits)
         mode = self.options.sensitivity
         k = logits.shape[-1]
         self._scale = 1.0

@@ -15,7 +15,7 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from prunecli.criteria._base import Criterion, CriterionOutput, ScoreContext
+from prunecli.criteria._base import Criterion, CriterionOutput, ScoreContext, at_least_float32
 from prunecli.criteria._conv import conv_weight_stat
 
 __all__ = ["Wanda"]
@@ -35,7 +35,7 @@ class Wanda(Criterion):
 
     def _capture(self, pname: str) -> Any:
         def hook(m: nn.Module, args: tuple, out: torch.Tensor) -> None:
-            x = args[0].detach().float()
+            x = at_least_float32(args[0].detach())
             if isinstance(m, nn.Linear):
                 sq = x.reshape(-1, x.shape[-1]).square().sum(0, dtype=torch.float64)
             else:  # (1, C, *k): Σ over samples and output positions of the squared im2col entries
