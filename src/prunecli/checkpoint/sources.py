@@ -81,7 +81,12 @@ def read_stdin_record(stream: TextIO | None = None) -> dict:
         raise InputError("'-' reads the previous step's JSON record from stdin, but stdin is a terminal")
     lines = [ln for ln in stream.read().splitlines() if ln.strip()]
     if not lines:
-        raise InputError("'-' given but stdin holds no JSON record", hint="pipe a prunecli command into this one")
+        # in a pipe, an empty stdin means the step before failed (its error is on the terminal above)
+        raise InputError(
+            "'-' given but stdin holds no JSON record: the previous step in the pipe wrote no record "
+            "(it failed: see its error above)",
+            hint="fix the first failing step; '-' takes the checkpoint of the record a prunecli command prints",
+        )
     try:
         record = json.loads(lines[-1])
     except json.JSONDecodeError:
