@@ -553,3 +553,32 @@ def test_every_criterion_scores_every_prunable_param(arch: str, shape: tuple[int
             s = out.scores[p]
             assert s.shape == (w.shape if cls(cls.Options()).granularity == "weight" else w.shape[:1]), (name, p)
             assert torch.isfinite(s).all(), (name, p)
+
+
+# ------------------------------------------------------------------------------ degenerate scores
+def test_zero_score_warning_names_zero_gamma_and_counts_live_weights() -> None:
+    from prunecli.prunable import prunable_params
+    from prunecli.scoring import zero_score_warning
+
+    torch.manual_seed(0)
+    conv, bn, fc = nn.Conv2d(3, 16, 3, padding=1), nn.BatchNorm2d(16), nn.Linear(16, 4)
+    m = nn.Sequential(conv, bn, nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), fc).eval()
+    with torch.no_grad():  # γ = 0 (a fresh timm ResNet's last BN per block), β ≠ 0 so that fc still learns
+        bn.weight.zero_()
+        bn.bias.fill_(0.5)
+    data = batches(n=1, b=4, shape=(3, 6, 6), k=4)
+    crit = get_criterion("taylor")
+    out, _, _ = run_criterion(m, crit, data, device=CPU)
+    # by hand: no gradient passes a γ = 0 BatchNorm, so every conv weight scores 0 and every fc weight
+    # does not (fc's input is ReLU(β) = 0.5 everywhere and its output gradient is softmax − onehot ≠ 0)
+    assert not out.scores["0.weight"].any() and out.scores["5.weight"].all()
+    msg = zero_score_warning(crit, out.scores, prunable_params(m), m)
+    n_conv, n_all = conv.weight.numel(), conv.weight.numel() + fc.weight.numel()
+    assert msg is not None and f"{n_conv:,} of {n_all:,} weights" in msg and "'1'" in msg and "γ = 0" in msg
+    # already-zero weights score 0 rightly (a pruned checkpoint): they are not counted
+    with torch.no_grad():
+        conv.weight.mul_(torch.rand_like(conv.weight) < 0.1)  # 90 % pruned
+        bn.weight.fill_(1.0)
+    l1 = get_criterion("l1")
+    assert zero_score_warning(l1, run(m, "l1").scores, prunable_params(m), m) is None
+    assert zero_score_warning(crit, run(m, "taylor", data).scores, prunable_params(m), m) is None

@@ -25,10 +25,18 @@ from prunecli.errors import InputError
 from prunecli.prunable import prunable_layers
 from prunecli.scores import ScoresFile
 
-__all__ = ["SCORE_MODES", "balanced_indices", "compute_scores", "layer_stats", "run_criterion"]
+__all__ = [
+    "SCORE_MODES",
+    "balanced_indices",
+    "compute_scores",
+    "layer_stats",
+    "run_criterion",
+    "zero_score_warning",
+]
 
 _LOG = logging.getLogger("prunecli")
 SCORE_MODES = ("eval", "train")
+ZERO_SCORE_WARN_FRACTION = 0.5  # "most": above this share of live weights scored exactly 0, ranking is moot
 
 
 def balanced_indices(targets: list[int] | None, n: int, fraction: float, seed: int) -> list[int]:
@@ -166,6 +174,67 @@ def run_criterion(
     return out, samples, n_batches
 
 
+# ------------------------------------------------------------------------------ degenerate scores
+def _zero_gammas(model: torch.nn.Module, criterion: Criterion) -> str | None:
+    """Normalisation layers whose scale γ is 0 everywhere: they block every gradient and zero |γ|."""
+    names = [
+        n
+        for n, m in model.named_modules()
+        if isinstance(m, (torch.nn.modules.batchnorm._NormBase, torch.nn.GroupNorm, torch.nn.LayerNorm))
+        and isinstance(getattr(m, "weight", None), torch.Tensor)
+        and m.weight.numel()
+        and not bool(m.weight.detach().any())
+    ]
+    if not names:
+        return None
+    return (
+        f"{len(names)} normalisation layer(s) have γ = 0 everywhere (e.g. {names[0]!r}; a freshly created timm "
+        "ResNet zero-initialises the last BatchNorm of every residual block), so nothing reaches the layers "
+        "before them"
+    )
+
+
+def _dead_units(model: torch.nn.Module, criterion: Criterion) -> str | None:
+    """Gradient and activation criteria see zeros where no signal flows on the calibration data."""
+    if not criterion.requires & {"data", "grads"}:
+        return None
+    return "or units are dead on the calibration data (ReLUs that never fire, all-zero weights downstream)"
+
+
+# Each entry names one cause of exactly-zero scores it can see in the model; all that apply are reported.
+_ZERO_SCORE_CAUSES = (_zero_gammas, _dead_units)
+
+
+def zero_score_warning(
+    criterion: Criterion,
+    scores: Mapping[str, torch.Tensor],
+    params: Mapping[str, torch.Tensor],
+    model: torch.nn.Module,
+) -> str | None:
+    """A warning when most weights that are not already zero got a score of exactly 0, else None.
+
+    Exactly-zero scores tie: pruning then ranks them by position, and a global selection can empty
+    whole layers. Weights that are already zero (a pruned checkpoint) are not counted: their score of 0
+    is right. The message gives the causes :data:`_ZERO_SCORE_CAUSES` find in the model.
+    """
+    zero = live = 0
+    for name, s in scores.items():
+        w = params[name].detach()
+        alive = w != 0 if criterion.granularity == "weight" else w.reshape(w.shape[0], -1).ne(0).any(1)
+        per = w[0].numel() if criterion.granularity == "channel" else 1  # count weights, not channels
+        zero += int(((s == 0) & alive.to(s.device)).sum()) * per
+        live += int(alive.sum()) * per
+    if not live or zero <= ZERO_SCORE_WARN_FRACTION * live:
+        return None
+    causes = [c for cause in _ZERO_SCORE_CAUSES if (c := cause(model, criterion))]
+    why = f": {'; '.join(causes)}" if causes else ""
+    return (
+        f"{criterion.name}: {zero:,} of {live:,} weights ({zero / live:.1%}) score exactly 0{why}. Their order is "
+        "arbitrary and a global prune may remove whole layers; train the model first (prunecli finetune) or "
+        "use a data-free criterion (--method magnitude)"
+    )
+
+
 def _chain(first: Any, rest: Iterator[Any]) -> Iterator[Any]:
     yield first
     yield from rest
@@ -268,7 +337,7 @@ def compute_scores(
     """Scores every prunable parameter of ``loaded.model`` with criterion ``method``.
 
     Args:
-        loaded: a :class:`prunecli.checkpoint.io.Loaded` (its model is moved to ``device``).
+        loaded: a :class:`prunecli.checkpoint.loaders.Loaded` (its model is moved to ``device``).
         method: criterion name or alias (``taylor``, ``l1``, …).
         data: calibration data spec (split defaults to ``train``); required by data-driven methods.
         data_options: :class:`prunecli.api._common.DataOptions` transform overrides.
@@ -315,6 +384,9 @@ def compute_scores(
     out, samples, n_batches = run_criterion(
         model, criterion, it, device=dev, seed=seed, example=example, score_mode=score_mode
     )
+    params = {f"{n}.weight": m.weight for n, m in prunable_layers(model).items()}
+    if warning := zero_score_warning(criterion, out.scores, params, model):
+        _LOG.warning("%s", warning)
     stats = layer_stats(out.scores, out.notes)
     options = options_dict(criterion.options)
     if data is not None:
