@@ -22,9 +22,11 @@ from prunecli.errors import DataError
 from prunecli.registry import Registry
 
 __all__ = [
+    "AUGMENTATIONS",
     "DATA_SOURCES",
     "DataSpec",
     "LoadedData",
+    "augmentation_name",
     "build_dataset",
     "check_num_classes",
     "data_config",
@@ -140,27 +142,42 @@ def eval_transform(cfg: dict[str, Any]) -> Callable[[Any], torch.Tensor]:
     return T.Compose([_ToMode(_mode(cfg)), tf])
 
 
-def train_transform(cfg: dict[str, Any], *, augment: bool = True) -> Callable[[Any], torch.Tensor]:
-    """Paper A's training augmentation: random crop with padding 4 and horizontal flip.
+AUGMENTATIONS: dict[str, tuple[bool, bool]] = {
+    # name: (random crop with padding 4, horizontal flip)
+    "crop-flip": (True, True),  # paper A (CIFAR-style), the from-scratch recipe
+    "crop": (True, False),  # fine-tuning: a flip the network was not trained with is a distribution shift
+    "none": (False, False),
+}
 
-    Images are first resized to the model's input size, so the augmentation works the same on
-    digits' 32×32 images and on larger image folders.
+
+def augmentation_name(augment: bool | str) -> str:
+    """``True`` → ``crop-flip`` (paper A), ``False`` → ``none``; names are checked against :data:`AUGMENTATIONS`."""
+    if isinstance(augment, bool):
+        return "crop-flip" if augment else "none"
+    if augment not in AUGMENTATIONS:
+        raise DataError(f"unknown augmentation {augment!r}; choose from {', '.join(AUGMENTATIONS)}")
+    return augment
+
+
+def train_transform(cfg: dict[str, Any], *, augment: bool | str = True) -> Callable[[Any], torch.Tensor]:
+    """Training transform: paper A's random crop with padding 4 and horizontal flip, or a lighter variant.
+
+    ``augment`` is a name in :data:`AUGMENTATIONS` (or True = ``crop-flip``, False = ``none``). Images
+    are first resized to the model's input size, so the augmentation works the same on digits' 32×32
+    images and on larger image folders.
     """
     from torchvision import transforms as T
 
-    if not augment:
+    crop, flip = AUGMENTATIONS[augmentation_name(augment)]
+    if not crop and not flip:
         return eval_transform(cfg)
     _, h, w = cfg["input_size"]
-    return T.Compose(
-        [
-            _ToMode(_mode(cfg)),
-            T.Resize((h, w)),
-            T.RandomCrop((h, w), padding=4),
-            T.RandomHorizontalFlip(),
-            T.ToTensor(),
-            T.Normalize(cfg["mean"], cfg["std"]),
-        ]
-    )
+    steps: list[Any] = [_ToMode(_mode(cfg)), T.Resize((h, w))]
+    if crop:
+        steps.append(T.RandomCrop((h, w), padding=4))
+    if flip:
+        steps.append(T.RandomHorizontalFlip())
+    return T.Compose([*steps, T.ToTensor(), T.Normalize(cfg["mean"], cfg["std"])])
 
 
 class _ImageList(Dataset):
@@ -284,7 +301,7 @@ def build_dataset(
     *,
     default_split: str = "test",
     train: bool = False,
-    augment: bool = True,
+    augment: bool | str = True,
     num_classes: int | None = None,
 ) -> LoadedData:
     """Builds the dataset of ``spec`` with eval (or training) transforms for ``cfg``.
@@ -294,7 +311,8 @@ def build_dataset(
         cfg: timm data config (:func:`data_config`).
         default_split: split used when the spec names none (eval: test, training: train).
         train: use the training transform instead of the eval transform.
-        augment: with ``train``, apply paper A's crop+flip augmentation.
+        augment: with ``train``, the augmentation: a name in :data:`AUGMENTATIONS`, True (paper A's
+            crop + flip) or False.
         num_classes: the model's class count (``synthetic`` draws labels in this range).
     """
     parsed = parse_data_spec(spec)

@@ -73,6 +73,11 @@ def _create(manifest: Manifest, *, meta: bool) -> nn.Module:
         from prunecli.surgery import apply_structure  # only structurally pruned checkpoints need it
 
         apply_structure(model, manifest.structure)
+        from prunecli.loading import pruned_num_features
+
+        width = pruned_num_features(model)
+        if width is not None and isinstance(getattr(model, "num_features", None), int):
+            model.num_features = width  # timm set the dense width at construction; the head reads fewer
     return model
 
 

@@ -49,7 +49,7 @@ from prunecli.masks import Masks
 from prunecli.progress import progress
 from prunecli.registry import Registry
 
-__all__ = ["OPTIMIZERS", "SCHEDULES", "EpochStats", "TrainConfig", "TrainResult", "train"]
+__all__ = ["OPTIMIZERS", "SCHEDULES", "EpochStats", "TrainConfig", "TrainResult", "lr_factor", "train"]
 
 log = logging.getLogger(__name__)
 
@@ -75,6 +75,10 @@ class TrainConfig:
         clip_grad: clip the global gradient L2 norm to this value (None: no clipping).
         amp: use autocast (bfloat16 where supported, else float16 with a GradScaler) on CUDA; never on CPU.
         max_steps: stop after this many optimizer steps (None: ``epochs`` full passes).
+        warmup_steps: linear warm-up from ``lr/(warmup_steps+1)`` to ``lr`` over the first steps, then
+            ``schedule`` over the rest. Fine-tuning a trained network needs it: Adam's first updates have
+            the full step size whatever the gradient's scale, which knocks a converged network out of its
+            minimum before the moment estimates settle.
     """
 
     epochs: int = 10
@@ -87,6 +91,7 @@ class TrainConfig:
     clip_grad: float | None = None
     amp: bool = True
     max_steps: int | None = None
+    warmup_steps: int = 0
 
     def validate(self) -> None:
         """Raises :class:`InputError` (or UnknownNameError) for values that cannot train."""
@@ -104,6 +109,8 @@ class TrainConfig:
             raise InputError(f"--clip-grad must be positive, got {self.clip_grad}")
         if self.max_steps is not None and self.max_steps < 1:
             raise InputError(f"max_steps must be positive, got {self.max_steps}")
+        if not isinstance(self.warmup_steps, int) or self.warmup_steps < 0:
+            raise InputError(f"--warmup-steps must be a non-negative integer, got {self.warmup_steps}")
         OPTIMIZERS.canonical(self.optimizer)
         SCHEDULES.canonical(self.schedule)
 
@@ -189,6 +196,19 @@ def _step(total: int) -> Callable[[int], float]:
 @SCHEDULES.register("none", aliases=("constant",))
 def _constant(total: int) -> Callable[[int], float]:
     return lambda step: 1.0
+
+
+def lr_factor(schedule: str, total: int, warmup: int = 0) -> Callable[[int], float]:
+    """LR factor per optimizer step: a linear warm-up over ``warmup`` steps, then ``schedule`` over the rest.
+
+    Warm-up step ``s`` (0-based) uses ``(s + 1) / (warmup + 1)``, so the first update is already small
+    but never zero, and the schedule starts at its peak on step ``warmup``.
+    """
+    warmup = min(warmup, max(total - 1, 0))
+    after = SCHEDULES.get(schedule)(total - warmup)
+    if not warmup:
+        return after
+    return lambda step: (step + 1) / (warmup + 1) if step < warmup else after(step - warmup)
 
 
 # ---- the loop ------------------------------------------------------------------------------------
@@ -277,7 +297,7 @@ def _run(
     total = per_epoch * config.epochs if per_epoch is not None else (config.max_steps or 1)
     if config.max_steps is not None:
         total = min(total, config.max_steps)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, SCHEDULES.get(config.schedule)(total))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor(config.schedule, total, config.warmup_steps))
     amp_dtype = _amp_dtype(device, config.amp)
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype is torch.float16)
     trainable = [p for _, p in params]
