@@ -96,8 +96,8 @@ def _make_checkpoint(arch: str, path: Path, num_classes: int, hf_folder: Path) -
     import torch
     from timm.models import save_for_hf
 
-    from prunecli.checkpoint.io import save_checkpoint
     from prunecli.checkpoint.manifest import Manifest
+    from prunecli.checkpoint.writer import save_checkpoint
     from prunecli.models import default_pretrained_cfg
 
     torch.manual_seed(0)

@@ -35,8 +35,8 @@ def main() -> int:
     logging.getLogger("prunecli").setLevel(logging.ERROR)
     from prunecli.api.prune import prune
     from prunecli.api.restore import restore
-    from prunecli.checkpoint.io import save_checkpoint
     from prunecli.checkpoint.manifest import Manifest
+    from prunecli.checkpoint.writer import save_checkpoint
     from prunecli.models import default_pretrained_cfg
 
     torch.manual_seed(0)

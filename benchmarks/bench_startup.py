@@ -37,8 +37,8 @@ def write_checkpoint(path: Path, arch: str) -> int:
     import timm
     import torch
 
-    from prunecli.checkpoint.io import write_safetensors
     from prunecli.checkpoint.manifest import METADATA_KEY, Manifest
+    from prunecli.checkpoint.safetensors_io import write_safetensors
     from prunecli.models import default_pretrained_cfg
 
     with torch.device("meta"):  # shapes only: no initialisation cost

@@ -16,14 +16,14 @@ Two steps (both CPU; run them in the background, they take minutes):
     For every listed architecture, in a fresh subprocess per model (with a timeout):
     1. prunecli: ``prune_channels(ratio=0.3)`` (magnitude, layer scope, classifier excluded); forward on
        a fixed input; output shape = the dense one; params drop; save with
-       ``prunecli.checkpoint.io.save_checkpoint`` (manifest.structure = the returned structure) together
+       ``prunecli.checkpoint.writer.save_checkpoint`` (manifest.structure = the returned structure) together
        with the input and the pruned model's output;
     2. plain Torch-Pruning, generic recipe on a fresh copy: ``BasePruner(model, x,
        GroupMagnitudeImportance(p=2), pruning_ratio=0.3, ignored_layers=[classifier])``, ``step()``,
        forward, right output shape, params drop. Its only pickle-free way to reload is a state dict
        into a freshly built model, which cannot fit pruned shapes — so only "prune + forward" is scored.
     Then ONE fresh process (which never saw any pruned model) reloads every prunecli checkpoint through
-    ``prunecli.checkpoint.io.load_checkpoint`` and compares its output to the saved one (max abs diff
+    ``prunecli.checkpoint.loaders.load_checkpoint`` and compares its output to the saved one (max abs diff
     ≤ 1e-5). Writes ``benchmarks/zoo_coverage.jsonl`` (raw) and ``benchmarks/zoo_coverage.md`` (table).
 """
 
@@ -186,8 +186,8 @@ def _prune_one(row: dict, outdir: Path) -> dict:
     import timm
     import torch
 
-    from prunecli.checkpoint.io import save_checkpoint
     from prunecli.checkpoint.manifest import Manifest
+    from prunecli.checkpoint.writer import save_checkpoint
     from prunecli.models import default_pretrained_cfg
     from prunecli.prunable import classifier_modules
     from prunecli.pruning.channel import prune_channels
@@ -260,7 +260,7 @@ def _verify(rows: list[dict], outdir: Path) -> dict[str, dict]:
     import torch
     from safetensors.torch import load_file
 
-    from prunecli.checkpoint.io import load_checkpoint
+    from prunecli.checkpoint.loaders import load_checkpoint
 
     torch.set_num_threads(1)
     out = {}

@@ -53,8 +53,8 @@ def save_model() -> Callable[..., Path]:
     """Saves a model as a self-describing prunecli checkpoint: save_model(model, path, arch, num_classes)."""
 
     def save(model: Any, path: Path, arch: str, num_classes: int | None = None, **model_args: Any) -> Path:
-        from prunecli.checkpoint.io import save_checkpoint
         from prunecli.checkpoint.manifest import Manifest
+        from prunecli.checkpoint.writer import save_checkpoint
         from prunecli.models import default_pretrained_cfg
 
         manifest = Manifest(arch, num_classes or getattr(model, "num_classes", None), model_args,

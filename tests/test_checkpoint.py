@@ -12,9 +12,11 @@ import pytest
 import timm
 import torch
 
+from prunecli.checkpoint.hashing import file_sha256
 from prunecli.checkpoint.header import DTYPE_BYTES, read_header
-from prunecli.checkpoint.io import check_output, file_sha256, load_checkpoint, save_checkpoint
+from prunecli.checkpoint.loaders import load_checkpoint
 from prunecli.checkpoint.manifest import FORMAT_VERSION, METADATA_KEY, Manifest
+from prunecli.checkpoint.writer import check_output, save_checkpoint
 from prunecli.errors import CheckpointError, InputError
 from prunecli.models import default_pretrained_cfg
 
@@ -145,9 +147,18 @@ def test_force_overwrites_file_and_folder(tmp_path: Path) -> None:
     assert sorted(p.name for p in tmp_path.iterdir()) == ["f", "m.safetensors"]  # no temp leftovers
 
 
+def test_every_source_kind_has_a_loader() -> None:
+    """The loader tables cover every kind resolve_source can return (a new kind without a row would KeyError)."""
+    from prunecli.checkpoint.loaders import LOADERS, STATE_LOADERS
+    from prunecli.checkpoint.sources import SourceKind
+
+    assert set(LOADERS) == set(SourceKind)
+    assert set(STATE_LOADERS) == set(SourceKind) - {SourceKind.ARCH, SourceKind.TIMM}  # these read no file
+
+
 @pytest.mark.parametrize("folder", [False, True])
 def test_failed_write_leaves_nothing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, folder: bool) -> None:
-    import prunecli.checkpoint.io as io
+    import prunecli.checkpoint.writer as writer
 
     model = _model()
 
@@ -155,7 +166,7 @@ def test_failed_write_leaves_nothing(tmp_path: Path, monkeypatch: pytest.MonkeyP
         Path(path).write_bytes(b"partial")
         raise OSError("disk full")
 
-    monkeypatch.setattr(io, "write_safetensors", boom)
+    monkeypatch.setattr(writer, "write_safetensors", boom)
     out = f"{tmp_path / 'out'}/" if folder else tmp_path / "out.safetensors"
     with pytest.raises(OSError, match="disk full"):
         save_checkpoint(out, model, _manifest(model))
@@ -179,7 +190,7 @@ def test_writer_is_read_by_safetensors(tmp_path: Path, dtype: torch.dtype) -> No
     """write_safetensors produces files the safetensors library reads back exactly, in every dtype."""
     from safetensors import safe_open
 
-    from prunecli.checkpoint.io import write_safetensors
+    from prunecli.checkpoint.safetensors_io import write_safetensors
 
     g = torch.Generator().manual_seed(0)
     tensors = {

@@ -65,8 +65,8 @@ def pruned_mlp(tmp_path: Path) -> Path:
     import torch.nn.utils.prune as P
 
     import prunecli.archs  # noqa: F401
-    from prunecli.checkpoint.io import save_checkpoint
     from prunecli.checkpoint.manifest import Manifest
+    from prunecli.checkpoint.writer import save_checkpoint
     from prunecli.models import default_pretrained_cfg
 
     torch.manual_seed(0)
@@ -196,8 +196,8 @@ def cnn_ckpt(tmp_path_factory: pytest.TempPathFactory) -> Path:
     import timm
 
     import prunecli.archs  # noqa: F401
-    from prunecli.checkpoint.io import save_checkpoint
     from prunecli.checkpoint.manifest import Manifest
+    from prunecli.checkpoint.writer import save_checkpoint
     from prunecli.models import default_pretrained_cfg
 
     torch.manual_seed(0)

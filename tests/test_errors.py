@@ -44,8 +44,8 @@ def assert_clean_error(r, root: Path | None = None, before: list | None = None, 
 @pytest.fixture(scope="module")
 def good(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """A valid prunecli checkpoint and a valid bare state dict to corrupt."""
-    from prunecli.checkpoint.io import save_checkpoint
     from prunecli.checkpoint.manifest import Manifest
+    from prunecli.checkpoint.writer import save_checkpoint
     from prunecli.models import default_pretrained_cfg
 
     root = tmp_path_factory.mktemp("good")
@@ -251,7 +251,7 @@ def test_save_output_refuses_input_as_output(good: dict, work: Path, force: bool
 
 
 def test_save_checkpoint_folder_input_as_output(good: dict, work: Path) -> None:
-    from prunecli.checkpoint.io import save_checkpoint
+    from prunecli.checkpoint.writer import save_checkpoint
 
     loaded = _loaded(good["ckpt"])
     save_checkpoint(f"{work / 'folder'}/", loaded.model, loaded.manifest)
@@ -264,7 +264,7 @@ def test_save_checkpoint_folder_input_as_output(good: dict, work: Path) -> None:
 
 @pytest.mark.parametrize("out", ["model.pth", "model", "no_such_dir/m.safetensors"])
 def test_check_output_rejects_bad_paths(work: Path, out: str) -> None:
-    from prunecli.checkpoint.io import check_output
+    from prunecli.checkpoint.writer import check_output
 
     with pytest.raises(InputError):
         check_output(work / out, force=False)

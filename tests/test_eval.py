@@ -12,8 +12,8 @@ import timm
 import torch
 from PIL import Image
 
-from prunecli.checkpoint.io import save_checkpoint
 from prunecli.checkpoint.manifest import Manifest
+from prunecli.checkpoint.writer import save_checkpoint
 from prunecli.models import default_pretrained_cfg
 
 ARCH, K, SIZE = "test_resnet", 6, 40

@@ -124,8 +124,8 @@ def test_existing_output_needs_force(cli, tmp_path) -> None:
 
 def _masked_copy(src, dst, save_model, *, mark: bool = True) -> dict[str, np.ndarray]:
     """Zeroes a random half of every conv/linear weight of ``src`` and saves it (marked as masked)."""
-    from prunecli.checkpoint.io import save_checkpoint
     from prunecli.checkpoint.manifest import Manifest
+    from prunecli.checkpoint.writer import save_checkpoint
 
     man = Manifest.from_json(json.dumps(_manifest(src)))
     from prunecli.api._common import load_input

@@ -247,8 +247,8 @@ def test_arch_fresh(cli) -> None:
 
 def test_stdin_dash_reads_previous_record(cli, files: dict, tmp_path: Path) -> None:
     """'-' takes the checkpoint of the previous record (the last non-empty line on stdin)."""
-    from prunecli.checkpoint.io import save_checkpoint
     from prunecli.checkpoint.manifest import Manifest
+    from prunecli.checkpoint.writer import save_checkpoint
     from prunecli.models import default_pretrained_cfg
 
     out = tmp_path / "m.safetensors"

@@ -12,8 +12,8 @@ import pytest
 import timm
 import torch
 
-from prunecli.checkpoint.io import save_checkpoint
 from prunecli.checkpoint.manifest import Manifest
+from prunecli.checkpoint.writer import save_checkpoint
 from prunecli.models import default_pretrained_cfg
 
 MODELS = ["test_resnet", "test_vit", "improved_cnn", "fc_mlp"]

@@ -330,7 +330,7 @@ def test_bad_lora_options_are_refused(opts: lora.LoraOptions, message: str) -> N
 @pytest.fixture
 def pruned_mlp(tmp_path: Path) -> Path:
     """A trained-for-a-moment fc_mlp (with BatchNorm) pruned 50 % globally, saved with its masked tensors."""
-    from prunecli.checkpoint.io import save_checkpoint
+    from prunecli.checkpoint.writer import save_checkpoint
     from prunecli.models import default_pretrained_cfg
 
     model = _mlp(bn=True)

@@ -15,8 +15,9 @@ import torch
 from torch import nn
 
 import prunecli.archs  # noqa: F401  (registers improved_cnn, fc_mlp)
-from prunecli.checkpoint.io import load_checkpoint, save_checkpoint
+from prunecli.checkpoint.loaders import load_checkpoint
 from prunecli.checkpoint.manifest import Manifest
+from prunecli.checkpoint.writer import save_checkpoint
 from prunecli.errors import CheckpointError, InputError
 from prunecli.models import default_pretrained_cfg
 from prunecli.pruning.channel import prune_channels

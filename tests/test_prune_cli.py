@@ -24,7 +24,7 @@ def mlp_ckpt(tmp_path: Path, save_model) -> Path:
 
 
 def _scores(tmp_path: Path, ckpt: Path, method: str, granularity: str, name: str = "s.scores", seed: int = 0) -> Path:
-    from prunecli.checkpoint.io import load_checkpoint
+    from prunecli.checkpoint.loaders import load_checkpoint
     from prunecli.scores import ScoresFile, save_scores
 
     loaded = load_checkpoint(str(ckpt))

@@ -40,8 +40,8 @@ def _model(arch: str, seed: int = 0) -> nn.Module:
 
 @pytest.fixture(scope="module")
 def ckpts(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    from prunecli.checkpoint.io import save_checkpoint
     from prunecli.checkpoint.manifest import Manifest
+    from prunecli.checkpoint.writer import save_checkpoint
     from prunecli.models import default_pretrained_cfg
 
     root = tmp_path_factory.mktemp("fast")
@@ -138,7 +138,8 @@ def test_fast_path_scores_file_and_folder_output(
     from prunecli.scores import ScoresFile, save_scores
 
     src = ckpts["test_resnet"]
-    from prunecli.checkpoint.io import file_sha256, load_checkpoint
+    from prunecli.checkpoint.hashing import file_sha256
+    from prunecli.checkpoint.loaders import load_checkpoint
 
     loaded = load_checkpoint(str(src))
     gen = torch.Generator().manual_seed(3)
@@ -200,8 +201,8 @@ def test_layer_table_against_a_real_forward_pass(ckpts: dict[str, Path]) -> None
 
 
 def test_no_table_where_it_would_not_be_exact(tmp_path: Path) -> None:
-    from prunecli.checkpoint.io import save_checkpoint
     from prunecli.checkpoint.manifest import Manifest
+    from prunecli.checkpoint.writer import save_checkpoint
     from prunecli.layertable import build_layer_table
 
     class Tied(nn.Module):

@@ -240,7 +240,7 @@ def test_nm_end_to_end(tmp_path: Path, save_model) -> None:
 
 def test_macs_and_storage_metrics(tmp_path: Path, save_model) -> None:
     from prunecli.api.prune import prune
-    from prunecli.checkpoint.io import load_checkpoint
+    from prunecli.checkpoint.loaders import load_checkpoint
 
     model = _model("improved_cnn", seed=4)
     src = save_model(model, tmp_path / "m.safetensors", "improved_cnn", 10)
@@ -335,7 +335,7 @@ def digits_mlp() -> tuple[nn.Module, tuple[torch.Tensor, torch.Tensor], tuple[to
 
 def test_bias_compensation_lowers_loss(tmp_path: Path, save_model, digits_mlp) -> None:
     from prunecli.api.prune import prune
-    from prunecli.checkpoint.io import load_checkpoint
+    from prunecli.checkpoint.loaders import load_checkpoint
     from prunecli.scores import ScoresFile, save_scores
 
     model, train, test = digits_mlp

@@ -129,7 +129,7 @@ def test_version_and_module_entry_point() -> None:
 
 def test_broken_pipe_is_quiet(tmp_path: Path) -> None:
     """`prunecli inspect X | head -c0`: no traceback when the reader goes away."""
-    from prunecli.checkpoint.io import write_safetensors
+    from prunecli.checkpoint.safetensors_io import write_safetensors
 
     write_safetensors(tmp_path / "x.safetensors", {"w": torch.zeros(2)}, {})
     p = subprocess.run(

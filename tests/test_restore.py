@@ -99,8 +99,8 @@ def test_vit_mlp_hidden_unit_restored_with_warning() -> None:
 @pytest.fixture(scope="module")
 def ckpts(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     from prunecli.api.prune import prune
-    from prunecli.checkpoint.io import save_checkpoint
     from prunecli.checkpoint.manifest import Manifest
+    from prunecli.checkpoint.writer import save_checkpoint
     from prunecli.models import default_pretrained_cfg
 
     tmp = tmp_path_factory.mktemp("restore")
@@ -121,7 +121,8 @@ def ckpts(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 
 
 def test_cli_restore_lbyl_record_and_reload(cli, ckpts: dict[str, Path]) -> None:
-    from prunecli.checkpoint.io import file_sha256, load_checkpoint
+    from prunecli.checkpoint.hashing import file_sha256
+    from prunecli.checkpoint.loaders import load_checkpoint
 
     out = ckpts["tmp"] / "r.safetensors"
     r = cli("restore", ckpts["p50"], "--method", "lbyl", "--data", "digits:train", "--val", "digits:test",

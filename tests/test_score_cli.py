@@ -16,8 +16,8 @@ import prunecli.archs  # noqa: F401
 
 @pytest.fixture(scope="module")
 def ckpt(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from prunecli.checkpoint.io import save_checkpoint
     from prunecli.checkpoint.manifest import Manifest
+    from prunecli.checkpoint.writer import save_checkpoint
     from prunecli.models import default_pretrained_cfg
 
     torch.manual_seed(0)

@@ -14,8 +14,9 @@ import pytest
 import timm
 import torch
 
-from prunecli.checkpoint.io import load_checkpoint, save_checkpoint
+from prunecli.checkpoint.loaders import load_checkpoint
 from prunecli.checkpoint.manifest import Manifest
+from prunecli.checkpoint.writer import save_checkpoint
 from prunecli.models import default_pretrained_cfg
 from prunecli.pruning.channel import prune_channels
 

@@ -42,7 +42,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from prunecli.errors import CheckpointError, InputError
+from prunecli.checkpoint.adapters import ADAPTER_NAME, attach_adapters
+from prunecli.errors import InputError
 from prunecli.prunable import match_any
 from prunecli.registry import Registry
 
@@ -70,7 +71,6 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-ADAPTER_NAME = "default"
 # Module types peft's default LoRA dispatcher adapts (``peft.tuners.lora.layer.dispatch_default``).
 _ADAPTABLE: tuple[type[nn.Module], ...] = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Embedding)
 
@@ -513,7 +513,7 @@ def stage_adapter(peft_model: nn.Module, near: Path) -> tuple[Path, dict[str, An
     checkpoint is written by replacing the whole folder; :func:`commit_adapter` moves it in place
     afterwards. Returns (temporary folder, the metadata for ``Manifest.adapters`` without ``path``).
     """
-    from prunecli.checkpoint.io import file_sha256
+    from prunecli.checkpoint.hashing import file_sha256
 
     tmp = Path(tempfile.mkdtemp(prefix=".adapter.", suffix=".tmp", dir=near))
     try:
@@ -539,38 +539,3 @@ def commit_adapter(tmp: Path, folder: Path) -> None:
     if folder.exists():
         shutil.rmtree(folder)
     os.replace(tmp, folder)
-
-
-def _adapter_folder(meta: Mapping[str, Any], checkpoint_path: str | Path) -> Path:
-    ckpt = Path(checkpoint_path)
-    base = ckpt if ckpt.is_dir() else ckpt.parent
-    folder = Path(str(meta.get("path", "")))
-    return folder if folder.is_absolute() else (base / folder)
-
-
-def attach_adapters(model: nn.Module, adapters_meta: Mapping[str, Any], checkpoint_path: str | Path) -> nn.Module:
-    """Attaches a kept (``--merge none``) adapter to a freshly built model, in place, for inference.
-
-    Uses peft's own loader (``PeftModel.from_pretrained``), so the logits equal those of a user who
-    loads base + adapter with peft. Returns ``model`` itself (peft injects its layers into it), in eval
-    mode with nothing trainable; :func:`merge_adapters` turns it into a plain model.
-
-    Raises:
-        CheckpointError: the adapter folder is missing, or its weights are not the ones recorded.
-    """
-    from peft import PeftModel
-
-    from prunecli.checkpoint.io import file_sha256
-
-    folder = _adapter_folder(adapters_meta, checkpoint_path)
-    weights = folder / "adapter_model.safetensors"
-    if not (folder / "adapter_config.json").is_file() or not weights.is_file():
-        raise CheckpointError(
-            f"{checkpoint_path}: its LoRA adapter folder {str(folder)!r} is missing",
-            hint="keep the .adapter folder beside the checkpoint (finetune-lora --merge none writes both)",
-        )
-    sha = adapters_meta.get("sha256")
-    if sha and file_sha256(weights) != sha:
-        raise CheckpointError(f"{weights}: adapter weights differ from those recorded in {checkpoint_path}")
-    PeftModel.from_pretrained(model, str(folder), adapter_name=ADAPTER_NAME, is_trainable=False)
-    return model.eval()

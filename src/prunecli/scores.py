@@ -68,7 +68,7 @@ class ScoresFile:
 
 def save_scores(path: str | Path, scores: ScoresFile, *, force: bool = False) -> str:
     """Writes ``scores`` atomically; returns the absolute path."""
-    from prunecli.checkpoint.io import write_safetensors
+    from prunecli.checkpoint.safetensors_io import write_safetensors
 
     path = Path(path).expanduser().resolve()
     if path.exists() and not force:

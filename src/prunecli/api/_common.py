@@ -38,7 +38,7 @@ class DataOptions:
 
 def load_input(spec: str, opts: InputOptions | None = None):  # -> Loaded (torch import kept lazy)
     """Loads CKPT (any DESIGN §2 form) with the given flags."""
-    from prunecli.checkpoint.io import load_checkpoint
+    from prunecli.checkpoint.loaders import load_checkpoint
 
     opts = opts or InputOptions()
     return load_checkpoint(
@@ -90,9 +90,9 @@ def save_output(
 ) -> tuple[str, str]:
     """Writes ``model`` with ``loaded``'s manifest (or ``manifest``) plus one lineage step.
 
-    ``model`` may also be a mapping of tensors; ``transform`` goes to :func:`prunecli.checkpoint.io.write_safetensors`.
+    ``model`` may also be a mapping of tensors; ``transform`` goes to :func:`prunecli.checkpoint.safetensors_io.write_safetensors`.
     """
-    from prunecli.checkpoint.io import lineage_step, save_checkpoint
+    from prunecli.checkpoint.writer import lineage_step, save_checkpoint
 
     base = manifest or loaded.manifest
     new = base.with_step(lineage_step(command, options, loaded))

@@ -31,7 +31,7 @@ def _check_wcr(lam: float, eps: float, delta: float) -> None:
 
 def _load(spec: str, source: Any, inputs: InputOptions | None) -> Any:
     """``load_input`` on an already-resolved source (``-`` reads stdin only once)."""
-    from prunecli.checkpoint.io import load_checkpoint
+    from prunecli.checkpoint.loaders import load_checkpoint
 
     o = inputs or InputOptions()
     return load_checkpoint(
@@ -109,8 +109,8 @@ def finetune(
         >>> finetune("arch:improved_cnn", "digits:train", output="base.safetensors", val="digits:test", epochs=12)
     """
     from prunecli import distributed as D
-    from prunecli.checkpoint.io import check_output
     from prunecli.checkpoint.sources import resolve_source
+    from prunecli.checkpoint.writer import check_output
     from prunecli.data import make_loader
     from prunecli.device import describe, resolve_device, seed_everything
     from prunecli.masks import Masks, sparsity

@@ -141,8 +141,9 @@ def finetune_lora(
     """
     from prunecli import distributed as D
     from prunecli import lora
-    from prunecli.checkpoint.io import check_output, load_checkpoint
+    from prunecli.checkpoint.loaders import load_checkpoint
     from prunecli.checkpoint.sources import resolve_source
+    from prunecli.checkpoint.writer import check_output
     from prunecli.data import make_loader
     from prunecli.device import describe, resolve_device, seed_everything
     from prunecli.evaluation import evaluate_sharded

@@ -77,7 +77,7 @@ def _from_header(header: SafetensorsHeader, layers: bool) -> dict[str, Any]:
 
 def _st_dtype(dtype: Any) -> str:
     """The safetensors name of a torch dtype (``F32``), so both inspect paths report dtypes alike."""
-    from prunecli.checkpoint.io import _ST_DTYPES
+    from prunecli.checkpoint.safetensors_io import ST_DTYPES as _ST_DTYPES
 
     return _ST_DTYPES.get(dtype, str(dtype).removeprefix("torch."))
 

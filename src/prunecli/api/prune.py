@@ -141,7 +141,8 @@ def prune(
         >>> prune("base.safetensors", method="magnitude", ratio=0.5, out="p50.safetensors").metrics["sparsity"]
         0.5
     """
-    from prunecli.checkpoint.io import check_output, file_sha256
+    from prunecli.checkpoint.hashing import file_sha256
+    from prunecli.checkpoint.writer import check_output
     from prunecli.pruning.nm import parse_nm
 
     if (scores is None) == (method is None):
@@ -276,7 +277,7 @@ class _FastInput:
     place. ``sha``: a future of the input's sha256 while it is being hashed.
     """
 
-    loaded: Any  # prunecli.checkpoint.io.Loaded with model=None
+    loaded: Any  # prunecli.checkpoint.loaders.Loaded with model=None
     tensors: dict[str, Any]
     table: Any  # prunecli.layertable.LayerTable
     mapped: bool = False
@@ -286,7 +287,7 @@ class _FastInput:
     def input_sha256(self) -> str:
         """The input's digest (waits for the hashing thread); also what the lineage records."""
         if self.sha is not None:
-            from prunecli.checkpoint.io import remember_sha256
+            from prunecli.checkpoint.hashing import remember_sha256
 
             self.loaded._sha = self.sha.result()
             remember_sha256(self.loaded.source.weights, self.loaded._sha)
@@ -336,14 +337,11 @@ def _fast_input(
         return None
     if any(t.dtype in _FLOAT_DTYPES and t.dtype != "F32" for t in header.tensors):
         return None
-    from prunecli.checkpoint.io import (
-        Loaded,
-        _check_finite,
-        check_output,
-        map_safetensors_hashed,
-        read_safetensors_hashed,
-        remember_sha256,
-    )
+    from prunecli.checkpoint.hashing import remember_sha256
+    from prunecli.checkpoint.loaders import Loaded
+    from prunecli.checkpoint.loaders import check_finite as _check_finite
+    from prunecli.checkpoint.safetensors_io import map_safetensors_hashed, read_safetensors_hashed
+    from prunecli.checkpoint.writer import check_output
 
     check_output(out[0], force=out[1], inputs=[source.path, source.weights])  # before reading a large file
     assert source.weights is not None

@@ -262,8 +262,9 @@ def restore(
     Example:
         >>> restore("p50.safetensors", method="lbyl", out="p50r.safetensors").metrics["restored_layers"]
     """
-    from prunecli.checkpoint.io import check_output, load_checkpoint
+    from prunecli.checkpoint.loaders import load_checkpoint
     from prunecli.checkpoint.sources import resolve_source
+    from prunecli.checkpoint.writer import check_output
     from prunecli.data import make_loader
     from prunecli.device import describe, resolve_device, seed_everything
     from prunecli.restoration import parse_methods, resolve_params
@@ -339,7 +340,7 @@ def _load_dense(
 ) -> Any:
     from pathlib import Path
 
-    from prunecli.checkpoint.io import load_checkpoint
+    from prunecli.checkpoint.loaders import load_checkpoint
 
     step = found[1] if found else {}
     want_sha = step.get("input_sha256")

@@ -1,4 +1,10 @@
-"""Checkpoint formats: torch-free header reading and manifest here; loading/saving in ``io``."""
+"""Checkpoint formats.
+
+Torch-free here (``inspect`` needs only these): the header (:mod:`.header`), the manifest
+(:mod:`.manifest`) and CKPT resolution (:mod:`.sources`). Loading is in :mod:`.loaders`, writing in
+:mod:`.writer`, tensor data in :mod:`.safetensors_io`, digests in :mod:`.hashing`, the Hugging Face
+cache in :mod:`.hf_cache`, kept LoRA adapters in :mod:`.adapters`.
+"""
 
 from prunecli.checkpoint.header import SafetensorsHeader, TensorInfo, read_header
 from prunecli.checkpoint.manifest import METADATA_KEY, Manifest

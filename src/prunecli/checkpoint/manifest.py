@@ -36,7 +36,7 @@ class Manifest:
         lineage: one entry per step that produced this checkpoint, oldest first.
         format: metadata format version.
         layer_table: prunable weights, classifier head, MACs per weight and buffer names, written by
-            :func:`prunecli.checkpoint.io.save_checkpoint` so that weight pruning can run without
+            :func:`prunecli.checkpoint.writer.save_checkpoint` so that weight pruning can run without
             rebuilding the model (schema in :mod:`prunecli.layertable`), or None. Older readers ignore it.
     """
 
