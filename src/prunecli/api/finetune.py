@@ -8,6 +8,7 @@ trains on its shard of every global batch (DDP, :mod:`prunecli.distributed`); on
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
 from pathlib import Path
@@ -49,12 +50,14 @@ def finetune(
     val: str | None = None,
     epochs: int = 10,
     batch_size: int = 64,
-    optimizer: str = "adam",
-    lr: float = 1e-3,
+    recipe: str = "auto",
+    optimizer: str | None = None,
+    lr: float | None = None,
     weight_decay: float = 0.0,
     momentum: float = 0.9,
-    schedule: str = "cosine",
-    augment: bool = True,
+    schedule: str | None = None,
+    warmup: float | None = None,
+    augment: bool | str | None = None,
     label_smoothing: float = 0.0,
     clip_grad: float | None = None,
     amp: bool = True,
@@ -78,12 +81,17 @@ def finetune(
         val: a data spec evaluated after every epoch (split defaults to ``test``).
         epochs: passes over the training data.
         batch_size: training (and validation) batch size.
-        optimizer: ``adam``, ``adamw`` or ``sgd`` (with ``momentum``).
-        lr: peak learning rate.
+        recipe: where ``optimizer``, ``lr``, ``schedule``, ``warmup`` and ``augment`` come from when
+            left at None (:data:`prunecli.recipes.RECIPES`): ``auto`` takes ``scratch`` (paper A: Adam
+            1e-3, cosine, crop + flip) for an ``arch:`` model and ``finetune`` (Adam 1e-4, 10 % warm-up,
+            cosine, crop only) for a trained checkpoint, which the from-scratch recipe damages.
+        optimizer: ``adam``, ``adamw`` or ``sgd`` (with ``momentum``); None: from the recipe.
+        lr: peak learning rate; None: from the recipe.
         weight_decay: weight decay on conv/linear weights (not biases or norms).
         momentum: SGD momentum.
-        schedule: ``cosine``, ``step`` (÷10 at 1/3 and 2/3) or ``none``.
-        augment: paper A's random crop (padding 4) + horizontal flip on the training data.
+        schedule: ``cosine``, ``step`` (÷10 at 1/3 and 2/3) or ``none``, after the warm-up; None: from the recipe.
+        warmup: fraction of the optimizer steps spent warming the LR up linearly, in [0, 1); None: from the recipe.
+        augment: ``crop-flip`` (paper A), ``crop`` or ``none`` (True/False: crop-flip/none); None: from the recipe.
         label_smoothing: cross-entropy label smoothing.
         clip_grad: clip the gradient norm to this value.
         amp: mixed precision on CUDA (ignored on CPU).
@@ -99,7 +107,8 @@ def finetune(
     Returns:
         A Result whose metrics hold per-epoch ``train_loss``, final ``train_acc``, ``val_top1`` per
         epoch (with ``val``), ``sparsity_before``/``sparsity_after`` over the prunable weights, the
-        masked tensors' sparsity, and the ``wcr`` block (λ, R, λ·R, per-layer Var(|w|)).
+        masked tensors' sparsity, ``recipe`` (every resolved training default and where it came
+        from), and with ``wcr > 0`` the ``wcr`` block (λ, R, λ·R, per-layer Var(|w|)).
 
     Raises:
         InputError: invalid hyper-parameters or output path.
@@ -109,15 +118,21 @@ def finetune(
         >>> finetune("arch:improved_cnn", "digits:train", output="base.safetensors", val="digits:test", epochs=12)
     """
     from prunecli import distributed as D
-    from prunecli.checkpoint.sources import resolve_source
+    from prunecli.checkpoint.sources import SourceKind, resolve_source
     from prunecli.checkpoint.writer import check_output
-    from prunecli.data import make_loader
+    from prunecli.data import augmentation_name, make_loader
     from prunecli.device import describe, resolve_device, seed_everything
     from prunecli.masks import Masks, sparsity
     from prunecli.prunable import prunable_params
+    from prunecli.recipes import resolve_recipe, warmup_steps
     from prunecli.training import TrainConfig, train
     from prunecli.wcr import WCR
 
+    source = resolve_source(spec)
+    given = {"optimizer": optimizer, "lr": lr, "schedule": schedule, "warmup": warmup, "augment": augment}
+    chosen, recipe_report = resolve_recipe(recipe, fresh=source.kind is SourceKind.ARCH, given=given)
+    optimizer, lr, schedule, augment = chosen["optimizer"], chosen["lr"], chosen["schedule"], chosen["augment"]
+    augment = recipe_report["augment"] = augmentation_name(augment)
     config = TrainConfig(
         epochs=epochs, optimizer=optimizer, lr=lr, weight_decay=weight_decay, momentum=momentum, schedule=schedule,
         label_smoothing=label_smoothing, clip_grad=clip_grad, amp=amp, max_steps=max_steps,
@@ -126,7 +141,6 @@ def finetune(
     _check_wcr(wcr, wcr_eps, wcr_delta)
     if batch_size < 1:
         raise InputError(f"--batch-size must be positive, got {batch_size}")
-    source = resolve_source(spec)
     check_output(output, force=force, inputs=[source.path, source.weights])  # fail before any work
     dev = resolve_device(device)
     seed_everything(seed)  # before load_input: an arch: model is initialised there
@@ -152,6 +166,9 @@ def finetune(
     )  # fmt: skip
     loader = make_loader(train_ds, batch_size=batch_size // ctx.world_size, workers=workers, sampler=sampler)
     val_loader = make_loader(val_ds, batch_size=max(batch_size, 256), workers=workers) if val_ds else None
+    total_steps = min(len(loader) * epochs, max_steps or len(loader) * epochs)
+    config = dataclasses.replace(config, warmup_steps=warmup_steps(chosen["warmup"], total_steps))
+    recipe_report["warmup_steps"] = config.warmup_steps
     start = time.perf_counter()
     result = train(
         D.wrap_ddp(model, dev), loader, dev, config, extra_loss=reg if wcr > 0 else None, masks=masks or None,
@@ -181,14 +198,17 @@ def finetune(
             "masked": masks.names(),
             "masked_sparsity_before": masked_before,
             "masked_sparsity_after": masks.sparsity() if masks else None,
-            "wcr": reg.stats(),
+            "recipe": recipe_report,
         }
     )
+    if wcr > 0:  # the block (λ, R, per-layer variances) only describes a run that used the regulariser
+        metrics["wcr"] = reg.stats()
     if result.epochs and result.epochs[-1].val is not None:
         metrics["val_top1_final"] = result.epochs[-1].val["top1"]
     lineage_options = {
-        "data": data, "val": val, "epochs": epochs, "batch_size": batch_size, "optimizer": optimizer, "lr": lr,
-        "weight_decay": weight_decay, "momentum": momentum, "schedule": schedule, "augment": augment,
+        "data": data, "val": val, "epochs": epochs, "batch_size": batch_size, "recipe": recipe_report["name"],
+        "optimizer": optimizer, "lr": lr, "weight_decay": weight_decay, "momentum": momentum, "schedule": schedule,
+        "warmup": chosen["warmup"], "warmup_steps": config.warmup_steps, "augment": augment,
         "label_smoothing": label_smoothing, "clip_grad": clip_grad, "amp": amp, "wcr": wcr, "wcr_eps": wcr_eps,
         "wcr_delta": wcr_delta, "max_steps": max_steps, "seed": seed,
     }  # fmt: skip

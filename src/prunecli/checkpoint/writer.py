@@ -120,6 +120,7 @@ def save_checkpoint(
 
     folder = _is_folder_output(out)
     path = check_output(out, force=force, inputs=inputs)
+    module = state if isinstance(state, nn.Module) else None
     if isinstance(state, nn.Module):
         num_features = num_features or getattr(state, "num_features", None)
         model, state = state, state.state_dict()
@@ -159,6 +160,14 @@ def save_checkpoint(
         }
         if manifest.model_args:
             config["model_args"] = manifest.model_args
+        from prunecli.loading import folder_notes  # shapes timm cannot load alone: say so, never a dense width
+
+        notes, readme = folder_notes(manifest, module, path.name)
+        config.update(notes)
+        if "num_features" in notes and notes["num_features"] is None:
+            del config["num_features"]  # unknown pruned width: dropped rather than the dense one
+        if readme:
+            (tmpdir / "README.md").write_text(readme)
         (tmpdir / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
         for f in tmpdir.iterdir():
             _fsync(f)
