@@ -345,3 +345,72 @@ def test_help_lists_every_registered_optimizer_and_schedule(cli) -> None:
     text = " ".join(r.stdout.split())
     for name in [*OPTIMIZERS.names(), *SCHEDULES.names()]:
         assert name in text, name
+
+
+# ---- recipes: defaults chosen by what a run starts from ---------------------------------------------
+
+
+def _finetune(spec, out, **kw):
+    """The library call with its defaults (the CLI maps its options onto these parameters)."""
+    from prunecli.api.finetune import finetune
+
+    return finetune(str(spec), "digits:train", output=str(out), device="cpu", force=True, **kw)
+
+
+def test_warmup_then_schedule_follow_their_formula(monkeypatch) -> None:
+    from prunecli.training import TrainConfig, train
+
+    model = nn.Linear(3, 2)
+    batches = [(torch.randn(4, 3), torch.randint(0, 2, (4,))) for _ in range(5)]
+    seen: list[float] = []
+    opt_step = torch.optim.Adam.step
+
+    def spy(self, *a, **k):
+        seen.append(self.param_groups[0]["lr"])
+        return opt_step(self, *a, **k)
+
+    monkeypatch.setattr(torch.optim.Adam, "step", spy)
+    train(model, batches, torch.device("cpu"), TrainConfig(epochs=2, lr=0.01, schedule="cosine", warmup_steps=3))
+    # 3 warm-up steps at 1/4, 2/4, 3/4 of the peak, then a cosine over the remaining 7 steps from the peak.
+    expect = [0.25, 0.5, 0.75] + [0.5 * (1 + math.cos(math.pi * t / 7)) for t in range(7)]
+    assert seen == pytest.approx([0.01 * f for f in expect], rel=1e-9)
+
+
+def test_arch_start_takes_the_scratch_recipe_and_reports_every_default(tmp_path) -> None:
+    m = _finetune("arch:fc_mlp", tmp_path / "a.safetensors", max_steps=2).metrics
+    assert m["recipe"]["name"] == "scratch" and m["recipe"]["chosen_because"] == "fresh arch: model"
+    assert (m["recipe"]["optimizer"], m["recipe"]["lr"], m["recipe"]["schedule"]) == ("adam", 1e-3, "cosine")
+    assert (m["recipe"]["augment"], m["recipe"]["warmup_steps"], m["recipe"]["set_by_user"]) == ("crop-flip", 0, [])
+    assert "wcr" not in m  # WCR off: no regulariser block in the record
+    m = _finetune("arch:fc_mlp", tmp_path / "b.safetensors", max_steps=2, lr=3e-3, wcr=1e-6).metrics
+    assert m["recipe"]["lr"] == 3e-3 and m["recipe"]["set_by_user"] == ["lr"]
+    assert m["wcr"]["lambda"] == 1e-6 and m["wcr"]["layers"] == 3  # fc1, fc2, head
+
+
+def test_default_finetune_of_a_trained_model_keeps_its_accuracy(tmp_path) -> None:
+    """One default epoch on the training split costs at most one point of test top-1; the from-scratch
+    recipe (paper A: Adam 1e-3 at once, crop + flip) at the same setting costs more, so the check can fail."""
+    base = tmp_path / "base.safetensors"
+    _finetune("arch:improved_cnn", base, epochs=4, recipe="scratch", augment="crop")
+    acc = _accuracy(base)
+    assert acc > 0.95  # a trained model, else "keeps its accuracy" says little
+
+    r = _finetune(base, tmp_path / "ft.safetensors", epochs=1)
+    assert r.metrics["recipe"]["name"] == "finetune" and r.metrics["recipe"]["chosen_because"] == "trained checkpoint"
+    assert r.metrics["recipe"]["lr"] == 1e-4 and r.metrics["recipe"]["warmup_steps"] == 3  # ceil(0.1 · 22 steps)
+    assert _accuracy(tmp_path / "ft.safetensors") >= acc - 0.01
+
+    _finetune(base, tmp_path / "old.safetensors", epochs=1, recipe="scratch")
+    assert _accuracy(tmp_path / "old.safetensors") < acc - 0.01
+
+
+def test_bad_recipe_and_warmup_are_clear_errors(tmp_path) -> None:
+    from prunecli.errors import PrunecliError
+
+    with pytest.raises(PrunecliError, match="unknown recipe"):
+        _finetune("arch:fc_mlp", tmp_path / "x.safetensors", recipe="fast")
+    with pytest.raises(PrunecliError, match="--warmup"):
+        _finetune("arch:fc_mlp", tmp_path / "x.safetensors", warmup=1.5)
+    with pytest.raises(PrunecliError, match="unknown augmentation"):
+        _finetune("arch:fc_mlp", tmp_path / "x.safetensors", augment="mixup")
+    assert not (tmp_path / "x.safetensors").exists()
