@@ -11,7 +11,7 @@ import pytest
 import torch
 from torch import nn
 
-FAST = ["--data", "digits:train", "--device", "cpu", "--no-augment"]
+FAST = ["--data", "digits:train", "--device", "cpu", "--augment", "none"]
 
 
 def _manifest(path):
@@ -90,22 +90,22 @@ def test_num_classes_for_arch_and_class_mismatch(cli, tmp_path) -> None:
 
 
 @pytest.mark.parametrize(
-    "args, needle",
+    "args, needle, code",
     [
-        (["--epochs", "0"], "--epochs"),
-        (["--lr", "-0.1"], "--lr"),
-        (["--optimizer", "lion"], "unknown optimizer 'lion'"),
-        (["--schedule", "poly"], "unknown schedule"),
-        (["--wcr", "-1"], "--wcr"),
-        (["--label-smoothing", "1.5"], "--label-smoothing"),
-        (["--data", "nosuch:x"], "unknown data spec"),
+        (["--epochs", "0"], "--epochs", 2),  # invalid values: usage errors, found before anything is loaded
+        (["--lr", "-0.1"], "--lr", 2),
+        (["--optimizer", "lion"], "unknown optimizer 'lion'", 1),  # names: checked against the registries
+        (["--schedule", "poly"], "unknown schedule", 1),
+        (["--wcr", "-1"], "--wcr", 2),
+        (["--label-smoothing", "1.5"], "--label-smoothing", 2),
+        (["--data", "nosuch:x"], "unknown data spec", 1),
     ],
 )
-def test_bad_input_is_a_clear_error(cli, tmp_path, args, needle) -> None:
+def test_bad_input_is_a_clear_error(cli, tmp_path, args, needle, code) -> None:
     out = tmp_path / "bad.safetensors"
     r = cli("finetune", "arch:fc_mlp", *FAST, *args, "-o", out)
-    assert r.exit_code == 1
-    assert "Error:" in r.stderr and needle in r.stderr
+    assert r.exit_code == code, r.stderr
+    assert r.stderr.startswith("Error:") and needle in r.stderr
     assert "Traceback" not in r.stderr
     assert not out.exists()
 
@@ -313,7 +313,7 @@ def test_two_gloo_processes_match_one_process(cli, tmp_path) -> None:
     from safetensors.torch import load_file
 
     common = ["--data", "digits:train", "--val", "digits:test", "--epochs", "2", "--batch-size", "128", "--lr", "1e-2",
-              "--no-augment", "--device", "cpu", "--wcr", "1e-6", "--weight-decay", "1e-4"]  # fmt: skip
+              "--augment", "none", "--device", "cpu", "--wcr", "1e-6", "--weight-decay", "1e-4"]  # fmt: skip
     one = cli("finetune", "arch:fc_mlp", *common, "-o", tmp_path / "one.safetensors")
     assert one.exit_code == 0, one.stderr
     with socket.socket() as s:
@@ -351,10 +351,15 @@ def test_help_lists_every_registered_optimizer_and_schedule(cli) -> None:
 
 
 def _finetune(spec, out, **kw):
-    """The library call with its defaults (the CLI maps its options onto these parameters)."""
+    """The library call with its defaults (the CLI builds the same request from its options)."""
     from prunecli.api.finetune import finetune
+    from prunecli.requests import FinetuneRequest
 
-    return finetune(str(spec), "digits:train", output=str(out), device="cpu", force=True, **kw)
+    return finetune(
+        FinetuneRequest.build(
+            checkpoint=str(spec), data="digits:train", output=str(out), device="cpu", force=True, **kw
+        )
+    )
 
 
 def test_warmup_then_schedule_follow_their_formula(monkeypatch) -> None:
@@ -407,10 +412,87 @@ def test_default_finetune_of_a_trained_model_keeps_its_accuracy(tmp_path) -> Non
 def test_bad_recipe_and_warmup_are_clear_errors(tmp_path) -> None:
     from prunecli.errors import PrunecliError
 
-    with pytest.raises(PrunecliError, match="unknown recipe"):
+    with pytest.raises(PrunecliError, match="--recipe: unknown value 'fast'"):
         _finetune("arch:fc_mlp", tmp_path / "x.safetensors", recipe="fast")
     with pytest.raises(PrunecliError, match="--warmup"):
         _finetune("arch:fc_mlp", tmp_path / "x.safetensors", warmup=1.5)
     with pytest.raises(PrunecliError, match="unknown augmentation"):
         _finetune("arch:fc_mlp", tmp_path / "x.safetensors", augment="mixup")
     assert not (tmp_path / "x.safetensors").exists()
+
+
+# ---- finetune-lora defaults: the pruned layers get adapters ----------------------------------------
+
+
+def _pruned_resnet(tmp_path, masked_pattern: str = "conv"):
+    """timm's test_resnet with half of every conv weight zeroed and recorded as masked (the head stays dense)."""
+    import timm
+
+    from prunecli.checkpoint.manifest import Manifest
+    from prunecli.checkpoint.writer import save_checkpoint
+    from prunecli.models import default_pretrained_cfg
+
+    torch.manual_seed(0)
+    model = timm.create_model("test_resnet", num_classes=10).eval()
+    masked = []
+    with torch.no_grad():
+        for name, mod in model.named_modules():
+            if isinstance(mod, nn.Conv2d) and masked_pattern in name:
+                w = mod.weight
+                w[w.abs() < w.abs().flatten().median()] = 0.0
+                masked.append(f"{name}.weight")
+    path = tmp_path / "r.safetensors"
+    save_checkpoint(path, model, Manifest("test_resnet", 10, {}, default_pretrained_cfg("test_resnet"), masked=masked))
+    return path, [m.removesuffix(".weight") for m in masked]
+
+
+def _lora(spec, out, **kw):
+    """finetune-lora through the library, one step on synthetic data (what is adapted is the question here)."""
+    from prunecli.api.finetune_lora import finetune_lora
+
+    return finetune_lora(str(spec), "synthetic:8", output=str(out), device="cpu", force=True, max_steps=1,
+                         batch_size=4, **kw)  # fmt: skip
+
+
+def test_lora_default_targets_cover_pruned_convs_and_keep_their_sparsity(tmp_path) -> None:
+    from safetensors.torch import load_file
+
+    path, convs = _pruned_resnet(tmp_path)
+    r = _lora(path, tmp_path / "auto.safetensors", lr=1e-2)
+    m = r.metrics
+    assert m["target_preset"] == "linear+pruned" and m["pruned_layers"] == convs
+    assert m["targets"] == [*convs, "fc"]  # every pruned conv plus paper A's Linear head, in module order
+    assert m["merge"] == "masked" and m["masked_update_layers"] == [f"{c}.weight" for c in convs]
+    before, after = load_file(str(path)), load_file(str(tmp_path / "auto.safetensors"))
+    for name in convs:  # every pruned conv kept its zeros exactly through the masked merge
+        assert torch.equal(after[f"{name}.weight"] == 0, before[f"{name}.weight"] == 0), name
+    assert any(not torch.equal(after[f"{c}.weight"], before[f"{c}.weight"]) for c in convs)  # and they trained
+    assert m["recipe"]["name"] == "lora" and m["recipe"]["warmup_steps"] == 1
+
+
+def test_lora_linear_preset_is_paper_a_and_adapts_only_the_head(tmp_path) -> None:
+    path, _ = _pruned_resnet(tmp_path)
+    m = _lora(path, tmp_path / "lin.safetensors", target_preset="linear").metrics
+    assert m["target_preset"] == "linear" and m["targets"] == ["fc"]
+    assert m["merge"] == "dense" and m["merge_requested"] == "masked"  # the head carries no mask
+    m = _lora(path, tmp_path / "pr.safetensors", target_preset="pruned", rank=2).metrics
+    assert m["targets"] == m["pruned_layers"] and "fc" not in m["targets"]
+
+
+def test_lora_on_a_linear_only_pruned_model_keeps_paper_a_default(tmp_path) -> None:
+    import timm
+
+    import prunecli.archs  # noqa: F401  (fc_mlp)
+    from prunecli.checkpoint.manifest import Manifest
+    from prunecli.checkpoint.writer import save_checkpoint
+    from prunecli.models import default_pretrained_cfg
+
+    torch.manual_seed(0)
+    model = timm.create_model("fc_mlp", num_classes=10)
+    with torch.no_grad():
+        model.fc1.weight[model.fc1.weight.abs() < model.fc1.weight.abs().median()] = 0.0
+    path = tmp_path / "mlp.safetensors"
+    save_checkpoint(path, model, Manifest("fc_mlp", 10, {}, default_pretrained_cfg("fc_mlp"), masked=["fc1.weight"]))
+    m = _lora(path, tmp_path / "o.safetensors").metrics
+    assert m["target_preset"] == "linear" and m["targets"] == [n for n, x in model.named_modules()
+                                                                if isinstance(x, nn.Linear)]  # fmt: skip

@@ -16,8 +16,11 @@ see :mod:`prunecli.distributed` for how N processes reproduce one); only rank 0 
 
 from __future__ import annotations
 
+import dataclasses
+import logging
 import math
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -27,8 +30,76 @@ from torch import nn
 from prunecli.api._common import DataOptions, InputOptions, load_data
 from prunecli.errors import InputError
 from prunecli.record import Result
+from prunecli.registry import Registry
 
-__all__ = ["finetune_lora"]
+__all__ = ["TARGET_PRESETS", "finetune_lora"]
+
+log = logging.getLogger(__name__)
+
+# ---- which layers get adapters by default ------------------------------------------------------------
+#
+# Paper A adapts every Linear layer, which on its CNN covers the pruned classifier MLP. On a CNN whose
+# convolutions were pruned (a ResNet: every pruned layer is a conv, the only Linear is the unpruned head)
+# that set adapts nothing that lost weights, and the masked merge then has no mask to keep. "auto" adds
+# the pruned layers whenever some of them are not Linear.
+
+PresetFn = Callable[[nn.Module, list[str], int], tuple[str, bool, list[str]]]  # → (name, every Linear?, names)
+TARGET_PRESETS: Registry[PresetFn] = Registry("target preset")
+
+
+def _pruned_layers(model: nn.Module, manifest: Any) -> list[str]:
+    """Modules that lost weights: those of masked tensors, and those channel pruning narrowed."""
+    names = {n.rsplit(".", 1)[0] for n in manifest.masked if n.endswith(".weight")}
+    structure = manifest.structure or {}
+    names |= {m for m, diff in (structure.get("modules") or {}).items() if m and "weight" in (diff.get("params") or {})}
+    modules = dict(model.named_modules())
+    return [n for n in modules if n in names]  # definition order
+
+
+def _adaptable(model: nn.Module, names: list[str], rank: int) -> list[str]:
+    """The layers of ``names`` peft can adapt at ``rank`` and merge: Linear/Conv with one group, rank ≤ min dim."""
+    kept = []
+    for name in names:
+        mod = model.get_submodule(name)
+        if not isinstance(mod, (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)) or getattr(mod, "groups", 1) != 1:
+            log.info("LoRA: pruned layer %s (%s) is not adapted (peft cannot merge it)", name, type(mod).__name__)
+        elif rank > min(int(mod.weight.shape[0]), int(mod.weight[0].numel())):  # the largest rank B·A can have
+            log.info("LoRA: pruned layer %s is not adapted (rank %d > its min(fan-out, fan-in))", name, rank)
+        else:
+            kept.append(name)
+    return kept
+
+
+@TARGET_PRESETS.register("auto")
+def _auto(model: nn.Module, pruned: list[str], rank: int) -> tuple[str, bool, list[str]]:
+    """Every Linear layer, plus the pruned layers when some pruned layer is not Linear."""
+    if any(not isinstance(model.get_submodule(n), nn.Linear) for n in pruned):
+        return "linear+pruned", True, _adaptable(model, pruned, rank)
+    return "linear", True, []
+
+
+@TARGET_PRESETS.register("linear", aliases=("paper-a",))
+def _linear(model: nn.Module, pruned: list[str], rank: int) -> tuple[str, bool, list[str]]:
+    """Paper A's set: every Linear layer."""
+    return "linear", True, []
+
+
+@TARGET_PRESETS.register("pruned")
+def _pruned(model: nn.Module, pruned: list[str], rank: int) -> tuple[str, bool, list[str]]:
+    """Only the layers that were pruned (masked or narrowed)."""
+    return "pruned", False, _adaptable(model, pruned, rank)
+
+
+@TARGET_PRESETS.register("linear+pruned")
+def _linear_pruned(model: nn.Module, pruned: list[str], rank: int) -> tuple[str, bool, list[str]]:
+    """Every Linear layer and every pruned layer."""
+    return "linear+pruned", True, _adaptable(model, pruned, rank)
+
+
+@TARGET_PRESETS.register("none")
+def _none(model: nn.Module, pruned: list[str], rank: int) -> tuple[str, bool, list[str]]:
+    """Nothing but the ``targets`` globs."""
+    return "none", False, []
 
 
 def _check(wcr: float, wcr_eps: float, wcr_delta: float, batch_size: int) -> None:
@@ -61,6 +132,7 @@ def finetune_lora(
     alpha: float = 16.0,
     dropout: float = 0.0,
     linear: bool = True,
+    target_preset: str = "auto",
     targets: tuple[str, ...] = (),
     exclude: tuple[str, ...] = (),
     dora: bool = False,
@@ -72,11 +144,13 @@ def finetune_lora(
     wcr_delta: float = 1e-8,
     epochs: int = 10,
     batch_size: int = 128,
-    optimizer: str = "adam",
-    lr: float = 1e-3,
+    recipe: str = "auto",
+    optimizer: str | None = None,
+    lr: float | None = None,
     weight_decay: float = 0.0,
-    schedule: str = "none",
-    augment: bool = True,
+    schedule: str | None = None,
+    warmup: float | None = None,
+    augment: bool | str | None = None,
     label_smoothing: float = 0.0,
     clip_grad: float | None = None,
     amp: bool = True,
@@ -98,7 +172,11 @@ def finetune_lora(
         rank: adapter rank r (paper A: 8); at least 1 and at most min(fan-out, fan-in) of each layer.
         alpha: LoRA α; the update is scaled by α/r (paper A: 16).
         dropout: dropout on the adapter input (paper A: 0).
-        linear: adapt every Linear layer (paper A); False adapts only ``targets``.
+        linear: False adapts only ``targets`` (the same as ``target_preset="none"``).
+        target_preset: the layers adapted besides ``targets`` (:data:`TARGET_PRESETS`): ``auto`` (default)
+            adapts every Linear layer plus every pruned layer whenever some pruned layer is not Linear
+            (a pruned CNN's convs), else every Linear layer; ``linear`` is paper A's set (every Linear
+            layer); ``pruned`` the pruned layers only; ``none`` nothing but ``targets``.
         targets: extra module globs to adapt, e.g. ``features.*.conv``.
         exclude: module globs never adapted.
         dora: weight-decomposed LoRA (peft ``use_dora``).
@@ -111,11 +189,16 @@ def finetune_lora(
         wcr_delta: δ added to each layer's variance.
         epochs: passes over the training data (paper A: 10).
         batch_size: global training batch (paper A: 128); split evenly over torchrun processes.
-        optimizer: ``adam`` (paper A), ``adamw`` or ``sgd``.
-        lr: learning rate (paper A: 1e-3).
+        recipe: where ``optimizer``, ``lr``, ``schedule``, ``warmup`` and ``augment`` come from when left
+            at None (:data:`prunecli.recipes.RECIPES`): ``auto`` takes ``lora`` for a trained checkpoint
+            (Adam 1e-3, constant, 10 % warm-up, crop without flip) and ``lora-paper`` (paper A exactly:
+            constant 1e-3 from step 0, crop + flip) for an ``arch:`` model.
+        optimizer: ``adam`` (paper A), ``adamw`` or ``sgd``; None: from the recipe.
+        lr: learning rate (paper A: 1e-3); None: from the recipe.
         weight_decay: weight decay on the adapter matrices.
-        schedule: ``none`` (paper A: constant), ``cosine`` or ``step``.
-        augment: paper A's random crop + flip on the training data.
+        schedule: ``none`` (paper A: constant), ``cosine`` or ``step``; None: from the recipe.
+        warmup: fraction of the steps spent warming the LR up linearly, in [0, 1); None: from the recipe.
+        augment: ``crop-flip`` (paper A), ``crop`` or ``none``; None: from the recipe.
         label_smoothing: cross-entropy label smoothing.
         clip_grad: clip the gradient norm to this value.
         amp: mixed precision on CUDA (ignored on CPU).
@@ -127,7 +210,8 @@ def finetune_lora(
 
     Returns:
         A Result whose metrics hold per-epoch ``train_loss``, final ``train_acc``,
-        ``trainable_params``, ``targets``, ``sparsity_before``/``sparsity_after`` over all prunable
+        ``trainable_params``, ``targets`` (and ``target_preset``, ``pruned_layers``), ``recipe`` (every
+        resolved training default and where it came from), ``sparsity_before``/``sparsity_after`` over all prunable
         weights (head included), ``masked_sparsity_before``/``_after`` over the masked tensors (what
         ``prune`` reports as ``sparsity`` with its default head exclusion), ``merge``, and with
         ``val``: ``top1_before``, ``top1_after``, ``lora_improvement``
@@ -142,21 +226,30 @@ def finetune_lora(
     from prunecli import distributed as D
     from prunecli import lora
     from prunecli.checkpoint.loaders import load_checkpoint
-    from prunecli.checkpoint.sources import resolve_source
+    from prunecli.checkpoint.sources import SourceKind, resolve_source
     from prunecli.checkpoint.writer import check_output
-    from prunecli.data import make_loader
+    from prunecli.data import augmentation_name, make_loader
     from prunecli.device import describe, resolve_device, seed_everything
     from prunecli.evaluation import evaluate_sharded
     from prunecli.prunable import prunable_params
+    from prunecli.recipes import resolve_recipe, warmup_steps
     from prunecli.training import TrainConfig, train
     from prunecli.wcr import WCR
 
+    source = resolve_source(spec)
+    given = {"optimizer": optimizer, "lr": lr, "schedule": schedule, "warmup": warmup, "augment": augment}
+    chosen_recipe, recipe_report = resolve_recipe(
+        recipe, fresh=source.kind is SourceKind.ARCH, adapters=True, given=given
+    )
+    optimizer, lr, schedule = chosen_recipe["optimizer"], chosen_recipe["lr"], chosen_recipe["schedule"]
+    augment = recipe_report["augment"] = augmentation_name(chosen_recipe["augment"])
     config = TrainConfig(
         epochs=epochs, optimizer=optimizer, lr=lr, weight_decay=weight_decay, schedule=schedule,
         label_smoothing=label_smoothing, clip_grad=clip_grad, amp=amp, max_steps=max_steps,
     )  # fmt: skip
     config.validate()
     _check(wcr, wcr_eps, wcr_delta, batch_size)
+    preset = TARGET_PRESETS.canonical(target_preset if linear else "none")
     merge_fn = lora.MERGE_MODES.get(merge)
     merge = lora.MERGE_MODES.canonical(merge)
     if masked_update is None:
@@ -169,7 +262,6 @@ def finetune_lora(
     lora.BN_MODES.canonical(bn)
     opts = lora.LoraOptions(rank, alpha, dropout, linear, tuple(targets), tuple(exclude), dora, bn)
 
-    source = resolve_source(spec)
     out_path = check_output(output, force=force, inputs=[source.path, source.weights])  # fail before any work
     adapter_dir = lora.adapter_dir_for(output) if merge == "none" else None
     if adapter_dir is not None and adapter_dir.exists() and not force:
@@ -199,6 +291,9 @@ def finetune_lora(
         before = evaluate_sharded(model, val_ds, dev, batch_size=eval_bs, workers=workers)
         metrics.update(top1_before=before["top1"], loss_before=before["loss"])
 
+    pruned_layers = _pruned_layers(model, loaded.manifest)
+    preset, adapt_linear, preset_targets = TARGET_PRESETS.get(preset)(model, pruned_layers, rank)
+    opts = dataclasses.replace(opts, linear=adapt_linear, targets=(*preset_targets, *opts.targets))
     chosen = lora.select_targets(model, opts)
     peft_model = lora.attach_lora(model, opts, chosen)
     through_mask = lora.mask_updates(peft_model, masks) if masked_update else []
@@ -210,6 +305,9 @@ def finetune_lora(
         drop_last=n > batch_size,  # equal shards per step (DDP == one process); no size-1 BatchNorm batches
     )  # fmt: skip
     loader = make_loader(train_ds, batch_size=batch_size // ctx.world_size, workers=workers, sampler=sampler)
+    total_steps = min(len(loader) * epochs, max_steps or len(loader) * epochs)
+    config = dataclasses.replace(config, warmup_steps=warmup_steps(chosen_recipe["warmup"], total_steps))
+    recipe_report["warmup_steps"] = config.warmup_steps
     reg = WCR(lora.effective_weight_fns(peft_model), wcr, wcr_eps, wcr_delta) if wcr > 0 else None
 
     start = time.perf_counter()
@@ -256,6 +354,9 @@ def finetune_lora(
             "val": val,
             "arch": loaded.manifest.arch,
             "targets": chosen,
+            "target_preset": preset,
+            "pruned_layers": pruned_layers,
+            "recipe": recipe_report,
             "rank": rank,
             "alpha": alpha,
             "scale": opts.scale,
@@ -276,8 +377,9 @@ def finetune_lora(
     )
     lineage_options = {
         "data": data, "val": val, "rank": rank, "alpha": alpha, "dropout": dropout, "linear": linear,
-        "targets": list(targets), "exclude": list(exclude), "dora": dora, "bn": bn, "merge": merge,
-        "masked_update": masked_update, "wcr": wcr,
+        "target_preset": preset, "recipe": recipe_report["name"], "warmup": chosen_recipe["warmup"],
+        "warmup_steps": config.warmup_steps, "targets": list(targets), "exclude": list(exclude), "dora": dora,
+        "bn": bn, "merge": merge, "masked_update": masked_update, "wcr": wcr,
         "wcr_eps": wcr_eps, "wcr_delta": wcr_delta, "epochs": epochs, "batch_size": batch_size, "optimizer": optimizer,
         "lr": lr, "weight_decay": weight_decay, "schedule": schedule, "augment": augment,
         "label_smoothing": label_smoothing, "clip_grad": clip_grad, "amp": amp, "max_steps": max_steps, "seed": seed,
