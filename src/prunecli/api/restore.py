@@ -158,7 +158,9 @@ def restore_model(
         x = example_input
         if x is None:
             x = calib_list[0][:1] if calib_list else _example(dense_model)
-        convlin = [n for n in producers if isinstance(dense_model.get_submodule(n), (torch.nn.Conv2d, torch.nn.Linear))]
+        # the structure also lists parameters and norms whose channels were pruned with the residual
+        # stream (a ViT's cls_token/pos_embed, LayerNorms): only conv/linear layers can be producers
+        convlin = [n for n in producers if isinstance(_module(dense_model, n), (torch.nn.Conv2d, torch.nn.Linear))]
         ctx.pairs = find_pairs(dense_model, x, convlin)
         report.refused = dict(sorted(ctx.pairs.refused.items()))
     before = copy.deepcopy(pruned_model) if (calib_list and dense_model is not None) or val is not None else None
@@ -191,12 +193,46 @@ def restore_model(
     return report
 
 
-def _check_dense(dense_model: Any, producers: Mapping[str, tuple[list[int], int]]) -> None:
-    for name, (_, width) in producers.items():
+def _module(model: Any, name: str) -> Any:
+    """The submodule ``name`` of ``model``, or None when ``name`` is not a module (e.g. a parameter)."""
+    try:
+        return model.get_submodule(name)
+    except AttributeError:
+        return None
+
+
+def _tensor(model: Any, name: str) -> Any:
+    """The parameter or buffer ``name`` of ``model`` (a ViT's ``cls_token``), or None."""
+    try:
+        return model.get_parameter(name)
+    except AttributeError:
         try:
-            mod = dense_model.get_submodule(name)
+            return model.get_buffer(name)
         except AttributeError:
-            raise CheckpointError(f"the dense parent has no module {name!r}", hint="pass the right --dense") from None
+            return None
+
+
+def _check_dense(dense_model: Any, producers: Mapping[str, tuple[list[int], int]]) -> None:
+    """The dense parent has every pruned module or tensor of the structure, at the recorded width.
+
+    A structure entry names a module (its weight's dim 0 is the channel axis) or, for channels pruned
+    with the residual stream, a direct parameter such as a ViT's ``cls_token`` (the width is one of
+    its dimensions; Torch-Pruning prunes its last).
+    """
+    for name, (_, width) in producers.items():
+        mod = _module(dense_model, name)
+        if mod is None:
+            t = _tensor(dense_model, name)
+            if t is None:
+                raise CheckpointError(
+                    f"the dense parent has no layer or parameter {name!r}", hint="pass the right --dense"
+                )
+            if width not in tuple(t.shape):
+                raise CheckpointError(
+                    f"the dense parent's {name} has shape {tuple(t.shape)}, the structure says {width} channels",
+                    hint="pass the checkpoint that was pruned as --dense",
+                )
+            continue
         w = getattr(mod, "weight", None)
         if w is not None and w.ndim >= 1 and w.shape[0] != width:
             raise CheckpointError(

@@ -167,22 +167,31 @@ class RestoreContext:
             log.warning(message)
 
     def restorable(self) -> list[tuple[Pair, list[int], list[int]]]:
-        """(pair, kept P, pruned J) for every pruned producer with a restorable path; warns for the rest."""
+        """(pair, kept P, pruned J) for every pruned producer with a restorable path; warns for the rest.
+
+        One warning per reason, naming every layer it applies to (a ViT refuses the same residual
+        stream in every block). Norms and parameters pruned with the residual stream (``cls_token``) are
+        not producers; a pruned head has no consumer to compensate: neither is warned about.
+        """
         assert self.pairs is not None
         found = []
+        refused: dict[str, list[str]] = {}
+        approximate: dict[str, list[str]] = {}
         for name, (kept, dense) in pruned_producers(self.plan).items():
             pair = self.pairs.pairs.get(name)
             if pair is None:
                 reason = self.pairs.refused.get(name)
-                if (
-                    reason is not None and "no conv/linear consumer" not in reason
-                ):  # norms etc. are not producers  # e.g. a pruned head: nothing to compensate
-                    self.warn(f"{name}: not restored: {reason}")
+                if reason is not None and "no conv/linear consumer" not in reason:
+                    refused.setdefault(reason, []).append(name)
                 continue
             for why in pair.approximate:
-                self.warn(f"{name}: restoration is approximate ({why} between it and its consumers)")
+                approximate.setdefault(why, []).append(name)
             pruned = sorted(set(range(dense)) - set(kept))
             found.append((pair, list(kept), pruned))
+        for reason, names in refused.items():
+            self.warn(f"{_layer_list(names)}: not restored: {reason}")
+        for why, names in approximate.items():
+            self.warn(f"{_layer_list(names)}: restoration is approximate ({why} between it and its consumers)")
         return found
 
     def producer_stats(self, pair: Pair) -> ProducerStats:
@@ -286,6 +295,12 @@ class RestoreContext:
                 bn.running_mean.sub_(shift.to(bn.running_mean.dtype).to(bn.running_mean.device))
                 return
         self.warn(f"{name}: a constant pruned channel could not be folded (no bias, no BatchNorm after it)")
+
+
+def _layer_list(names: Sequence[str], shown: int = 4) -> str:
+    """``a, b, c, d and 8 more``: the layers a warning is about, short enough for one line."""
+    more = len(names) - shown
+    return ", ".join(names[:shown]) + (f" and {more} more" if more > 0 else "")
 
 
 def _consumer_outputs(model: nn.Module, names: Sequence[str], x: torch.Tensor) -> dict[str, torch.Tensor]:

@@ -201,10 +201,11 @@ def _walk(name: str, producer: nn.Module, start: object, names: dict[nn.Module, 
             raise _Refuse(f"{type(mod).__name__} {names[mod]} mixes channels")
         kind = _op_kind(node)
         if kind == "refuse":
-            op = getattr(node, "name", type(mod).__name__)
-            if "Add" in op or "Sub" in op:
-                raise _Refuse(f"its channels reach a residual add ({op}): residual-stream channels are not restorable")
-            raise _Refuse(f"its channels reach an operation restoration does not support ({op})")
+            op = _grad_fn_name(node)  # autograd's name: Torch-Pruning's node names are internal
+            if op.startswith(("Add", "Sub")):
+                raise _Refuse("its channels are added to another branch (a residual connection): residual-stream "
+                              "channels are not restorable")  # fmt: skip
+            raise _Refuse(f"its channels reach {_OP_WORDS.get(op, 'an operation restoration does not support')}")
         if kind == "relu":
             acts.add("relu")
         elif kind == "maxpool":
@@ -224,6 +225,25 @@ def _walk(name: str, producer: nn.Module, start: object, names: dict[nn.Module, 
     return pair
 
 
+# refused operations in the words of a warning (by autograd name)
+_OP_WORDS = {
+    "PermuteBackward0": "a permute (into tokens or attention heads)",
+    "TransposeBackward0": "a transpose (into tokens or attention heads)",
+    "CatBackward0": "a concatenation with other channels",
+    "MulBackward0": "a product with another branch (gating or attention)",
+    "BmmBackward0": "a batched matrix product (attention)",
+    "SplitBackward0": "a split into several branches",
+    "UnbindBackward0": "a split into several branches (query, key, value)",
+}
+
+
+def _grad_fn_name(node: object) -> str:
+    """The autograd name of a Torch-Pruning operation node (``AddBackward0``), or ``""``."""
+    fn = getattr(node.module, "_grad_fn", None)
+    op = fn if isinstance(fn, str) else (fn.name() if fn is not None and hasattr(fn, "name") else "")
+    return op.split(".")[-1]
+
+
 def _op_kind(node: object) -> str:
     import torch_pruning as tp
 
@@ -232,9 +252,7 @@ def _op_kind(node: object) -> str:
         return "reshape"
     if not isinstance(mod, tp.ops._ElementWiseOp):
         return "refuse"
-    fn = getattr(mod, "_grad_fn", None)
-    op = fn if isinstance(fn, str) else (fn.name() if fn is not None and hasattr(fn, "name") else "")
-    op = op.split(".")[-1]
+    op = _grad_fn_name(node)
     if op in _RELU_LIKE:
         return "relu"
     if op in _APPROX_ACT:
