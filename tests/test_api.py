@@ -28,5 +28,5 @@ def test_api_inspect_returns_result(tmp_path, save_model):
 
     model = timm.create_model("fc_mlp", num_classes=10)
     path = save_model(model, tmp_path / "m.safetensors", "fc_mlp", 10)
-    result = api.inspect(str(path))
+    result = api.inspect(api.InspectRequest(checkpoint=str(path)))
     assert result.metrics["params"] == sum(p.numel() for p in model.parameters())

@@ -3,7 +3,7 @@
 How the runs are made comparable (``prunecli.distributed``): the same global batch (128 in one
 process = 2 × 64 under torchrun), the same per-epoch permutation on every rank (ShardSampler), the
 incomplete last global batch dropped, and no per-process randomness in the forward pass — no
-augmentation (``--no-augment``), an MLP without dropout or BatchNorm — so the only difference left
+augmentation (``--augment none``), an MLP without dropout or BatchNorm — so the only difference left
 is the float summation order of DDP's gradient all-reduce.
 """
 
@@ -83,7 +83,7 @@ def pruned_mlp(tmp_path: Path) -> Path:
 
 def test_finetune_lora_two_gloo_processes_match_one_process(cli, pruned_mlp: Path, tmp_path: Path) -> None:
     common = ["--data", "digits:train", "--val", "digits:test", "--epochs", "2", "--batch-size", "128",
-              "--lr", "1e-2", "--no-augment", "--device", "cpu", "--wcr", "1e-6"]  # fmt: skip
+              "--lr", "1e-2", "--augment", "none", "--device", "cpu", "--wcr", "1e-6"]  # fmt: skip
     one = cli("finetune-lora", pruned_mlp, *common, "-o", tmp_path / "one.safetensors")
     assert one.exit_code == 0, one.stderr
     run = _torchrun(["finetune-lora", str(pruned_mlp), *common, "-o", str(tmp_path / "two.safetensors")])

@@ -207,7 +207,11 @@ def test_image_folder_class_count_mismatch(cli, work: Path, good: dict) -> None:
 
 
 def test_bad_device(cli, work: Path, good: dict) -> None:
-    _run(cli, work, str(good["ckpt"]), "--data", "synthetic:2", "--device", "tpu", contains="--device 'tpu'")
+    """An invalid option value is a usage error: exit 2, one line, nothing written."""
+    before = _listing(work)
+    r = cli("eval", str(good["ckpt"]), "--data", "synthetic:2", "--device", "tpu", "--metrics", str(work / "m.jsonl"))
+    assert r.exit_code == 2 and r.stdout == "" and _listing(work) == before
+    assert r.stderr.strip() == "Error: invalid value for --device: 'tpu' is not auto, cpu, cuda or cuda:N"
 
 
 # --- outputs -------------------------------------------------------------------------------------------------

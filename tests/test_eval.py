@@ -139,5 +139,8 @@ def test_library_api(setup: dict) -> None:
     """prunecli.api.evaluate is the CLI's engine and returns a Result."""
     from prunecli import api
 
-    res = api.evaluate(str(setup["root"] / "a.safetensors"), "synthetic:4", device="cpu")
+    req = api.EvalRequest(
+        checkpoint=str(setup["root"] / "a.safetensors"), data="synthetic:4", runtime=api.Runtime(device="cpu")
+    )
+    res = api.evaluate(req)
     assert res.checkpoint is None and res.device == "cpu" and res.metrics["samples"] == 4

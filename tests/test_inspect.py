@@ -136,7 +136,8 @@ def test_lineage_and_manifest_fields(cli, tmp_path: Path) -> None:
 INSPECT_WITHOUT_TORCH = r"""
 import json, sys
 from prunecli.api.inspect import inspect
-r = inspect(sys.argv[1], layers=True)
+from prunecli.requests import InspectRequest
+r = inspect(InspectRequest(checkpoint=sys.argv[1], layers=True))
 from typer.testing import CliRunner
 from prunecli.cli.main import app
 runner = CliRunner()

@@ -125,31 +125,35 @@ def test_nm_from_the_cli(cli, mlp_ckpt: Path, tmp_path: Path) -> None:
     assert r.record["metrics"]["structure"] == "2:4" and r.record["metrics"]["sparsity"] == 0.5
 
 
+# (arguments, message, exit code): invalid values and conflicting options are usage errors (2), found by
+# the request before anything is loaded; what only the inputs can tell is bad input (1).
 BAD = {
-    "ratio_one": (["--method", "magnitude", "--ratio", "1.0"], "outside [0, 1)"),
-    "ratio_negative": (["--method", "magnitude", "--ratio", "-0.2"], "outside [0, 1)"),
-    "layer_ratio_outside": (["--method", "magnitude", "--ratio", "0.2", "--layer-ratio", "fc1=1.2"], "outside"),
-    "layer_ratio_syntax": (["--method", "magnitude", "--ratio", "0.2", "--layer-ratio", "fc1"], "GLOB=R"),
-    "empties_layer": (["--method", "magnitude", "--ratio", "0.2", "--layer-ratio", "fc2=0.99999"], "every weight"),
-    "no_ratio": (["--method", "magnitude"], "--ratio is required"),
-    "no_scores": (["--ratio", "0.5"], "exactly one of --scores"),
-    "nm_ratio": (["--method", "magnitude", "--structure", "2:4", "--ratio", "0.3"], "contradicts"),
-    "nm_bad": (["--method", "magnitude", "--structure", "4:2"], "1 <= N < M"),
-    "structure": (["--method", "magnitude", "--ratio", "0.5", "--structure", "blocks"], "unknown structure"),
-    "scope": (["--method", "magnitude", "--ratio", "0.5", "--scope", "model"], "unknown scope"),
-    "compensate_no_shifts": (["--method", "magnitude", "--ratio", "0.5", "--compensate", "bias"], "bias shifts"),
-    "compensate_kind": (["--method", "magnitude", "--ratio", "0.5", "--compensate", "mean"], "unknown compensation"),
-    "missing_scores": (["--scores", "nope.scores", "--ratio", "0.5"], "does not exist"),
+    "ratio_one": (["--method", "magnitude", "--ratio", "1.0"], "outside [0, 1)", 2),
+    "ratio_negative": (["--method", "magnitude", "--ratio", "-0.2"], "outside [0, 1)", 2),
+    "layer_ratio_outside": (["--method", "magnitude", "--ratio", "0.2", "--layer-ratio", "fc1=1.2"], "outside", 2),
+    "layer_ratio_syntax": (["--method", "magnitude", "--ratio", "0.2", "--layer-ratio", "fc1"], "GLOB=R", 2),
+    "empties_layer": (["--method", "magnitude", "--ratio", "0.2", "--layer-ratio", "fc2=0.99999"], "every weight", 1),
+    "no_ratio": (["--method", "magnitude"], "--ratio is required", 2),
+    "no_scores": (["--ratio", "0.5"], "exactly one of --scores", 2),
+    "nm_ratio": (["--method", "magnitude", "--structure", "2:4", "--ratio", "0.3"], "contradicts", 2),
+    "nm_bad": (["--method", "magnitude", "--structure", "4:2"], "1 <= N < M", 2),
+    "structure": (["--method", "magnitude", "--ratio", "0.5", "--structure", "blocks"], "unknown structure", 2),
+    "scope": (["--method", "magnitude", "--ratio", "0.5", "--scope", "model"], "choose from layer, global", 2),
+    "compensate_no_shifts": (["--method", "magnitude", "--ratio", "0.5", "--compensate", "bias"], "bias shifts", 1),
+    "compensate_kind": (["--method", "magnitude", "--ratio", "0.5", "--compensate", "mean"], "unknown compensation", 2),
+    "missing_scores": (["--scores", "nope.scores", "--ratio", "0.5"], "does not exist", 1),
+    "unknown_method": (["--method", "nope", "--ratio", "0.5"], "unknown method 'nope'", 1),
 }
 
 
 @pytest.mark.parametrize("case", sorted(BAD))
-def test_bad_input_exits_1_without_output(cli, mlp_ckpt: Path, tmp_path: Path, case: str) -> None:
-    args, message = BAD[case]
+def test_bad_input_exits_without_output(cli, mlp_ckpt: Path, tmp_path: Path, case: str) -> None:
+    args, message, code = BAD[case]
     out = tmp_path / "p.safetensors"
     r = cli("prune", mlp_ckpt, *args, "-o", out)
-    assert r.exit_code == 1, r.stdout
+    assert r.exit_code == code, (r.exit_code, r.stdout, r.stderr)
     assert r.stderr.startswith("Error:") and message in r.stderr, r.stderr
+    assert len(r.stderr.strip().splitlines()) <= 2, r.stderr
     assert "Traceback" not in r.stderr and r.stdout == ""
     assert sorted(p.name for p in tmp_path.iterdir()) == ["base.safetensors"]
 

@@ -24,6 +24,7 @@ from torch import nn
 from prunecli.checkpoint.header import read_header
 from prunecli.errors import CheckpointError, InputError
 from prunecli.pruning.unstructured import Scope, plan_scopes, prune_unstructured
+from prunecli.requests import PruneRequest
 
 PRUNE = importlib.import_module("prunecli.api.prune")
 
@@ -64,7 +65,7 @@ def _run(monkeypatch: pytest.MonkeyPatch, fast: bool, src: Path, out: Path, **kw
 
     monkeypatch.setattr(PRUNE, "load_input", spy)
     monkeypatch.setenv("PRUNECLI_FAST_PRUNE", "1" if fast else "0")
-    result = PRUNE.prune(str(src), out=out, **kw)
+    result = PRUNE.prune(PruneRequest.build(checkpoint=str(src), output=out, **kw))
     assert calls == ([] if fast else ["model"])
     return result
 
@@ -104,7 +105,15 @@ def test_fast_path_on_a_channel_pruned_checkpoint(
 ) -> None:
     """Structured checkpoints rebuild through manifest.structure; their table must match that rebuild."""
     monkeypatch.setenv("PRUNECLI_FAST_PRUNE", "0")
-    PRUNE.prune(str(ckpts[arch]), out=tmp_path / "c.safetensors", method="magnitude", ratio=0.3, structure="channel")
+    PRUNE.prune(
+        PruneRequest.build(
+            checkpoint=str(ckpts[arch]),
+            output=tmp_path / "c.safetensors",
+            method="magnitude",
+            ratio=0.3,
+            structure="channel",
+        )
+    )
     kw = {"method": "magnitude", "ratio": 0.5, "scope": "global"}
     a = _run(monkeypatch, True, tmp_path / "c.safetensors", tmp_path / "fast.safetensors", **kw)
     b = _run(monkeypatch, False, tmp_path / "c.safetensors", tmp_path / "slow.safetensors", **kw)
@@ -246,8 +255,15 @@ def test_inputs_without_a_table_take_the_model_path(
     monkeypatch.setenv("PRUNECLI_FAST_PRUNE", "1")
     calls = []
     monkeypatch.setattr(PRUNE, "load_input", lambda *a, **k: calls.append(1) or _load_input(*a, **k))
-    again = PRUNE.prune(str(tmp_path / "bare.safetensors"), out=tmp_path / "q.safetensors", method="magnitude",
-                        ratio=0.5, inputs=InputOptions(arch="test_resnet", num_classes=10))  # fmt: skip
+    again = PRUNE.prune(
+        PruneRequest.build(
+            checkpoint=str(tmp_path / "bare.safetensors"),
+            output=tmp_path / "q.safetensors",
+            method="magnitude",
+            ratio=0.5,
+            source=InputOptions(arch="test_resnet", num_classes=10),
+        )
+    )
     assert calls == [1] and again.metrics == r.metrics  # fast path on: still the model path
     # an older prunecli file (no table) and a float16 one also take the model path
     header = read_header(ckpts["test_resnet"])
@@ -260,12 +276,25 @@ def test_inputs_without_a_table_take_the_model_path(
     save_file(half, str(tmp_path / "f16.safetensors"), metadata={"format": "pt", "prunecli": json.dumps(meta16)})
     calls.clear()
     for name in ("old", "f16"):
-        PRUNE.prune(str(tmp_path / f"{name}.safetensors"), out=tmp_path / f"{name}_p.safetensors", method="magnitude",
-                    ratio=0.5)  # fmt: skip
+        PRUNE.prune(
+            PruneRequest.build(
+                checkpoint=str(tmp_path / f"{name}.safetensors"),
+                output=tmp_path / f"{name}_p.safetensors",
+                method="magnitude",
+                ratio=0.5,
+            )
+        )
     assert calls == [1, 1]
     # options the table cannot answer take the model path too
-    PRUNE.prune(str(ckpts["test_resnet"]), out=tmp_path / "s.safetensors", method="magnitude", ratio=0.5,
-                data_options=PRUNE.DataOptions(input_size=(3, 64, 64)))  # fmt: skip
+    PRUNE.prune(
+        PruneRequest.build(
+            checkpoint=str(ckpts["test_resnet"]),
+            output=tmp_path / "s.safetensors",
+            method="magnitude",
+            ratio=0.5,
+            transforms=PRUNE.DataOptions(input_size=(3, 64, 64)),
+        )
+    )
     assert calls == [1, 1, 1]
 
 
@@ -287,7 +316,14 @@ def test_file_that_does_not_fit_its_table_takes_the_model_path(
     calls: list[int] = []
     monkeypatch.setattr(PRUNE, "load_input", lambda *a, **k: calls.append(1) or _load_input(*a, **k))
     with pytest.raises(CheckpointError, match=r"unexpected|shape"):
-        PRUNE.prune(str(tmp_path / "bad.safetensors"), out=tmp_path / "o.safetensors", method="magnitude", ratio=0.5)
+        PRUNE.prune(
+            PruneRequest.build(
+                checkpoint=str(tmp_path / "bad.safetensors"),
+                output=tmp_path / "o.safetensors",
+                method="magnitude",
+                ratio=0.5,
+            )
+        )
     assert calls == [1] and not (tmp_path / "o.safetensors").exists()
 
 
@@ -311,12 +347,24 @@ def test_fast_path_refuses_what_the_model_path_refuses(
         monkeypatch.setenv("PRUNECLI_FAST_PRUNE", "1" if fast else "0")
         with pytest.raises(CheckpointError, match="NaN or infinite") as err:
             PRUNE.prune(
-                str(tmp_path / "nan.safetensors"), out=tmp_path / "o.safetensors", method="magnitude", ratio=0.5
+                PruneRequest.build(
+                    checkpoint=str(tmp_path / "nan.safetensors"),
+                    output=tmp_path / "o.safetensors",
+                    method="magnitude",
+                    ratio=0.5,
+                )
             )
         messages.append(str(err.value))
         with pytest.raises(InputError, match="every weight"):
-            PRUNE.prune(str(ckpts["improved_cnn"]), out=tmp_path / "o.safetensors", method="magnitude", ratio=0.5,
-                        layer_ratios=[("fc1", 0.99999999)])  # fmt: skip
+            PRUNE.prune(
+                PruneRequest.build(
+                    checkpoint=str(ckpts["improved_cnn"]),
+                    output=tmp_path / "o.safetensors",
+                    method="magnitude",
+                    ratio=0.5,
+                    layer_ratios=[("fc1", 0.99999999)],
+                )
+            )
     assert messages[0] == messages[1]
     assert not (tmp_path / "o.safetensors").exists()
 

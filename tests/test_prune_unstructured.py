@@ -19,6 +19,7 @@ from torch.nn.utils import prune as tprune
 from prunecli.errors import InputError
 from prunecli.pruning.nm import parse_nm, prune_nm
 from prunecli.pruning.unstructured import Scope, order_keys, plan_scopes, prune_unstructured
+from prunecli.requests import PruneRequest
 
 
 def _model(arch: str, seed: int = 0, **kw: object) -> nn.Module:
@@ -57,7 +58,11 @@ def test_layer_scope_matches_l1_unstructured(tmp_path: Path, save_model, ratio: 
 
     model = _model("test_resnet", num_classes=10)
     src = save_model(model, tmp_path / "m.safetensors", "test_resnet", 10)
-    prune(str(src), method="magnitude", ratio=ratio, include_head=True, out=tmp_path / "p.safetensors")
+    prune(
+        PruneRequest.build(
+            checkpoint=str(src), method="magnitude", ratio=ratio, include_head=True, output=tmp_path / "p.safetensors"
+        )
+    )
     ours = _load_weights(tmp_path / "p.safetensors")
     for name, mod in _prunable(model).items():
         assert _no_tie_at(mod.weight.detach().abs(), round(ratio * mod.weight.numel())), name
@@ -78,7 +83,11 @@ def test_global_scope_matches_global_unstructured(tmp_path: Path, save_model, ar
     ratio = 0.6
     model = _model(arch, seed=1, **kw)
     src = save_model(model, tmp_path / "m.safetensors", arch, 10)
-    result = prune(str(src), method="magnitude", ratio=ratio, scope="global", out=tmp_path / "p.safetensors")
+    result = prune(
+        PruneRequest.build(
+            checkpoint=str(src), method="magnitude", ratio=ratio, scope="global", output=tmp_path / "p.safetensors"
+        )
+    )
     ours = _load_weights(tmp_path / "p.safetensors")
     head = {"fc", "fc2", "head"}
     layers = {n: m for n, m in _prunable(model).items() if n not in head}
@@ -225,7 +234,9 @@ def test_nm_end_to_end(tmp_path: Path, save_model) -> None:
 
     model = _model("improved_cnn", seed=3)
     src = save_model(model, tmp_path / "m.safetensors", "improved_cnn", 10)
-    res = prune(str(src), method="magnitude", structure="2:4", out=tmp_path / "p.safetensors")
+    res = prune(
+        PruneRequest.build(checkpoint=str(src), method="magnitude", structure="2:4", output=tmp_path / "p.safetensors")
+    )
     ours = _load_weights(tmp_path / "p.safetensors")
     assert res.metrics["nm_skipped"] == ["features.0.conv.weight"]  # 3·3·3 = 27 inputs per filter
     for name in ("features.1.conv", "features.2.conv", "fc1"):
@@ -244,7 +255,9 @@ def test_macs_and_storage_metrics(tmp_path: Path, save_model) -> None:
 
     model = _model("improved_cnn", seed=4)
     src = save_model(model, tmp_path / "m.safetensors", "improved_cnn", 10)
-    res = prune(str(src), method="magnitude", ratio=0.4, out=tmp_path / "p.safetensors")
+    res = prune(
+        PruneRequest.build(checkpoint=str(src), method="magnitude", ratio=0.4, output=tmp_path / "p.safetensors")
+    )
     m = res.metrics
     # hand count at 3×32×32: positions × (out · in · kh · kw) for the convs, in·out for the linears
     positions = {"features.0.conv": 32 * 32, "features.1.conv": 16 * 16, "features.2.conv": 8 * 8, "fc1": 1, "fc2": 1}
@@ -270,8 +283,16 @@ def test_same_inputs_same_bytes(tmp_path: Path, save_model) -> None:
     from prunecli.api.prune import prune
 
     src = save_model(_model("fc_mlp", seed=5), tmp_path / "m.safetensors", "fc_mlp", 10)
-    a = prune(str(src), method="magnitude", ratio=0.5, scope="global", out=tmp_path / "a.safetensors")
-    b = prune(str(src), method="magnitude", ratio=0.5, scope="global", out=tmp_path / "b.safetensors")
+    a = prune(
+        PruneRequest.build(
+            checkpoint=str(src), method="magnitude", ratio=0.5, scope="global", output=tmp_path / "a.safetensors"
+        )
+    )
+    b = prune(
+        PruneRequest.build(
+            checkpoint=str(src), method="magnitude", ratio=0.5, scope="global", output=tmp_path / "b.safetensors"
+        )
+    )
     assert a.sha256 == b.sha256
 
 
@@ -352,8 +373,12 @@ def test_bias_compensation_lowers_loss(tmp_path: Path, save_model, digits_mlp) -
     dense = test_loss(src)
     for ratio in (0.5, 0.7, 0.8):
         kw = dict(scores=str(tmp_path / "bc.scores"), ratio=ratio)  # biascomp → global scope by default
-        plain = prune(str(src), out=tmp_path / f"plain{ratio}.safetensors", **kw)
-        comp = prune(str(src), out=tmp_path / f"comp{ratio}.safetensors", compensate="bias", **kw)
+        plain = prune(PruneRequest.build(checkpoint=str(src), output=tmp_path / f"plain{ratio}.safetensors", **kw))
+        comp = prune(
+            PruneRequest.build(
+                checkpoint=str(src), output=tmp_path / f"comp{ratio}.safetensors", compensate="bias", **kw
+            )
+        )
         a, b = (
             _load_weights(tmp_path / f"plain{ratio}.safetensors"),
             _load_weights(tmp_path / f"comp{ratio}.safetensors"),
@@ -374,7 +399,7 @@ def test_bias_compensation_lowers_loss(tmp_path: Path, save_model, digits_mlp) -
 
 def test_bias_shift_folds_into_following_batchnorm() -> None:
     """A bias-free conv followed by BN: running_mean −= δ equals adding δ to the conv output (eval)."""
-    from prunecli.pruning import trace_layers
+    from prunecli.tracing import trace_layers
     from prunecli.pruning.compensate import BiasCompensation
 
     model = _model("test_resnet", seed=6, num_classes=10)
@@ -404,7 +429,7 @@ def test_bias_shift_folds_into_following_batchnorm() -> None:
 
 
 def test_compensation_skips_layers_without_bias_or_bn(caplog) -> None:
-    from prunecli.pruning import trace_layers
+    from prunecli.tracing import trace_layers
     from prunecli.pruning.compensate import BiasCompensation
 
     model = nn.Sequential(nn.Linear(4, 3, bias=False), nn.LayerNorm(3))

@@ -11,6 +11,7 @@ from torch import nn
 
 import prunecli.archs  # noqa: F401  (registers improved_cnn)
 from prunecli.api.restore import restore_model
+from prunecli.requests import PruneRequest
 from test_restore_math import entry, slice_model
 
 
@@ -112,10 +113,24 @@ def ckpts(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
         manifest = Manifest("improved_cnn", 10, {"widths": [8, 16, 16], "hidden": 32},
                             default_pretrained_cfg("improved_cnn"))  # fmt: skip
         paths[tag] = Path(save_checkpoint(tmp / f"{tag}.safetensors", model, manifest)[0])
-    paths["p50"] = Path(prune(str(paths["base"]), out=str(tmp / "p50.safetensors"), method="magnitude",
-                              structure="channel", ratio=0.5).checkpoint)  # fmt: skip
-    paths["unstructured"] = Path(prune(str(paths["base"]), out=str(tmp / "u50.safetensors"), method="magnitude",
-                                       ratio=0.5).checkpoint)  # fmt: skip
+    paths["p50"] = Path(
+        prune(
+            PruneRequest.build(
+                checkpoint=str(paths["base"]),
+                output=str(tmp / "p50.safetensors"),
+                method="magnitude",
+                structure="channel",
+                ratio=0.5,
+            )
+        ).checkpoint
+    )
+    paths["unstructured"] = Path(
+        prune(
+            PruneRequest.build(
+                checkpoint=str(paths["base"]), output=str(tmp / "u50.safetensors"), method="magnitude", ratio=0.5
+            )
+        ).checkpoint
+    )
     paths["tmp"] = tmp
     return paths
 
@@ -136,7 +151,7 @@ def test_cli_restore_lbyl_record_and_reload(cli, ckpts: dict[str, Path]) -> None
     assert "top1" in m and "top1_before" in m
     restored, pruned = load_checkpoint(str(out)), load_checkpoint(str(ckpts["p50"]))
     assert restored.manifest.lineage[-1]["command"] == "restore"
-    assert restored.manifest.lineage[-1]["options"]["dense_sha256"] == file_sha256(ckpts["base"])
+    assert restored.manifest.lineage[-1]["dense_sha256"] == file_sha256(ckpts["base"])
     assert restored.manifest.structure == pruned.manifest.structure
     assert not torch.equal(restored.model.fc1.weight, pruned.model.fc1.weight)
     assert torch.equal(restored.model.features[0].conv.weight, pruned.model.features[0].conv.weight)  # producers
@@ -163,7 +178,7 @@ def test_cli_errors(cli, ckpts: dict[str, Path]) -> None:
         (("restore", ckpts["p50"], "--dense", ckpts["other"], "-o", out), "sha256"),
         (("restore", ckpts["p50"], "--method", "lstsq", "-o", out), "needs calibration data"),
         (("restore", ckpts["p50"], "--method", "bn", "-o", out), "needs calibration data"),
-        (("restore", ckpts["p50"], "-p", "lambda3=1", "-o", out), "unknown parameter"),
+        (("restore", ckpts["p50"], "-p", "lambda3=1", "-o", out), "unknown -p key 'lambda3'"),
         (("restore", ckpts["p50"], "--method", "magic", "-o", out), "unknown restoration method"),
     ]
     for args, text in cases:
@@ -180,7 +195,15 @@ def test_cli_dense_moved_needs_dense_flag(cli, ckpts: dict[str, Path], tmp_path:
 
     base = tmp_path / "base.safetensors"
     shutil.copy(ckpts["base"], base)
-    p = prune(str(base), out=str(tmp_path / "p.safetensors"), method="magnitude", structure="channel", ratio=0.3)
+    p = prune(
+        PruneRequest.build(
+            checkpoint=str(base),
+            output=str(tmp_path / "p.safetensors"),
+            method="magnitude",
+            structure="channel",
+            ratio=0.3,
+        )
+    )
     base.rename(tmp_path / "moved.safetensors")
     r = cli("restore", p.checkpoint, "-o", tmp_path / "r.safetensors")
     assert r.exit_code == 1 and "--dense" in r.stderr

@@ -93,27 +93,31 @@ def test_data_free_and_compare_matches_scipy(cli, ckpt: Path, tmp_path: Path) ->
 
 
 @pytest.mark.parametrize(
-    "args,message",
+    "args,message,code",
     [
-        (["-m", "taylor"], "needs calibration data"),
-        (["-m", "nope"], "unknown method 'nope'"),
-        (["-m", "taylor", "--data", "digits", "-p", "foo=1"], "unknown option 'foo'"),
-        (["-m", "proscore", "--data", "digits", "-p", "lambda=abc"], "expects a number"),
-        (["-m", "biascomp", "--data", "digits", "-p", "probes=1.5"], "expects an integer"),
-        (["-m", "taylor", "--data", "digits", "-p", "agg"], "is not key=value"),
-        (["-m", "taylor", "--data", "digits", "--fraction", "0"], "--fraction must be in (0, 1]"),
-        (["-m", "taylor", "--data", "digits", "--fraction", "1.5"], "--fraction must be in (0, 1]"),
-        (["-m", "taylor", "--data", "digits", "--batches", "0"], "--batches must be a positive integer"),
-        (["-m", "taylor", "--data", "digits", "--batches", "2", "--fraction", "0.5"], "exclusive"),
-        (["-m", "taylor", "--data", "digits", "--score-mode", "bogus"], "--score-mode"),
-        (["-m", "l1"], "needs an output file"),
+        (["-m", "taylor"], "needs calibration data", 1),
+        (["-m", "nope"], "unknown method 'nope'", 1),
+        (["-m", "taylor", "--data", "digits", "-p", "foo=1"], "unknown -p key 'foo'", 1),
+        (["-m", "proscore", "--data", "digits", "-p", "lambda=abc"], "expects a number", 1),
+        (["-m", "biascomp", "--data", "digits", "-p", "probes=1.5"], "expects an integer", 1),
+        (["-m", "taylor", "--data", "digits", "-p", "agg"], "is not key=value", 1),
+        # invalid option values and conflicts are usage errors (exit 2), found before torch is imported
+        (["-m", "taylor", "--data", "digits", "--fraction", "0"], "--fraction: 0.0 is outside (0, 1]", 2),
+        (["-m", "taylor", "--data", "digits", "--fraction", "1.5"], "--fraction: 1.5 is outside (0, 1]", 2),
+        (["-m", "taylor", "--data", "digits", "--batches", "0"], "--batches: 0 is below 1", 2),
+        (["-m", "taylor", "--data", "digits", "--batches", "2", "--fraction", "0.5"], "exclusive", 1),
+        (["-m", "taylor", "--data", "digits", "--score-mode", "bogus"], "--score-mode", 2),
+        (["-m", "l1"], "needs an output file", 2),
     ],
 )
-def test_bad_input_exits_1_with_error(cli, ckpt: Path, tmp_path: Path, args: list[str], message: str) -> None:
+def test_bad_input_exits_with_one_error_line(
+    cli, ckpt: Path, tmp_path: Path, args: list[str], message: str, code: int
+) -> None:
     out = [] if "needs an output file" in message else ["-o", tmp_path / "x.scores"]
     r = cli("score", ckpt, *args, *out)
-    assert r.exit_code == 1, (r.exit_code, r.stdout, r.stderr)
+    assert r.exit_code == code, (r.exit_code, r.stdout, r.stderr)
     assert r.stderr.startswith("Error: ") and message in r.stderr
+    assert len(r.stderr.strip().splitlines()) <= 2 and r.stdout == ""
     assert not (tmp_path / "x.scores").exists()
 
 

@@ -35,7 +35,9 @@ EXIT_STATUS: tuple[tuple[str, str], ...] = (
     ("1", "Bad input: a missing or corrupt checkpoint, a shape that does not fit the architecture, NaN weights, "
           "an unknown name or data spec, an existing output without --force. One line 'Error: ...' (and "
           "'Hint: ...') on stderr; no output file is left behind."),
-    ("2", "Usage error: an unknown option, a missing argument or an invalid option value."),
+    ("2", "Usage error: an unknown option, a missing argument, an invalid option value or two options that "
+          "conflict; found before anything is loaded. One line 'Error: ...' (and 'Hint: ...') for invalid values "
+          "and conflicts; Click's usage text for unknown options and missing arguments."),
     ("130", "Interrupted (Ctrl-C)."),
 )  # fmt: skip
 

@@ -5,9 +5,12 @@ function lives in the module of the same name (``prunecli.api.prune.prune``) so 
 not import the others' dependencies (``inspect`` must not import torch; only ``finetune_lora`` imports
 peft); the functions are loaded on first use.
 
+Each function takes one request (:mod:`prunecli.requests`, also exported here), the object the
+command line builds from its options.
+
 Example:
     >>> from prunecli import api
-    >>> api.inspect("model.safetensors", layers=True).metrics["params"]
+    >>> api.inspect(api.InspectRequest(checkpoint="model.safetensors", layers=True)).metrics["params"]
 """
 
 from __future__ import annotations
@@ -17,8 +20,11 @@ import sys
 import types
 from typing import Any
 
+_REQUESTS = ("EvalRequest", "FinetuneLoraRequest", "FinetuneRequest", "InspectRequest", "LoraOptions", "ModelSource",
+             "PruneRequest", "ReportRequest", "Reporting", "RestoreRequest", "Runtime", "ScoreRequest", "Training",
+             "Transforms", "Wcr")  # fmt: skip
 __all__ = ["DataOptions", "InputOptions", "evaluate", "finetune", "finetune_lora", "inspect", "prune", "report",
-           "restore", "score"]  # fmt: skip
+           "restore", "score", *_REQUESTS]  # fmt: skip
 
 _LAZY = {
     "InputOptions": "prunecli.api._common",
@@ -31,6 +37,7 @@ _LAZY = {
     "finetune": "prunecli.api.finetune",
     "finetune_lora": "prunecli.api.finetune_lora",
     "report": "prunecli.api.report",
+    **{name: "prunecli.requests" for name in _REQUESTS},
 }
 
 

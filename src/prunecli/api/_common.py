@@ -2,38 +2,18 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
+
+from prunecli.requests import ModelSource, Transforms
 
 __all__ = ["DataOptions", "InputOptions", "load_data", "load_input", "save_output"]
 
 
-@dataclass(frozen=True)
-class InputOptions:
-    """How to read CKPT when it does not describe itself (DESIGN §2).
-
-    Attributes:
-        arch: timm architecture of a bare state dict (or to override a train.py checkpoint's).
-        num_classes: classifier width of a bare state dict, or of a fresh ``arch:`` model.
-        ema: take ``state_dict_ema`` from a timm train.py checkpoint.
-        model_args: extra ``timm.create_model`` keyword arguments (``arch:`` models).
-    """
-
-    arch: str | None = None
-    num_classes: int | None = None
-    ema: bool = False
-    model_args: Mapping[str, Any] = field(default_factory=dict)
-
-
-@dataclass(frozen=True)
-class DataOptions:
-    """Transform overrides for ``--data`` (else taken from the checkpoint's pretrained_cfg)."""
-
-    input_size: Sequence[int] | None = None
-    mean: Sequence[float] | None = None
-    std: Sequence[float] | None = None
+# The shared pieces of every request (:mod:`prunecli.requests`), under the names the api has used.
+InputOptions = ModelSource
+DataOptions = Transforms
 
 
 def load_input(spec: str, opts: InputOptions | None = None):  # -> Loaded (torch import kept lazy)
@@ -87,14 +67,20 @@ def save_output(
     force: bool,
     manifest: Any = None,
     transform: Any = None,
+    provenance: Mapping[str, Any] | None = None,
 ) -> tuple[str, str]:
     """Writes ``model`` with ``loaded``'s manifest (or ``manifest``) plus one lineage step.
 
-    ``model`` may also be a mapping of tensors; ``transform`` goes to :func:`prunecli.checkpoint.safetensors_io.write_safetensors`.
+    ``options`` is the request's JSON form (the same object as the record's ``options``);
+    ``provenance`` adds what the run found rather than was asked (a scores file's digest, the dense
+    parent restore used) as further keys of the lineage step.
+
+    ``model`` may also be a mapping of tensors; ``transform`` goes to
+    :func:`prunecli.checkpoint.safetensors_io.write_safetensors`.
     """
     from prunecli.checkpoint.writer import lineage_step, save_checkpoint
 
     base = manifest or loaded.manifest
-    new = base.with_step(lineage_step(command, options, loaded))
+    new = base.with_step({**lineage_step(command, options, loaded), **(provenance or {})})
     inputs = [loaded.source.path, loaded.source.weights]
     return save_checkpoint(out, model, new, force=force, inputs=inputs, transform=transform)

@@ -3,65 +3,64 @@
 from __future__ import annotations
 
 import dataclasses
+import logging
+from collections.abc import Mapping, Sequence
+from typing import Any
 
-from prunecli.api._common import DataOptions, InputOptions, load_data, load_input
+from prunecli.api._common import load_data, load_input
+from prunecli.errors import InputError
 from prunecli.record import Result
+from prunecli.requests import EvalRequest
+
+_LOG = logging.getLogger("prunecli")
 
 __all__ = ["evaluate"]
 
 
-def evaluate(
-    spec: str,
-    data: str,
-    *,
-    inputs: InputOptions | None = None,
-    data_options: DataOptions | None = None,
-    reference: str | None = None,
-    benchmark: bool = False,
-    device: str = "auto",
-    batch_size: int = 128,
-    workers: int = 0,
-    seed: int = 0,
-) -> Result:
-    """Evaluates CKPT on ``data``: top-1, top-5, mean loss and sample count.
+def evaluate(req: EvalRequest) -> Result:
+    """Evaluates CKPT on ``req.data``: top-1, top-5, mean loss and sample count.
 
     Under ``torchrun`` each rank evaluates every N-th sample and the sums are joined, so the metrics
-    equal those of one process (``--benchmark`` latency is rank 0's own).
-
-    Args:
-        spec: CKPT (any DESIGN §2 form).
-        data: a data spec; the split defaults to ``test``.
-        inputs: how to read CKPT when it does not describe itself.
-        data_options: input size / mean / std overrides.
-        reference: a second checkpoint (e.g. the dense parent): adds ``agreement`` and ``kl``. It is
-            read with ``inputs`` except ``ema``.
-        benchmark: add median latency and throughput at ``batch_size`` on the device.
-        device: ``auto``, ``cpu``, ``cuda[:i]``.
-        batch_size: evaluation batch size.
-        workers: DataLoader worker processes.
-        seed: seeds the (unshuffled) loader and the benchmark inputs.
+    equal those of one process (``--benchmark`` latency is rank 0's own). Without ``data`` the
+    ``--val`` spec of the last training step in the checkpoint's lineage is used (and said), since
+    evaluating on anything the user did not name would report a number about the wrong data.
+    The reference shares ``--arch``/``--num-classes`` (a bare parent state dict) but not ``--ema``, so
+    that ``eval run.pth.tar --ema --reference run.pth.tar`` compares the EMA weights with the plain ones.
 
     Example:
-        >>> evaluate("p50.safetensors", "digits:test").metrics["top1"]
+        >>> evaluate(EvalRequest(checkpoint="p50.safetensors", data="digits:test")).metrics["top1"]
     """
     from prunecli import distributed as D
     from prunecli.device import describe, resolve_device, seed_everything
     from prunecli.evaluation import benchmark_model, evaluate_sharded
 
-    dev = resolve_device(device)
-    seed_everything(seed)
-    loaded = load_input(spec, inputs)
-    ds, cfg = load_data(data, loaded, data_options)
-    # The reference shares --arch/--num-classes (a bare parent state dict) but not --ema, so that
-    # `eval run.pth.tar --ema --reference run.pth.tar` compares the EMA weights with the plain ones.
-    ref_inputs = dataclasses.replace(inputs, ema=False) if inputs else None
-    ref_model = load_input(reference, ref_inputs).model if reference else None
+    run = req.runtime
+    dev = resolve_device(run.device)
+    seed_everything(run.seed)
+    loaded = load_input(req.checkpoint, req.source)
+    data = req.data or _data_from_lineage(loaded.manifest.lineage)
+    ds, cfg = load_data(data, loaded, req.transforms)
+    ref_model = load_input(req.reference, dataclasses.replace(req.source, ema=False)).model if req.reference else None
     D.init(dev)  # under torchrun: each rank evaluates its shard, the sums are joined
-    metrics = evaluate_sharded(loaded.model, ds, dev, batch_size=batch_size, workers=workers, reference=ref_model)
+    metrics = evaluate_sharded(
+        loaded.model, ds, dev, batch_size=run.batch_size, workers=run.workers, reference=ref_model
+    )
     if D.world_size() > 1:
         metrics["world_size"] = D.world_size()
     metrics["data"] = data
-    if benchmark:
-        metrics.update(benchmark_model(loaded.model, tuple(cfg["input_size"]), dev, batch_size=batch_size))
+    if req.benchmark:
+        metrics.update(benchmark_model(loaded.model, tuple(cfg["input_size"]), dev, batch_size=run.batch_size))
     metrics["arch"] = loaded.manifest.arch
     return Result(checkpoint=None, sha256=None, metrics=metrics, device=describe(dev))
+
+
+def _data_from_lineage(lineage: Sequence[Mapping[str, Any]]) -> str:
+    """The ``--val`` data of the newest training step in the lineage; else eval needs ``--data``."""
+    for step in reversed(lineage):
+        val = (step.get("options") or {}).get("val")
+        if step.get("command") in ("finetune", "finetune-lora") and isinstance(val, str) and val:
+            _LOG.warning("no --data given: evaluating on %s, the --val data of the checkpoint's %s step",
+                         val, step["command"])  # fmt: skip
+            return val
+    raise InputError("eval needs --data", hint="e.g. --data imagefolder:val/ (no training step in the checkpoint's "
+                     "lineage names its --val data)")  # fmt: skip

@@ -16,6 +16,7 @@ from prunecli.checkpoint.header import SafetensorsHeader, TensorInfo
 from prunecli.checkpoint.manifest import METADATA_KEY, Manifest
 from prunecli.checkpoint.sources import SourceKind, resolve_source
 from prunecli.record import Result
+from prunecli.requests import InspectRequest
 
 __all__ = ["inspect"]
 
@@ -123,17 +124,16 @@ def _folder_config(folder: Path | None) -> dict[str, Any]:
         return {}
 
 
-def inspect(spec: str, *, layers: bool = False, arch: str | None = None) -> Result:
+def inspect(req: InspectRequest) -> Result:
     """Describes CKPT: architecture, parameter count, bytes, lineage, and per-layer sparsity.
 
-    Args:
-        spec: any CKPT form (DESIGN §2).
-        layers: add per-tensor shape, parameter count and sparsity (reads the tensor bytes).
-        arch: architecture of a bare state dict (only used for torch files, which must be loaded).
+    ``req.layers`` adds per-tensor shape, parameter count and sparsity (reads the tensor bytes);
+    ``req.arch`` is only used for torch files, which must be loaded.
 
     Example:
-        >>> inspect("p50.safetensors", layers=True).metrics["sparsity"]
+        >>> inspect(InspectRequest(checkpoint="p50.safetensors", layers=True)).metrics["sparsity"]
     """
+    spec, layers, arch = req.checkpoint, req.layers, req.arch
     source = resolve_source(spec)
     if source.header is not None:
         header = source.header

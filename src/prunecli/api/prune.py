@@ -35,13 +35,14 @@ import math
 import os
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from prunecli.api._common import DataOptions, InputOptions, load_input, save_output
 from prunecli.errors import InputError
 from prunecli.record import Result
+from prunecli.requests import PruneRequest
 
-__all__ = ["GLOBAL_SCOPE_METHODS", "default_scope", "parse_layer_ratio", "prune"]
+__all__ = ["GLOBAL_SCOPE_METHODS", "default_scope", "prune"]
 
 _LOG = logging.getLogger("prunecli")
 
@@ -56,216 +57,206 @@ def default_scope(method: str | None) -> str:
     return "global" if (method or "").lower() in GLOBAL_SCOPE_METHODS else "layer"
 
 
-def parse_layer_ratio(text: str) -> tuple[str, float]:
-    """``"blocks.0.*=0.2"`` → ``("blocks.0.*", 0.2)``.
+def prune(req: PruneRequest) -> Result:
+    """Prunes CKPT and writes the result to ``req.output`` (or, with ``req.dry_run``, only plans it).
 
-    Raises:
-        InputError: not of the form GLOB=R with a number R.
-    """
-    glob, sep, value = text.rpartition("=")
-    try:
-        ratio = float(value)
-    except ValueError:
-        ratio = math.nan
-    if not sep or not glob or math.isnan(ratio):
-        raise InputError(f"--layer-ratio {text!r} is not GLOB=R", hint="e.g. --layer-ratio 'blocks.0.*=0.2'")
-    return glob, ratio
+    Scores come from ``req.scores`` (a scores file of this checkpoint) or are computed in process by
+    criterion ``req.method`` on ``req.data``. The request is validated when it is built
+    (:class:`prunecli.requests.PruneRequest`); here the inputs are read and checked against it.
 
-
-def prune(
-    spec: str,
-    *,
-    out: str | Path,
-    ratio: float | None = None,
-    scores: str | Path | None = None,
-    method: str | None = None,
-    data: str | None = None,
-    params: Mapping[str, Any] | None = None,
-    batches: int | None = None,
-    fraction: float | None = None,
-    structure: str = "unstructured",
-    scope: str | None = None,
-    exclude: Sequence[str] = (),
-    include_head: bool = False,
-    layer_ratios: Sequence[tuple[str, float]] | Mapping[str, float] = (),
-    round_to: int = 1,
-    min_channels: int = 1,
-    compensate: str | None = None,
-    restore: str | None = None,
-    inputs: InputOptions | None = None,
-    data_options: DataOptions | None = None,
-    device: str = "auto",
-    batch_size: int = 128,
-    workers: int = 0,
-    seed: int = 0,
-    score_mode: str = "eval",
-    force: bool = False,
-) -> Result:
-    """Prunes CKPT and writes the result to ``out``.
-
-    Args:
-        spec: CKPT (any DESIGN §2 form).
-        out: output checkpoint (``.safetensors`` file or ``DIR/``).
-        ratio: fraction of weights (unstructured) or channels (channel) to remove, in [0, 1); implied
-            by N:M (``(M−N)/M``) and may be omitted there.
-        scores: a scores file of this checkpoint (``prunecli score``).
-        method: a criterion to compute the scores in process instead (``magnitude``, ``taylor``, …).
-        data: calibration data spec for data-driven ``method``.
-        params: criterion options (``-p key=value``).
-        batches: calibration batches for ``method``.
-        fraction: calibration fraction of the data for ``method``.
-        structure: ``unstructured``, ``channel`` or ``N:M`` (e.g. ``2:4``).
-        scope: ``layer`` or ``global``; default per :func:`default_scope`.
-        exclude: globs of layers (module or parameter names) not to prune.
-        include_head: prune the classifier head too (excluded by default).
-        layer_ratios: (glob, ratio) pairs giving matching layers their own ratio.
-        round_to: channel pruning: keep channel counts a multiple of this.
-        min_channels: channel pruning: keep at least this many channels per layer.
-        compensate: ``bias`` applies paper E's bias shifts (needs biascomp scores).
-        restore: channel pruning: run this training-free restoration afterwards (``lbyl``, …).
-        inputs: how to read CKPT when it does not describe itself.
-        data_options: input size / mean / std overrides (data and the MAC count).
-        device: scoring device for ``method``.
-        batch_size: scoring batch size for ``method``.
-        workers: DataLoader workers for ``method``.
-        seed: seed for ``method`` (random criterion, sampling).
-        score_mode: ``eval`` or ``train`` model mode while scoring.
-        force: overwrite an existing ``out``.
+    The run reads as its five steps: load (:func:`_open_target`: the layer table or the model) →
+    score (:func:`_score`) → plan (the engine's :meth:`_Engine.plan`, plain data of
+    :mod:`prunecli.pruning.plan`) → apply (:meth:`_Engine.apply`, in memory) → save. A dry run stops
+    before saving: it writes nothing (the output path is still validated) and reports the plan as
+    ``metrics["plan"]``, with the summary numbers the real run would report. ``--restore`` is not
+    run by a dry run.
 
     Returns:
-        The written checkpoint, its sha256 and the metrics of DESIGN §3 (``sparsity``,
+        The written checkpoint (None for a dry run), its sha256 and the metrics (``sparsity``,
         ``target_ratio``, ``params``, ``params_nonzero``, ``macs``, ``macs_nonzero``, ``layers``,
-        ``bitmask_bytes``, …).
+        ``bitmask_bytes``, …; ``plan`` for a dry run).
 
     Example:
-        >>> prune("base.safetensors", method="magnitude", ratio=0.5, out="p50.safetensors").metrics["sparsity"]
+        >>> req = PruneRequest(checkpoint="base.safetensors", output="p50.safetensors", method="magnitude", ratio=0.5)
+        >>> prune(req).metrics["sparsity"]
         0.5
     """
     from prunecli.checkpoint.hashing import file_sha256
     from prunecli.checkpoint.writer import check_output
-    from prunecli.pruning.nm import parse_nm
 
-    if (scores is None) == (method is None):
-        raise InputError("give exactly one of --scores FILE and --method M", hint="e.g. --method magnitude")
-    if compensate not in (None, "bias"):
-        raise InputError(f"unknown compensation {compensate!r}; choose from bias")
-    nm = parse_nm(structure)
-    kind = "nm" if nm else structure
-    if kind not in _ENGINES:
-        raise InputError(f"unknown structure {structure!r}; choose from unstructured, channel, N:M (e.g. 2:4)")
-    if nm:
-        implied = (nm[1] - nm[0]) / nm[1]
-        if ratio is not None and not math.isclose(ratio, implied):
-            raise InputError(
-                f"--ratio {ratio:g} contradicts --structure {structure} (removes {implied:g})",
-                hint="omit --ratio with N:M",
-            )
-        ratio = implied
-    if ratio is None:
-        raise InputError("--ratio is required", hint="e.g. --ratio 0.5")
-    from prunecli.pruning.unstructured import check_ratio
+    out, force, run = req.output, req.force, req.runtime
+    if req.method is not None:
+        from prunecli.criteria import check_params
 
-    check_ratio(ratio)
-    pairs = list(layer_ratios.items()) if isinstance(layer_ratios, Mapping) else list(layer_ratios)
-    for _, r in pairs:
-        check_ratio(r)
-    if scope not in (None, "layer", "global"):
-        raise InputError(f"unknown scope {scope!r}; choose from global, layer")
-    if compensate and kind == "channel":
-        raise InputError(
-            "--compensate bias applies to removed weights, not to removed channels",
-            hint="use it with --structure unstructured or N:M",
-        )
-    if restore and kind != "channel":
-        raise InputError("--restore needs --structure channel", hint="restoration rebuilds removed channels")
-    scores_path = Path(scores).expanduser().resolve() if scores is not None else None
+        check_params(req.method, req.params)
+    scores_path = Path(req.scores).expanduser().resolve() if req.scores is not None else None
     if scores_path is not None and not scores_path.is_file():
-        raise InputError(f"scores file {str(scores)!r} does not exist")
+        raise InputError(f"scores file {str(req.scores)!r} does not exist")
     check_output(out, force=force, inputs=[scores_path])
 
-    fast = _fast_input(
-        spec,
-        kind=kind,
-        method=method,
-        scores=scores_path,
-        compensate=compensate,
-        inputs=inputs,
-        dopts=data_options,
-        out=(out, force),
-    )
-    loaded = fast.loaded if fast else load_input(spec, inputs)
-    check_output(out, force=force, inputs=[loaded.source.path, loaded.source.weights, scores_path])
-    sf = _load_scores(scores_path, loaded, kind) if scores_path else None
-    name = sf.method if sf else str(method)
-    job = _Job(
-        fast=fast,
-        loaded=loaded,
-        kind=kind,
-        nm=nm,
-        ratio=float(ratio),
-        scope=scope or default_scope(name),
-        method=name,
-        sf=sf,
-        compensate=compensate,
-        data=data,
-        data_options=data_options,
-        round_to=round_to,
-        min_channels=min_channels,
-        restore=restore,
-        device=device,
-        batch_size=batch_size,
-        workers=workers,
-        seed=seed,
-    )
-    job.select_layers(exclude, include_head, pairs)
-    if sf is None and not (name.lower() in _MAGNITUDE and (kind != "channel" or not params)):
-        try:
-            from prunecli.scoring import compute_scores
-        except ModuleNotFoundError:
-            raise InputError(f"--method {name} is not available in this build", hint="pass --scores FILE") from None
-        job.sf = compute_scores(
-            loaded,
-            name,
-            data=data,
-            data_options=data_options,
-            batches=batches,
-            fraction=fraction,
-            params=dict(params or {}),
-            device=device,
-            batch_size=batch_size,
-            seed=seed,
-            score_mode=score_mode,
-        )
-        _check_granularity(job.sf, kind)
-        job.back_to_cpu()
-    metrics, manifest = _ENGINES[kind](job)
-    options = {
-        "ratio": ratio,
-        "structure": structure,
-        "scope": job.scope,
-        "scores": str(scores_path) if scores_path else None,
-        "scores_sha256": file_sha256(scores_path) if scores_path else None,
-        "method": name,
-        "data": data,
-        "params": dict(params or {}),
-        "exclude": list(exclude),
-        "include_head": include_head,
-        "layer_ratios": [f"{g}={r:g}" for g, r in pairs],
-        "compensate": compensate,
-    }
-    if kind == "channel":
-        options.update(round_to=round_to, min_channels=min_channels, restore=restore)
-    state = fast.tensors if fast else loaded.model
-    if fast:
-        fast.input_sha256()  # the lineage names the input's digest
-    transform = fast.transform if fast else None
-    path, sha = save_output(
-        out, state, loaded, command="prune", options=options, force=force, manifest=manifest, transform=transform
-    )
+    target = _open_target(req, scores_path)  # 1. load
+    check_output(out, force=force, inputs=[target.loaded.source.path, target.loaded.source.weights, scores_path])
+    job = _Job.create(req, target, scores_path)
+    _score(req, job)  # 2. score
+    engine = _ENGINES[req.kind]
+    before = _before(job) if req.dry_run else None
+    plan = engine.plan(job)  # 3. plan
+    metrics, manifest = engine.apply(job, plan, restore=not req.dry_run)  # 4. apply (in memory)
     from prunecli.device import describe, resolve_device
 
-    dev = describe(resolve_device(device)) if job.sf is not None and sf is None else "cpu"
+    dev = describe(resolve_device(run.device)) if job.computed_scores else "cpu"
+    if req.dry_run:
+        target.finish()
+        metrics["plan"] = engine.report(plan, before, metrics)
+        return Result(checkpoint=None, sha256=None, metrics=metrics, device=dev)
+    provenance = {"scores_sha256": file_sha256(scores_path) if scores_path else None}  # 5. save
+    target.finish()  # the lineage names the input's digest
+    state, transform = target.to_save()
+    path, sha = save_output(
+        out, state, target.loaded, command="prune", options=req.to_json(), force=force, manifest=manifest,
+        transform=transform, provenance=provenance,
+    )  # fmt: skip
     return Result(checkpoint=path, sha256=sha, metrics=metrics, device=dev)
+
+
+# ------------------------------------------------------------------------------------------------ 1. load
+
+
+class PruneTarget(Protocol):
+    """What pruning reads and writes: the rebuilt model, or the checkpoint's tensors and layer table.
+
+    Attributes:
+        loaded: the checkpoint as read (``Loaded``; ``model`` is None for the table target).
+        layers: parameter name → the prunable layer (module, or layer-table entry), in layer order.
+        head: parameter names of the classifier head.
+    """
+
+    loaded: Any
+    layers: dict[str, Any]
+    head: list[str]
+
+    def weights(self) -> dict[str, Any]:
+        """Parameter name → the prunable weight tensor (pruned in place unless :meth:`to_save` masks it)."""
+        ...
+
+    def trace(self, input_size: Callable[[], tuple[int, ...]]) -> Any:
+        """MAC positions (and BatchNorm successors) per layer: a :class:`prunecli.tracing.LayerTrace`.
+
+        ``input_size()`` gives one sample's shape where a forward pass is traced (the table has its own).
+        """
+        ...
+
+    def params(self) -> dict[str, int]:
+        """Parameter name → numel, deduplicated as ``model.parameters()`` is."""
+        ...
+
+    def state(self) -> dict[str, Any]:
+        """Every tensor the output will hold."""
+        ...
+
+    def to_cpu(self) -> None:
+        """Scoring may have moved the model to a GPU: pruning and saving work on CPU tensors."""
+        ...
+
+    def finish(self) -> None:
+        """Waits for background work on the input (hashing) to end."""
+        ...
+
+    def to_save(self) -> tuple[Any, Any]:
+        """(what :func:`save_output` writes, its per-tensor transform or None)."""
+        ...
+
+
+class _ModelTarget:
+    """The model path: the checkpoint rebuilt as an ``nn.Module``."""
+
+    def __init__(self, loaded: Any) -> None:
+        from prunecli.prunable import classifier_modules, prunable_layers
+
+        self.loaded = loaded
+        self.model = loaded.model
+        self.layers: dict[str, Any] = {f"{n}.weight": m for n, m in prunable_layers(self.model).items()}
+        self.head = [f"{n}.weight" for n in classifier_modules(self.model)]
+
+    def weights(self) -> dict[str, Any]:
+        return {n: m.weight.data for n, m in self.layers.items()}
+
+    def trace(self, input_size: Callable[[], tuple[int, ...]]) -> Any:
+        from prunecli.tracing import trace_layers
+
+        return trace_layers(self.model, input_size())
+
+    def params(self) -> dict[str, int]:
+        return {n: p.numel() for n, p in self.model.named_parameters()}
+
+    def state(self) -> dict[str, Any]:
+        return self.model.state_dict()
+
+    def to_cpu(self) -> None:
+        self.model.cpu()
+
+    def finish(self) -> None:
+        pass
+
+    def to_save(self) -> tuple[Any, Any]:
+        return self.model, None
+
+
+class _TableTarget:
+    """The fast path (module docstring): tensors straight from the file, the model described by its layer table."""
+
+    def __init__(self, fast: _FastInput) -> None:
+        self.fast = fast
+        self.loaded = fast.loaded
+        self.model = None
+        entries = fast.table.layers
+        self.layers: dict[str, Any] = {e.name: e for e in entries}
+        self.head = [e.name for e in entries if e.head]
+        self._weights = {e.name: fast.tensors[e.name] for e in entries}
+
+    def weights(self) -> dict[str, Any]:
+        return self._weights
+
+    def trace(self, input_size: Callable[[], tuple[int, ...]]) -> Any:
+        from prunecli.tracing import LayerTrace
+
+        return LayerTrace(positions={e.module: e.macs_per_weight for e in self.fast.table.layers}, device="table")
+
+    def params(self) -> dict[str, int]:
+        buffers = set(self.fast.table.buffers)
+        return {n: t.numel() for n, t in self.fast.tensors.items() if n not in buffers}
+
+    def state(self) -> dict[str, Any]:
+        return self.fast.tensors
+
+    def to_cpu(self) -> None:
+        pass
+
+    def finish(self) -> None:
+        self.fast.input_sha256()
+
+    def to_save(self) -> tuple[Any, Any]:
+        return self.fast.tensors, self.fast.transform
+
+    def writable(self, names: Sequence[str]) -> None:
+        """Private copies of ``names`` of a mapped input, to prune them in place."""
+        self.fast.writable(names)
+        self._weights.update({n: self.fast.tensors[n] for n in names})
+
+
+def _open_target(req: PruneRequest, scores_path: Path | None) -> PruneTarget:
+    """The table target when the run allows the fast path (:func:`_fast_input`), else the model."""
+    fast = _fast_input(
+        req.checkpoint,
+        kind=req.kind,
+        method=req.method,
+        scores=scores_path,
+        compensate=req.compensate,
+        inputs=req.source,
+        dopts=req.transforms,
+        out=(req.output, req.force),
+    )
+    return _TableTarget(fast) if fast is not None else _ModelTarget(load_input(req.checkpoint, req.source))
 
 
 @dataclasses.dataclass
@@ -365,74 +356,49 @@ def _fast_input(
 _FLOAT_DTYPES = frozenset({"F64", "F32", "F16", "BF16", "F8_E4M3", "F8_E5M2", "F8_E8M0", "F6_E2M3", "F6_E3M2", "F4"})
 
 
-class _Job:
-    """The resolved inputs of one prune run, shared by the structure engines.
+# ------------------------------------------------------------------------------------------------ the job
 
-    On the model path the prunable weights, the head and the MAC trace come from the rebuilt model;
-    on the fast path (``fast`` set) from the checkpoint's layer table and tensors.
+
+@dataclasses.dataclass
+class _Job:
+    """The resolved inputs of one prune run, shared by the engines.
+
+    Attributes:
+        target: the model or the layer table (:class:`PruneTarget`).
+        req: the request (options the engines read: ratio, structure, round_to, data, …).
+        ratio: the effective ratio (N:M implies it).
+        scope: ``layer`` or ``global`` (default per criterion).
+        method: the criterion's name (the scores file's, or ``req.method``).
+        sf: the scores (a loaded or computed scores file), None for magnitude on the fly.
+        selected: parameter names pruned, in layer order.
+        excluded: prunable parameter names not pruned (head, ``--exclude``).
+        per_layer: parameter name → its ``--layer-ratio``.
+        computed_scores: the scores were computed in process (the device is then reported).
     """
 
-    def __init__(self, **kw: Any) -> None:
-        self.__dict__.update(kw)
-        self.model = self.loaded.model
-        if self.fast is not None:
-            entries = self.fast.table.layers
-            self.layers: dict[str, Any] = {e.name: e for e in entries}
-            self.weights = {e.name: self.fast.tensors[e.name] for e in entries}
-            self.head = [e.name for e in entries if e.head]
-        else:
-            from prunecli.prunable import classifier_modules, prunable_layers
+    target: PruneTarget
+    req: PruneRequest
+    ratio: float
+    scope: str
+    method: str
+    sf: Any
+    selected: list[str]
+    excluded: list[str]
+    per_layer: dict[str, float]
+    computed_scores: bool = False
 
-            self.layers = {f"{n}.weight": m for n, m in prunable_layers(self.model).items()}
-            self.weights = {n: m.weight.data for n, m in self.layers.items()}
-            self.head = [f"{n}.weight" for n in classifier_modules(self.model)]
-        self.selected: list[str] = []
-        self.per_layer: dict[str, float] = {}
+    @classmethod
+    def create(cls, req: PruneRequest, target: PruneTarget, scores_path: Path | None) -> _Job:
+        """Loads the scores file (checked against the checkpoint) and resolves the layer selection."""
+        sf = _load_scores(scores_path, target.loaded, req.kind) if scores_path else None
+        name = sf.method if sf else str(req.method)
+        selected, excluded, per_layer = _select_layers(target, req.exclude, req.include_head, req.layer_ratios)
+        scope = req.scope or default_scope(name)
+        return cls(target, req, req.effective_ratio, scope, name, sf, selected, excluded, per_layer)
 
-    def trace(self) -> Any:
-        """Output positions per layer (MACs) and BatchNorm successors: from the table or a traced forward pass."""
-        from prunecli.pruning import LayerTrace, trace_layers
-
-        if self.fast is not None:
-            return LayerTrace(positions={e.module: e.macs_per_weight for e in self.fast.table.layers}, device="table")
-        return trace_layers(self.model, self.input_size())
-
-    def state(self) -> dict[str, Any]:
-        """Every tensor the output will hold."""
-        return self.fast.tensors if self.fast is not None else self.model.state_dict()
-
-    def params(self) -> dict[str, int]:
-        """Parameter name → numel, deduplicated as ``model.parameters()`` is."""
-        if self.fast is not None:
-            buffers = set(self.fast.table.buffers)
-            return {n: t.numel() for n, t in self.fast.tensors.items() if n not in buffers}
-        return {n: p.numel() for n, p in self.model.named_parameters()}
-
-    def back_to_cpu(self) -> None:
-        """Scoring may have moved the model to a GPU: pruning and saving work on CPU tensors."""
-        self.model.cpu()
-        self.weights = {n: m.weight.data for n, m in self.layers.items()}
-        self.sf.scores = {n: t.cpu() for n, t in self.sf.scores.items()}
-        self.sf.extras = {k: {n: t.cpu() for n, t in g.items()} for k, g in self.sf.extras.items()}
-
-    def select_layers(self, exclude: Sequence[str], include_head: bool, pairs: Sequence[tuple[str, float]]) -> None:
-        """Resolves head/exclude/layer-ratio globs to parameter names; warns on globs matching nothing."""
-        from prunecli.prunable import match_any
-
-        head = [] if include_head else self.head
-        for pattern in exclude:
-            if not any(match_any(n, [pattern]) for n in self.layers):
-                _LOG.warning("--exclude %r matches no prunable layer", pattern)
-        self.excluded = [n for n in self.layers if n in head or match_any(n, exclude)]
-        self.selected = [n for n in self.layers if n not in self.excluded]
-        if not self.selected:
-            raise InputError("no prunable layer is left after --exclude", hint="loosen --exclude or --include-head")
-        for pattern, r in pairs:
-            hits = [n for n in self.selected if match_any(n, [pattern])]
-            if not hits:
-                _LOG.warning("--layer-ratio %r matches no layer being pruned", pattern)
-            self.per_layer.update({n: r for n in hits})
-        self.ratio_pairs = list(pairs)
+    @property
+    def kind(self) -> str:
+        return self.req.kind
 
     def score_of(self) -> Callable[[str], Any] | None:
         """Parameter name → scores from the scores file; None for magnitude (``|w|`` on the fly)."""
@@ -451,7 +417,7 @@ class _Job:
 
     def compensation(self, trace: Any) -> Any:
         """The ``on_mask`` callback of ``--compensate bias``, or None."""
-        if not self.compensate:
+        if not self.req.compensate:
             return None
         from prunecli.pruning.compensate import BiasCompensation
 
@@ -461,15 +427,80 @@ class _Job:
                 f"--compensate bias needs the bias shifts of a biascomp scores file ({self.method} has none)",
                 hint="score with --method biascomp first, or prune with --method biascomp --data SPEC",
             )
-        return BiasCompensation(self.layers, shifts, trace.bn_after, dict(self.model.named_modules()))
+        model = self.target.loaded.model
+        return BiasCompensation(self.target.layers, shifts, trace.bn_after, dict(model.named_modules()))
 
     def input_size(self) -> tuple[int, ...]:
         """One sample's shape for the MAC count: the data config's input size (with overrides)."""
         from prunecli.data import data_config
 
-        opts = self.data_options or DataOptions()
-        cfg = data_config(self.loaded.manifest.pretrained_cfg, input_size=opts.input_size, mean=opts.mean, std=opts.std)
+        opts = self.req.transforms or DataOptions()
+        manifest = self.target.loaded.manifest
+        cfg = data_config(manifest.pretrained_cfg, input_size=opts.input_size, mean=opts.mean, std=opts.std)
         return tuple(int(s) for s in cfg["input_size"])
+
+    def trace(self) -> Any:
+        """The target's :class:`prunecli.tracing.LayerTrace` (MAC positions, BatchNorm after each layer)."""
+        return self.target.trace(self.input_size)
+
+
+def _select_layers(
+    target: PruneTarget, exclude: Sequence[str], include_head: bool, pairs: Sequence[tuple[str, float]]
+) -> tuple[list[str], list[str], dict[str, float]]:
+    """(selected, excluded, per-layer ratios): head/exclude/layer-ratio globs resolved to parameter names.
+
+    Warns on globs that match nothing.
+    """
+    from prunecli.prunable import match_any
+
+    head = [] if include_head else target.head
+    for pattern in exclude:
+        if not any(match_any(n, [pattern]) for n in target.layers):
+            _LOG.warning("--exclude %r matches no prunable layer", pattern)
+    excluded = [n for n in target.layers if n in head or match_any(n, exclude)]
+    selected = [n for n in target.layers if n not in excluded]
+    if not selected:
+        raise InputError("no prunable layer is left after --exclude", hint="loosen --exclude or --include-head")
+    per_layer: dict[str, float] = {}
+    for pattern, r in pairs:
+        hits = [n for n in selected if match_any(n, [pattern])]
+        if not hits:
+            _LOG.warning("--layer-ratio %r matches no layer being pruned", pattern)
+        per_layer.update({n: r for n in hits})
+    return selected, excluded, per_layer
+
+
+# ------------------------------------------------------------------------------------------------ 2. score
+
+
+def _score(req: PruneRequest, job: _Job) -> None:
+    """Computes the scores in process when neither a scores file nor magnitude-on-the-fly gives them."""
+    name = job.method
+    if job.sf is not None or (name.lower() in _MAGNITUDE and (req.kind != "channel" or not req.params)):
+        return
+    try:
+        from prunecli.scoring import compute_scores
+    except ModuleNotFoundError:
+        raise InputError(f"--method {name} is not available in this build", hint="pass --scores FILE") from None
+    run = req.runtime
+    sf = compute_scores(
+        job.target.loaded,
+        name,
+        data=req.data,
+        data_options=req.transforms,
+        batches=req.batches,
+        fraction=req.fraction,
+        params=dict(req.params),
+        device=run.device,
+        batch_size=run.batch_size,
+        seed=run.seed,
+        score_mode=req.score_mode,
+    )
+    _check_granularity(sf, req.kind)
+    job.target.to_cpu()
+    sf.scores = {n: t.cpu() for n, t in sf.scores.items()}
+    sf.extras = {k: {n: t.cpu() for n, t in g.items()} for k, g in sf.extras.items()}
+    job.sf, job.computed_scores = sf, True
 
 
 def _load_scores(path: Path, loaded: Any, kind: str) -> Any:
@@ -489,87 +520,170 @@ def _check_granularity(sf: Any, kind: str) -> None:
         )
 
 
-def _unstructured(job: _Job) -> tuple[dict[str, Any], Any]:
-    from prunecli.pruning.unstructured import MagnitudeMasks, plan_scopes, prune_unstructured
-
-    sizes = {n: job.weights[n].numel() for n in job.selected}
-    scopes = plan_scopes(sizes, job.ratio, job.scope, job.per_layer)
-    trace = job.trace()
-    comp = job.compensation(trace)
-    target = sum(s.k for s in scopes) / max(sum(sizes.values()), 1)
-    if job.fast is not None and job.fast.mapped:
-        masks = MagnitudeMasks.plan(job.weights, scopes)
-        if masks is not None:  # the weights stay read-only; each pruned one is masked as it is written
-            job.fast.transform = masks.transform()
-            return _finish(job, trace, masks.removed, target, comp, masks.nonzero)
-        job.fast.writable(job.selected)  # rare: a threshold among the zeros; prune private copies in place
-        job.weights.update({n: job.fast.tensors[n] for n in job.selected})
-    known: dict[str, int] = {}
-    removed = prune_unstructured(job.weights, job.score_of(), scopes, on_mask=comp, nonzero=known)
-    return _finish(job, trace, removed, target, comp, known)
+# ------------------------------------------------------------------------------------------------ 3-4. engines
 
 
-def _nm(job: _Job) -> tuple[dict[str, Any], Any]:
-    from prunecli.pruning.nm import prune_nm
+class _Engine(Protocol):
+    """One structure's pruning: a plan (plain data), its application, and the plan as a dry run shows it."""
 
-    if job.per_layer:
-        raise InputError("--layer-ratio does not apply to N:M sparsity", hint="--exclude layers instead")
-    trace = job.trace()
-    comp = job.compensation(trace)
-    n, m = job.nm
-    removed, skipped = prune_nm(job.weights, job.score_of(), job.selected, n, m, on_mask=comp)
-    job.selected = [s for s in job.selected if s not in skipped]
-    metrics, manifest = _finish(job, trace, removed, (m - n) / m, comp)
-    metrics["nm_skipped"] = skipped
-    return metrics, manifest
+    def plan(self, job: _Job) -> Any:
+        """The plan (:mod:`prunecli.pruning.plan`); reads the weights, modifies nothing."""
+        ...
+
+    def apply(self, job: _Job, plan: Any, *, restore: bool) -> tuple[dict[str, Any], Any]:
+        """Applies ``plan`` in memory; returns the run's metrics and the output manifest."""
+        ...
+
+    def report(self, plan: Any, before: Mapping[str, int] | None, metrics: Mapping[str, Any]) -> dict[str, Any]:
+        """``metrics["plan"]`` of a dry run: the plan with params and MACs before and after."""
+        ...
 
 
-def _channel(job: _Job) -> tuple[dict[str, Any], Any]:
-    """Channel pruning through :func:`prunecli.pruning.channel.prune_channels` (torch-pruning's DepGraph)."""
-    import torch
-
-    from prunecli.pruning.channel import prune_channels
-
-    before = sum(w.numel() for w in job.weights.values())
-    sf = job.sf
-    ratios: dict[str, float] = {}
-    for pattern, r in reversed(job.ratio_pairs):  # prune_channels takes the first match; ours is the last
-        ratios.setdefault(pattern, r)
-    example = torch.zeros(1, *job.input_size())
-    dense = copy.deepcopy(job.model) if job.restore else None  # restore needs the dense filters
-    result = prune_channels(
-        job.model,
-        example_input=example,
-        ratio=job.ratio,
-        channel_scores=sf.scores if sf is not None and sf.granularity == "channel" else None,
-        weight_scores=sf.scores if sf is not None and sf.granularity == "weight" else None,
-        scope=job.scope,
-        layer_ratios=ratios,
-        exclude=[n.removesuffix(".weight") for n in job.excluded],
-        round_to=job.round_to if job.round_to > 1 else None,
-        min_channels=job.min_channels,
-    )
-    restored = _restore(job, dense, result.structure, example) if dense is not None else None
-    from prunecli.prunable import prunable_params
-
-    after = sum(p.numel() for p in prunable_params(job.model).values())
-    state = job.model.state_dict()
+def _before(job: _Job) -> dict[str, int]:
+    """Params and MACs of the input (a dry run reports them beside the plan's)."""
+    state = job.target.state()
     nnz = _nonzero(state)
-    manifest = dataclasses.replace(job.loaded.manifest, structure=result.structure)
-    metrics = {
-        "structure": "channel",
-        "method": job.method,
-        "scope": job.scope,
-        "target_ratio": job.ratio,
-        "excluded": job.excluded,
-        **result.metrics,
-        "sparsity": 1.0 - after / max(before, 1),
-        **_param_counts(job.model, nnz),
-        **_storage(state, nnz, set(job.loaded.manifest.masked)),
+    params = job.target.params()
+    weights = job.target.weights()
+    positions = _positions(job, weights)
+    return {
+        "params_before": sum(params.values()),
+        "params_nonzero_before": sum(nnz[n] for n in params),
+        "macs_before": sum(positions[n] * w.numel() for n, w in weights.items()),
+        "macs_nonzero_before": sum(positions[n] * nnz[n] for n in weights),
     }
-    if restored is not None:
-        metrics["restore"] = restored
-    return metrics, manifest
+
+
+def _positions(job: _Job, weights: Mapping[str, Any]) -> dict[str, int]:
+    trace = job.trace()
+    return {n: trace.positions.get(n.removesuffix(".weight"), 0) for n in weights}
+
+
+def _masked_report(plan: Any, before: Mapping[str, int] | None, metrics: Mapping[str, Any]) -> dict[str, Any]:
+    after = {k: metrics[k] for k in ("params", "params_nonzero", "macs", "macs_nonzero")}
+    return {**plan.summary(), **(before or {}), **after}
+
+
+class _Unstructured:
+    """``--structure unstructured``: exact ``round(r·N)`` per scope (:mod:`prunecli.pruning.unstructured`)."""
+
+    report = staticmethod(_masked_report)
+
+    def plan(self, job: _Job) -> Any:
+        from prunecli.pruning.unstructured import plan_scopes, plan_unstructured
+
+        weights = job.target.weights()
+        sizes = {n: weights[n].numel() for n in job.selected}
+        scopes = plan_scopes(sizes, job.ratio, job.scope, job.per_layer)
+        return plan_unstructured(weights, job.score_of(), scopes)
+
+    def apply(self, job: _Job, plan: Any, *, restore: bool) -> tuple[dict[str, Any], Any]:
+        from prunecli.pruning.unstructured import MagnitudeMasks, apply_unstructured
+
+        weights = job.target.weights()
+        trace = job.trace()
+        comp = job.compensation(trace)
+        target = sum(s.k for s in plan.scopes) / max(sum(weights[n].numel() for n in job.selected), 1)
+        fast = job.target.fast if isinstance(job.target, _TableTarget) else None
+        if fast is not None and fast.mapped:
+            masks = MagnitudeMasks.from_plan(weights, plan)
+            if masks is not None:  # the weights stay read-only; each pruned one is masked as it is written
+                fast.transform = masks.transform()
+                return _finish(job, trace, masks.removed, target, comp, masks.nonzero)
+            job.target.writable(job.selected)  # rare: a threshold among the zeros; prune private copies in place
+            weights = job.target.weights()
+        known: dict[str, int] = {}
+        removed = apply_unstructured(weights, job.score_of(), plan, on_mask=comp, nonzero=known)
+        return _finish(job, trace, removed, target, comp, known)
+
+
+class _NM:
+    """``--structure N:M``: keep n of every m consecutive weights (:mod:`prunecli.pruning.nm`)."""
+
+    report = staticmethod(_masked_report)
+
+    def plan(self, job: _Job) -> Any:
+        from prunecli.pruning.nm import plan_nm
+
+        if job.per_layer:
+            raise InputError("--layer-ratio does not apply to N:M sparsity", hint="--exclude layers instead")
+        assert job.req.nm is not None
+        n, m = job.req.nm
+        return plan_nm(job.target.weights(), job.selected, n, m)
+
+    def apply(self, job: _Job, plan: Any, *, restore: bool) -> tuple[dict[str, Any], Any]:
+        from prunecli.pruning.nm import apply_nm
+
+        trace = job.trace()
+        comp = job.compensation(trace)
+        removed = apply_nm(job.target.weights(), job.score_of(), plan, on_mask=comp)
+        job.selected = [s for s in job.selected if s not in plan.skipped]
+        assert job.req.nm is not None
+        n, m = job.req.nm
+        metrics, manifest = _finish(job, trace, removed, (m - n) / m, comp)
+        metrics["nm_skipped"] = list(plan.skipped)
+        return metrics, manifest
+
+
+class _Channel:
+    """``--structure channel``: remove channels through the dependency graph (:mod:`prunecli.pruning.channel`)."""
+
+    def _example(self, job: _Job) -> Any:
+        import torch
+
+        return torch.zeros(1, *job.input_size())
+
+    def plan(self, job: _Job) -> Any:
+        from prunecli.pruning.channel import plan_channels
+
+        sf = job.sf
+        ratios: dict[str, float] = {}
+        for pattern, r in reversed(job.req.layer_ratios):  # plan_channels takes the first match; ours is the last
+            ratios.setdefault(pattern, r)
+        return plan_channels(
+            job.target.loaded.model,
+            example_input=self._example(job),
+            ratio=job.ratio,
+            channel_scores=sf.scores if sf is not None and sf.granularity == "channel" else None,
+            weight_scores=sf.scores if sf is not None and sf.granularity == "weight" else None,
+            scope=job.scope,
+            layer_ratios=ratios,
+            exclude=[n.removesuffix(".weight") for n in job.excluded],
+            round_to=job.req.round_to if job.req.round_to > 1 else None,
+            min_channels=job.req.min_channels,
+        )
+
+    def apply(self, job: _Job, plan: Any, *, restore: bool) -> tuple[dict[str, Any], Any]:
+        from prunecli.prunable import prunable_params
+        from prunecli.pruning.channel import apply_channels, channel_metrics
+
+        model = job.target.loaded.model
+        before = sum(w.numel() for w in job.target.weights().values())
+        example = self._example(job)
+        dense = copy.deepcopy(model) if job.req.restore and restore else None  # restore needs the dense filters
+        structure = apply_channels(model, plan, example_input=example)
+        restored = _restore(job, dense, structure, example) if dense is not None else None
+        after = sum(p.numel() for p in prunable_params(model).values())
+        state = model.state_dict()
+        nnz = _nonzero(state)
+        manifest = dataclasses.replace(job.target.loaded.manifest, structure=structure)
+        metrics = {
+            "structure": "channel",
+            "method": job.method,
+            "scope": job.scope,
+            "target_ratio": job.ratio,
+            "excluded": job.excluded,
+            **channel_metrics(plan, model),
+            "sparsity": 1.0 - after / max(before, 1),
+            **_param_counts(model, nnz),
+            **_storage(state, nnz, set(job.target.loaded.manifest.masked)),
+        }
+        if restored is not None:
+            metrics["restore"] = restored
+        return metrics, manifest
+
+    def report(self, plan: Any, before: Mapping[str, int] | None, metrics: Mapping[str, Any]) -> dict[str, Any]:
+        return {**plan.summary(), "params_nonzero": metrics["params_nonzero"]}
 
 
 def _restore(job: _Job, dense: Any, structure: Any, example: Any) -> dict[str, Any]:
@@ -582,28 +696,21 @@ def _restore(job: _Job, dense: Any, structure: Any, example: Any) -> dict[str, A
     from prunecli.data import make_loader
     from prunecli.device import resolve_device
 
+    req, run, model = job.req, job.req.runtime, job.target.loaded.model
     calib = None
-    if job.data:
-        ds, _ = load_data(job.data, job.loaded, job.data_options, default_split="train")
-        calib = make_loader(ds, batch_size=job.batch_size, workers=job.workers, shuffle=True, seed=job.seed)
+    if req.data:
+        ds, _ = load_data(req.data, job.target.loaded, req.transforms, default_split="train")
+        calib = make_loader(ds, batch_size=run.batch_size, workers=run.workers, shuffle=True, seed=run.seed)
+    assert req.restore is not None
     report = restore_model(
-        job.model,
-        dense,
-        structure,
-        job.restore,
-        calib=calib,
-        device=resolve_device(job.device),
-        example_input=example,
+        model, dense, structure, req.restore, calib=calib, device=resolve_device(run.device), example_input=example
     )
-    job.model.cpu()
+    model.cpu()
     return report.metrics()
 
 
-_ENGINES: dict[str, Callable[[_Job], tuple[dict[str, Any], Any]]] = {
-    "unstructured": _unstructured,
-    "nm": _nm,
-    "channel": _channel,
-}
+_ENGINES: dict[str, _Engine] = {"unstructured": _Unstructured(), "nm": _NM(), "channel": _Channel()}
+"""Pruning engine per structure kind (``PruneRequest.kind``)."""
 
 
 def _finish(
@@ -616,22 +723,25 @@ def _finish(
 ) -> tuple[dict[str, Any], Any]:
     """Metrics of DESIGN §3 for a masked (dense-shape) result, and the manifest listing the masks.
 
-    MACs follow :func:`prunecli.pruning.count_macs`: ``Σ positions · numel`` over the prunable layers,
+    MACs follow :func:`prunecli.tracing.count_macs`: ``Σ positions · numel`` over the prunable layers,
     and ``Σ positions · nnz`` for ``macs_nonzero``.
     """
-    masked = sorted(set(job.loaded.manifest.masked) | {n for n, c in removed.items() if c > 0})
-    manifest = dataclasses.replace(job.loaded.manifest, masked=masked)
-    state = job.state()
+    loaded = job.target.loaded
+    masked = sorted(set(loaded.manifest.masked) | {n for n, c in removed.items() if c > 0})
+    manifest = dataclasses.replace(loaded.manifest, masked=masked)
+    state = job.target.state()
     nnz = _nonzero(state, known)
-    params = job.params()
-    positions = {n: trace.positions.get(n.removesuffix(".weight"), 0) for n in job.weights}
-    zeros = {n: job.weights[n].numel() - nnz[n] for n in job.weights}
-    n_sel = sum(job.weights[n].numel() for n in job.selected)
-    n_all = sum(w.numel() for w in job.weights.values())
+    params = job.target.params()
+    weights = job.target.weights()
+    positions = {n: trace.positions.get(n.removesuffix(".weight"), 0) for n in weights}
+    zeros = {n: weights[n].numel() - nnz[n] for n in weights}
+    n_sel = sum(weights[n].numel() for n in job.selected)
+    n_all = sum(w.numel() for w in weights.values())
+    nm = job.req.nm
     metrics: dict[str, Any] = {
-        "structure": "unstructured" if job.kind == "unstructured" else f"{job.nm[0]}:{job.nm[1]}",
+        "structure": "unstructured" if nm is None else f"{nm[0]}:{nm[1]}",
         "method": job.method,
-        "scope": job.scope if job.kind == "unstructured" else None,
+        "scope": job.scope if nm is None else None,
         "target_ratio": job.ratio,
         "target_sparsity": target,
         "sparsity": sum(zeros[n] for n in job.selected) / max(n_sel, 1),
@@ -639,11 +749,11 @@ def _finish(
         "removed": sum(removed.values()),
         "prunable": n_sel,
         "excluded": job.excluded,
-        "layers": {n: zeros[n] / max(w.numel(), 1) for n, w in job.weights.items()},
+        "layers": {n: zeros[n] / max(w.numel(), 1) for n, w in weights.items()},
         "params": sum(params.values()),
         "params_nonzero": sum(nnz[n] for n in params),
-        "macs": sum(positions[n] * w.numel() for n, w in job.weights.items()),
-        "macs_nonzero": sum(positions[n] * nnz[n] for n in job.weights),
+        "macs": sum(positions[n] * w.numel() for n, w in weights.items()),
+        "macs_nonzero": sum(positions[n] * nnz[n] for n in weights),
         **_storage(state, nnz, set(masked)),
     }
     if comp is not None:

@@ -21,6 +21,7 @@ from typing import Any
 from prunecli.errors import InputError
 from prunecli.record import SCHEMA, Result, dumps
 from prunecli.registry import Registry
+from prunecli.requests import ReportRequest
 
 __all__ = ["FORMATS", "Row", "build_rows", "read_records", "report"]
 
@@ -322,15 +323,16 @@ def _plots(rows: list[Row], out_dir: Path) -> list[str]:
     return written
 
 
-def report(path: str | Path, *, fmt: str = "md", out_dir: str | Path | None = None) -> tuple[str, Result]:
-    """Renders the table of ``path`` in ``fmt``; with ``out_dir`` also writes the PNG plots.
+def report(req: ReportRequest) -> tuple[str, Result]:
+    """Renders the table of ``req.results`` in ``req.fmt``; with ``req.output`` also writes the PNG plots.
 
     Returns:
         (table text for stdout or a file, Result whose metrics summarise rows and plots).
 
     Example:
-        >>> text, _ = report("results.jsonl", fmt="md")
+        >>> text, _ = report(ReportRequest(results=Path("results.jsonl"), fmt="md"))
     """
+    path, fmt, out_dir = req.results, req.fmt, req.output
     render = FORMATS.get(fmt)
     records = read_records(path)
     rows = build_rows(records)

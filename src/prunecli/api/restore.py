@@ -30,9 +30,10 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from prunecli.api._common import DataOptions, InputOptions, load_data
+from prunecli.api._common import InputOptions, load_data, save_output
 from prunecli.errors import CheckpointError, InputError
 from prunecli.record import Result
+from prunecli.requests import KeyValues, RestoreRequest
 
 __all__ = ["RestoreReport", "restore", "restore_model"]
 
@@ -258,45 +259,18 @@ def _prune_step(lineage: list[dict[str, Any]]) -> tuple[int, dict[str, Any]] | N
     return None
 
 
-def restore(
-    spec: str,
-    *,
-    method: str = "lbyl",
-    out: str,
-    dense: str | None = None,
-    data: str | None = None,
-    val: str | None = None,
-    params: Mapping[str, Any] | None = None,
-    force: bool = False,
-    inputs: InputOptions | None = None,
-    data_options: DataOptions | None = None,
-    device: str = "auto",
-    batch_size: int = 64,
-    workers: int = 0,
-    seed: int = 0,
-) -> Result:
-    """Restores a channel-pruned checkpoint and writes OUT.
+def restore(req: RestoreRequest) -> Result:
+    """Restores a channel-pruned checkpoint (written by ``prune --structure channel``) and writes OUT.
 
-    Args:
-        spec: the channel-pruned CKPT (written by ``prune --structure channel``).
-        method: ``lbyl`` (default), ``merge``, ``lstsq``, ``bn``, or several joined by ``+``.
-        out: output checkpoint.
-        dense: the dense parent; default: the lineage's prune input. Its sha256 must match the lineage.
-        data: calibration data (split defaults to ``train``): needed by ``lstsq``/``bn``; with any
-            method it adds per-layer reconstruction errors to the record.
-        val: evaluation data (split defaults to ``test``): adds top-1 before and after restoration.
-        params: method parameters (``lambda1``, ``lambda2``, ``mode``, ``threshold``, ``lambda``,
-            ``ridge``, ``samples``).
-        force: overwrite an existing OUT.
-        inputs: how to read CKPT when it does not describe itself.
-        data_options: input size / mean / std overrides.
-        device: ``auto``, ``cpu``, ``cuda[:i]``.
-        batch_size: calibration/evaluation batch size.
-        workers: DataLoader workers.
-        seed: seeds the data loaders.
+    ``req.method`` is ``lbyl`` (default), ``merge``, ``lstsq``, ``bn``, or several joined by ``+``. The
+    dense parent is ``req.dense`` or the lineage's prune input; its sha256 must match the lineage.
+    ``req.data`` (split defaults to ``train``) is needed by ``lstsq``/``bn``; with any method it adds
+    per-layer reconstruction errors to the record. ``req.val`` (split defaults to ``test``) adds top-1
+    before and after restoration. The lineage step keeps, besides the request's options, the dense
+    parent's path and digest and the method parameters as resolved.
 
     Example:
-        >>> restore("p50.safetensors", method="lbyl", out="p50r.safetensors").metrics["restored_layers"]
+        >>> restore(RestoreRequest(checkpoint="p50.safetensors", output="p50r.safetensors")).metrics["restored_layers"]
     """
     from prunecli.checkpoint.loaders import load_checkpoint
     from prunecli.checkpoint.sources import resolve_source
@@ -305,17 +279,18 @@ def restore(
     from prunecli.device import describe, resolve_device, seed_everything
     from prunecli.restoration import parse_methods, resolve_params
 
-    methods = parse_methods(method)
-    resolve_params(methods, params)  # refuse unknown -p keys before any work
+    spec, out, force, opts, run = req.checkpoint, req.output, req.force, req.source, req.runtime
+    methods = parse_methods(req.method)
+    KeyValues.of(req.params).check([k for m in methods for k in m.params], req.method)
+    resolve_params(methods, req.params)  # convert and validate the values before any work
     needs_data = [m.name for m in methods if m.needs_data]
-    if needs_data and not data:
+    if needs_data and not req.data:
         raise InputError(f"{needs_data[0]} needs calibration data", hint="pass --data SPEC (e.g. --data digits:train)")
     check_output(out, force=force)
-    opts = inputs or InputOptions()
     source = resolve_source(spec)
     check_output(out, force=force, inputs=[source.path, source.weights])
-    dev = resolve_device(device)
-    seed_everything(seed)
+    dev = resolve_device(run.device)
+    seed_everything(run.seed)
     loaded = load_checkpoint(spec, arch=opts.arch, num_classes=opts.num_classes, ema=opts.ema,
                              model_args=dict(opts.model_args), source=source)  # fmt: skip
     manifest = loaded.manifest
@@ -337,38 +312,31 @@ def restore(
                 )
     dense_loaded, dense_path, dense_sha = None, None, None
     if any(m.needs_dense for m in methods):
-        dense_loaded = _load_dense(spec, dense, found, manifest, opts)
+        dense_loaded = _load_dense(spec, req.dense, found, manifest, opts)
         dense_path = str(dense_loaded.source.path or dense_loaded.source.spec)
         dense_sha = dense_loaded.sha256
     calib_loader = val_loader = None
-    if data:
-        ds, _ = load_data(data, loaded, data_options, default_split="train")
-        calib_loader = make_loader(ds, batch_size=batch_size, workers=workers, shuffle=True, seed=seed)
-    if val:
-        vs, _ = load_data(val, loaded, data_options, default_split="test")
-        val_loader = make_loader(vs, batch_size=batch_size, workers=workers, seed=seed)
+    loader = {"batch_size": run.batch_size, "workers": run.workers, "seed": run.seed}
+    if req.data:
+        ds, _ = load_data(req.data, loaded, req.transforms, default_split="train")
+        calib_loader = make_loader(ds, shuffle=True, **loader)
+    if req.val:
+        vs, _ = load_data(req.val, loaded, req.transforms, default_split="test")
+        val_loader = make_loader(vs, **loader)
     report = restore_model(
-        loaded.model, dense_loaded.model if dense_loaded else None, structure, method,
-        params=params,
+        loaded.model, dense_loaded.model if dense_loaded else None, structure, req.method,
+        params=req.params,
         calib=calib_loader, val=val_loader, device=dev,
     )  # fmt: skip
-    options = {
-        "method": "+".join(m.name for m in methods), "params": report.params, "dense": dense_path,
-        "dense_sha256": dense_sha, "data": data, "val": val, "seed": seed,
-    }  # fmt: skip
-    path, sha = _save(out, loaded, options, force)
+    provenance = {"dense": dense_path, "dense_sha256": dense_sha, "resolved_params": report.params}
+    path, sha = save_output(out, loaded.model, loaded, command="restore", options=req.to_json(), force=force,
+                            provenance=provenance)  # fmt: skip
     metrics = report.metrics()
     metrics["arch"] = manifest.arch
     from prunecli.evaluation import count_params
 
     metrics.update(count_params(loaded.model))
     return Result(checkpoint=path, sha256=sha, metrics=metrics, device=describe(dev))
-
-
-def _save(out: str, loaded: Any, options: dict[str, Any], force: bool) -> tuple[str, str]:
-    from prunecli.api._common import save_output
-
-    return save_output(out, loaded.model, loaded, command="restore", options=options, force=force)
 
 
 def _load_dense(

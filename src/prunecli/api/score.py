@@ -4,36 +4,19 @@ rank correlation across criteria (``--compare``, paper D Table 4)."""
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from itertools import combinations
 from pathlib import Path
 from typing import Any
 
-from prunecli.api._common import DataOptions, InputOptions, load_input
+from prunecli.api._common import load_input
 from prunecli.errors import InputError
 from prunecli.record import Result
+from prunecli.requests import ScoreRequest
 
-__all__ = ["compare", "parse_params", "score"]
+__all__ = ["compare", "score"]
 
 _LOG = logging.getLogger("prunecli")
-
-
-def parse_params(items: Sequence[str] | None) -> dict[str, str]:
-    """``["agg=sq_mean", "lambda=0.1"]`` → ``{"agg": "sq_mean", "lambda": "0.1"}`` (``-p`` values).
-
-    Raises:
-        InputError: an item without ``=``, an empty key, or a key given twice.
-    """
-    out: dict[str, str] = {}
-    for item in items or ():
-        key, sep, value = item.partition("=")
-        key = key.strip()
-        if not sep or not key:
-            raise InputError(f"-p {item!r} is not key=value", hint="e.g. -p agg=sq_mean")
-        if key in out:
-            raise InputError(f"-p {key} is given twice")
-        out[key] = value.strip()
-    return out
 
 
 def _check_scores_output(out: str | Path | None, force: bool) -> Path:
@@ -49,73 +32,61 @@ def _check_scores_output(out: str | Path | None, force: bool) -> Path:
     return path
 
 
-def score(
-    spec: str,
-    method: str,
-    *,
-    out: str | Path | None,
-    force: bool = False,
-    data: str | None = None,
-    batches: int | None = None,
-    fraction: float | None = None,
-    params: Mapping[str, Any] | None = None,
-    inputs: InputOptions | None = None,
-    data_options: DataOptions | None = None,
-    device: str = "auto",
-    batch_size: int = 64,
-    workers: int = 0,
-    seed: int = 0,
-    score_mode: str = "eval",
-) -> Result:
-    """Scores CKPT with criterion ``method`` and writes the scores file ``out``.
+def score(req: ScoreRequest) -> Result:
+    """Serves ``prunecli score``: one of its three jobs, by ``req.mode``.
+
+    - ``score``: scores CKPT with criterion ``req.method`` and writes the scores file ``req.output``;
+    - ``compare``: Spearman rank correlation of the scores files ``req.paths`` (:func:`compare`);
+    - ``list``: every criterion with its needs and options.
+
+    Example:
+        >>> score(ScoreRequest(paths=("base.safetensors",), method="taylor", data="digits:train", batches=10,
+        ...                    output=Path("taylor.scores")))
+    """
+    return _MODES[req.mode](req)
+
+
+def _list(req: ScoreRequest) -> Result:
+    from prunecli.criteria import list_criteria
+
+    return Result(metrics={"methods": list_criteria()})
+
+
+def _score(req: ScoreRequest) -> Result:
+    """Scores CKPT and writes the scores file.
 
     Under ``torchrun`` every rank scores its share of each calibration batch, the statistics are summed
-    over ranks (:mod:`prunecli.scoring`) and only rank 0 writes ``out``.
-
-    Args:
-        spec: CKPT (any DESIGN §2 form).
-        method: criterion name or alias (:func:`prunecli.criteria.list_criteria`).
-        out: the scores file to write (safetensors).
-        force: overwrite an existing ``out``.
-        data: calibration data spec (split defaults to ``train``); required by data-driven methods.
-        batches: first N batches of a seeded shuffled loader (default: the criterion's own).
-        fraction: a class-balanced subset of this fraction of the split, in (0, 1].
-        params: criterion options (``-p key=value``).
-        inputs: how to read CKPT when it does not describe itself.
-        data_options: input size / mean / std overrides.
-        device: ``auto``, ``cpu``, ``cuda[:i]``.
-        batch_size: calibration batch size.
-        workers: DataLoader worker processes.
-        seed: sampling and random scores.
-        score_mode: ``eval`` (default) or ``train`` (paper reproduction).
+    over ranks (:mod:`prunecli.scoring`) and only rank 0 writes the file. ``batches`` takes the first N
+    batches of a seeded shuffled loader (default: the criterion's own); ``fraction`` a class-balanced
+    subset of the split.
 
     Returns:
         A :class:`Result` without checkpoint; ``extra["scores"]`` is the file written, ``metrics`` holds
         method, granularity, samples and per-layer score statistics.
-
-    Example:
-        >>> score("base.safetensors", "taylor", data="digits:train", batches=10, out="taylor.scores")
     """
     from prunecli import distributed as D
-    from prunecli.criteria import get_criterion
+    from prunecli.criteria import check_params, get_criterion
     from prunecli.device import describe, resolve_device
     from prunecli.scores import save_scores
     from prunecli.scoring import compute_scores, validate_request
 
-    crit = get_criterion(method, params or {})  # unknown method/option or bad value: fail before loading
-    validate_request(crit, data=data, batches=batches, fraction=fraction, score_mode=score_mode)
-    path = _check_scores_output(out, force)
-    loaded = load_input(spec, inputs)
+    run = req.runtime
+    method = str(req.method)
+    check_params(method, req.params)
+    crit = get_criterion(method, req.params)  # unknown method or bad value: fail before loading
+    validate_request(crit, data=req.data, batches=req.batches, fraction=req.fraction, score_mode=req.score_mode)
+    path = _check_scores_output(req.output, req.force)
+    loaded = load_input(req.checkpoint, req.source)
     if loaded.source.weights is not None and Path(loaded.source.weights).resolve() == path:
-        raise InputError(f"output {str(out)!r} is the input checkpoint", hint="write to a new path")
-    dev = resolve_device(device)
+        raise InputError(f"output {str(req.output)!r} is the input checkpoint", hint="write to a new path")
+    dev = resolve_device(run.device)
     D.init(dev)  # under torchrun: each rank scores its share of every calibration batch
     sf = compute_scores(
-        loaded, method, data=data, data_options=data_options, batches=batches, fraction=fraction,
-        params=params or {}, device=str(dev), batch_size=batch_size, workers=workers, seed=seed,
-        score_mode=score_mode,
+        loaded, method, data=req.data, data_options=req.transforms, batches=req.batches, fraction=req.fraction,
+        params=req.params, device=str(dev), batch_size=run.batch_size, workers=run.workers, seed=run.seed,
+        score_mode=req.score_mode,
     )  # fmt: skip
-    written = D.broadcast_object(save_scores(path, sf, force=force) if D.is_main() else None)
+    written = D.broadcast_object(save_scores(path, sf, force=req.force) if D.is_main() else None)
     metrics = {
         "method": sf.method,
         "granularity": sf.granularity,
@@ -191,3 +162,6 @@ def compare(paths: Sequence[str | Path]) -> Result:
         )
     metrics = {"files": [str(Path(p).resolve()) for p in paths], "methods": labels, "pairs": pairs}
     return Result(checkpoint=None, sha256=None, metrics=metrics, device="none")
+
+
+_MODES = {"list": _list, "compare": lambda req: compare(req.paths), "score": _score}

@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-from typing import Annotated, Optional
-
 import typer
 
-from prunecli.cli._options import QuietOpt
+from prunecli.cli._build import register_command
+from prunecli.requests import ReportRequest
 
 EXAMPLES = [
     "prunecli report results.jsonl",
@@ -16,30 +14,24 @@ EXAMPLES = [
 ]
 
 
-def report(
-    results: Annotated[Path, typer.Argument(metavar="RESULTS.jsonl", help="JSON Lines file of prunecli records.")],
-    fmt: Annotated[str, typer.Option("--format", help="Table format: md, csv or json.")] = "md",
-    output: Annotated[
-        Optional[Path], typer.Option("-o", "--output", help="Directory for the PNG plots (needs matplotlib).")
-    ] = None,
-    quiet: QuietOpt = False,
-) -> None:
-    """Tabulate and plot the records of many runs (accuracy vs ratio, before/after LoRA, sparsity, MACs).
-
-    The table goes to stdout (it is the data this command produces), warnings to stderr.
-    """
-    from prunecli.api.report import report as api_report
+def run(req: ReportRequest) -> None:
+    """Prints the table itself: report's product is text on stdout, not a record."""
+    from prunecli.api.report import report
     from prunecli.cli._output import error, setup_stderr
     from prunecli.errors import PrunecliError
 
-    setup_stderr(quiet)
+    setup_stderr(req.quiet)
     try:
-        text, _ = api_report(results, fmt=fmt, out_dir=output)
-    except PrunecliError as exc:  # report prints a table, not a record, so it maps errors itself
+        text, _ = report(req)
+    except PrunecliError as exc:
         error(exc.message, exc.hint)
         raise typer.Exit(1) from None
     typer.echo(text, nl=False)
 
 
 def register(app: typer.Typer) -> None:
-    app.command("report", epilog="Examples:  " + "  |  ".join(EXAMPLES))(report)
+    register_command(
+        app, "report", ReportRequest, "prunecli.api.report:report", examples=EXAMPLES, runner=run,
+        help="Tabulate and plot the records of many runs (accuracy vs ratio, before/after LoRA, sparsity, MACs).\n\n"
+        "The table goes to stdout (it is the data this command produces), warnings to stderr.",
+    )  # fmt: skip

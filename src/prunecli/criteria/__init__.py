@@ -27,12 +27,14 @@ from prunecli.criteria.snip import Snip
 from prunecli.criteria.taylor import Taylor
 from prunecli.criteria.wanda import Wanda
 from prunecli.registry import Registry
+from prunecli.requests import KeyValues
 
 __all__ = [
     "CRITERIA",
     "Criterion",
     "CriterionOutput",
     "ScoreContext",
+    "check_params",
     "get_criterion",
     "list_criteria",
 ]
@@ -53,6 +55,17 @@ def get_criterion(name: str, params: Mapping[str, Any] | None = None) -> Criteri
     cls = CRITERIA.get(name)
     options = parse_options(cls.Options, params or {}, method=name, preset=cls.presets.get(name))
     return cls(options)
+
+
+def check_params(name: str, params: Mapping[str, Any] | None) -> None:
+    """Refuses an unknown method, and a ``-p`` key the method does not have or that is given twice.
+
+    Raises:
+        UnknownNameError: unknown method.
+        InputError: unknown or repeated key; the hint lists the method's keys.
+    """
+    cls = CRITERIA.get(name)
+    KeyValues.of(params).check(list(option_help(cls.Options)), f"method {name!r}")
 
 
 def list_criteria() -> list[dict[str, Any]]:
