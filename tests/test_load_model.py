@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import prunecli
-import prunecli.archs  # noqa: F401  (registers improved_cnn with timm)
+import prunecli.archs  # registers improved_cnn with timm
 
 pytestmark = pytest.mark.xdist_group("load_model")
 
