@@ -449,9 +449,11 @@ def _pruned_resnet(tmp_path, masked_pattern: str = "conv"):
 def _lora(spec, out, **kw):
     """finetune-lora through the library, one step on synthetic data (what is adapted is the question here)."""
     from prunecli.api.finetune_lora import finetune_lora
+    from prunecli.requests import FinetuneLoraRequest
 
-    return finetune_lora(str(spec), "synthetic:8", output=str(out), device="cpu", force=True, max_steps=1,
-                         batch_size=4, **kw)  # fmt: skip
+    req = FinetuneLoraRequest.build(checkpoint=str(spec), data="synthetic:8", output=str(out), device="cpu",
+                                    force=True, max_steps=1, batch_size=4, **kw)  # fmt: skip
+    return finetune_lora(req)
 
 
 def test_lora_default_targets_cover_pruned_convs_and_keep_their_sparsity(tmp_path) -> None:

@@ -425,22 +425,23 @@ def test_cli_masked_on_a_checkpoint_without_masks_warns_and_merges_dense(cli, sa
 
 
 @pytest.mark.parametrize(
-    ("args", "message"),
+    ("args", "message", "code"),
     [
-        (["--rank", "0"], "--rank must be at least 1"),
-        (["--rank", "11"], "larger than layer 'head'"),
-        (["--targets", "conv*"], "matches no module"),
-        (["--merge", "sideways"], "unknown merge mode"),
-        (["--bn", "maybe"], "unknown BatchNorm mode"),
-        (["--wcr", "-1"], "--wcr must be >= 0"),
-        (["--masked-update", "--merge", "none"], "--masked-update needs --merge masked"),
+        (["--rank", "0"], "--rank: 0 is below 1", 2),  # invalid values and conflicts: usage errors
+        (["--rank", "11"], "larger than layer 'head'", 1),  # what only the model can tell: bad input
+        (["--targets", "conv*"], "matches no module", 1),
+        (["--merge", "sideways"], "unknown merge mode", 1),
+        (["--bn", "maybe"], "unknown BatchNorm mode", 1),
+        (["--wcr", "-1"], "--wcr: -1.0 is below 0", 2),
+        (["--masked-update", "--merge", "none"], "--masked-update needs --merge masked", 2),
     ],
 )
-def test_cli_bad_input_exits_1_without_output(cli, pruned_mlp: Path, tmp_path: Path, args: list[str], message: str):
+def test_cli_bad_input_exits_without_output(cli, pruned_mlp: Path, tmp_path: Path, args: list[str], message: str,
+                                            code: int):  # fmt: skip
     out = tmp_path / "bad.safetensors"
     r = cli("finetune-lora", pruned_mlp, *args, "--max-steps", "1", "--device", "cpu", "-o", out)
-    assert r.exit_code == 1
-    assert message in r.stderr and "Traceback" not in r.stderr
+    assert r.exit_code == code, r.stderr
+    assert r.stderr.startswith("Error: ") and message in r.stderr and "Traceback" not in r.stderr
     assert not out.exists() and not (tmp_path / "bad.adapter").exists()
 
 

@@ -834,8 +834,13 @@ class LoraOptions(Request):
     alpha: float = option(16.0, "--alpha", help="LoRA α; the update is (α/r)·B A.", panel=_LORA, cli_type=float)
     dropout: float = option(0.0, "--dropout", help="Dropout on the adapter input.", panel=_LORA, cli_type=float,
                             check=lambda v: None if 0 <= v < 1 else f"{v!r} is outside [0, 1)")  # fmt: skip
-    linear: bool = option(True, "--linear/--no-linear", help="Adapt every Linear layer (paper A); --no-linear adapts "
-                          "only --targets.", panel=_LORA, cli_type=bool)  # fmt: skip
+    linear: bool = option(True, "--linear/--no-linear", help="--no-linear adapts only --targets (the same as "
+                          "--target-preset none).", panel=_LORA, cli_type=bool)  # fmt: skip
+    target_preset: str = option(
+        "auto", "--target-preset", help="Layers adapted besides --targets: auto (every Linear layer, plus the pruned "
+        "layers when some pruned layer is not Linear, e.g. a pruned CNN's convs), linear (paper A: every Linear "
+        "layer), pruned, linear+pruned, or none.", panel=_LORA,
+    )  # fmt: skip
     targets: tuple[str, ...] = option((), "--targets", "-t", help="Also adapt modules matching this glob "
                                       "(repeatable), e.g. 'features.*.conv'.", panel=_LORA, multiple=True,
                                       show_default=False)  # fmt: skip
@@ -843,11 +848,10 @@ class LoraOptions(Request):
                                       panel=_LORA, multiple=True, show_default=False)  # fmt: skip
     dora: bool = option(False, "--dora", help="Weight-decomposed LoRA (DoRA).", panel=_LORA, cli_type=bool)
     bn: str = option("train", "--bn", help="BatchNorm while training: train (statistics update) or eval (frozen).",
-                     panel=_LORA, check=one_of("train", "eval"))  # fmt: skip
+                     panel=_LORA)  # fmt: skip
     merge: str = option(
         "masked", "--merge", help="masked: merge and re-apply the pruning masks (sparsity kept); dense: merge; "
         "none: keep the adapter beside the weights in peft's format (OUT.adapter/).", panel=_LORA,
-        check=one_of("masked", "dense", "none"),
     )  # fmt: skip
     masked_update: bool | None = option(
         None, "--masked-update/--no-masked-update", help="Train masked layers through their pruning mask, "
@@ -855,6 +859,11 @@ class LoraOptions(Request):
         "masked; --no-masked-update trains paper A's plain W + (α/r)·B A.", panel=_LORA, cli_type=bool,
         show_default=False,
     )  # fmt: skip
+
+    def validate(self) -> None:
+        if self.masked_update and self.merge != "masked":
+            raise RequestError(f"--masked-update needs --merge masked (got --merge {self.merge})",
+                               hint="--merge dense and none keep the whole update; drop --masked-update")  # fmt: skip
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -27,10 +27,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from prunecli.api._common import DataOptions, InputOptions, load_data
+from prunecli.api._common import load_data
 from prunecli.errors import InputError
 from prunecli.record import Result
 from prunecli.registry import Registry
+from prunecli.requests import FinetuneLoraRequest
 
 __all__ = ["TARGET_PRESETS", "finetune_lora"]
 
@@ -120,108 +121,29 @@ def _prunable_sparsity(model: Any, names: list[str]) -> float:
     return sparsity(params[n] for n in names if n in params)
 
 
-def finetune_lora(
-    spec: str,
-    data: str = "digits:train",
-    *,
-    output: str | Path,
-    inputs: InputOptions | None = None,
-    data_options: DataOptions | None = None,
-    val: str | None = None,
-    rank: int = 8,
-    alpha: float = 16.0,
-    dropout: float = 0.0,
-    linear: bool = True,
-    target_preset: str = "auto",
-    targets: tuple[str, ...] = (),
-    exclude: tuple[str, ...] = (),
-    dora: bool = False,
-    bn: str = "train",
-    merge: str = "masked",
-    masked_update: bool | None = None,
-    wcr: float = 0.0,
-    wcr_eps: float = 1e-8,
-    wcr_delta: float = 1e-8,
-    epochs: int = 10,
-    batch_size: int = 128,
-    recipe: str = "auto",
-    optimizer: str | None = None,
-    lr: float | None = None,
-    weight_decay: float = 0.0,
-    schedule: str | None = None,
-    warmup: float | None = None,
-    augment: bool | str | None = None,
-    label_smoothing: float = 0.0,
-    clip_grad: float | None = None,
-    amp: bool = True,
-    max_steps: int | None = None,
-    device: str = "auto",
-    workers: int = 0,
-    seed: int = 0,
-    force: bool = False,
-) -> Result:
-    """Trains LoRA adapters on a (pruned) checkpoint and writes the recovered model to ``output``.
+def finetune_lora(req: FinetuneLoraRequest) -> Result:
+    """Trains LoRA adapters on a (pruned) checkpoint and writes the recovered model to ``req.output``.
 
-    Args:
-        spec: CKPT (any DESIGN §2 form), typically the output of ``prune``.
-        data: training data spec; the split defaults to ``train``.
-        output: the checkpoint to write (``.safetensors`` or ``DIR/``).
-        inputs: how to read CKPT when it does not describe itself.
-        data_options: input size / mean / std overrides.
-        val: data spec for the recovery report: accuracy before and after (split defaults to ``test``).
-        rank: adapter rank r (paper A: 8); at least 1 and at most min(fan-out, fan-in) of each layer.
-        alpha: LoRA α; the update is scaled by α/r (paper A: 16).
-        dropout: dropout on the adapter input (paper A: 0).
-        linear: False adapts only ``targets`` (the same as ``target_preset="none"``).
-        target_preset: the layers adapted besides ``targets`` (:data:`TARGET_PRESETS`): ``auto`` (default)
-            adapts every Linear layer plus every pruned layer whenever some pruned layer is not Linear
-            (a pruned CNN's convs), else every Linear layer; ``linear`` is paper A's set (every Linear
-            layer); ``pruned`` the pruned layers only; ``none`` nothing but ``targets``.
-        targets: extra module globs to adapt, e.g. ``features.*.conv``.
-        exclude: module globs never adapted.
-        dora: weight-decomposed LoRA (peft ``use_dora``).
-        bn: ``train`` (BatchNorm running statistics update while training) or ``eval`` (frozen).
-        merge: ``masked``, ``dense`` or ``none`` (see the module docstring). ``masked`` on a checkpoint
-            whose adapted layers carry no pruning mask falls back to ``dense`` with a warning (there is
-            no sparsity to keep; the record says ``merge: dense`` and ``merge_requested: masked``).
-        wcr: λ of paper C's regulariser on the adapted layers' effective weights W + (α/r)·B A (0 = off).
-        wcr_eps: ε of the smooth absolute value.
-        wcr_delta: δ added to each layer's variance.
-        epochs: passes over the training data (paper A: 10).
-        batch_size: global training batch (paper A: 128); split evenly over torchrun processes.
-        recipe: where ``optimizer``, ``lr``, ``schedule``, ``warmup`` and ``augment`` come from when left
-            at None (:data:`prunecli.recipes.RECIPES`): ``auto`` takes ``lora`` for a trained checkpoint
-            (Adam 1e-3, constant, 10 % warm-up, crop without flip) and ``lora-paper`` (paper A exactly:
-            constant 1e-3 from step 0, crop + flip) for an ``arch:`` model.
-        optimizer: ``adam`` (paper A), ``adamw`` or ``sgd``; None: from the recipe.
-        lr: learning rate (paper A: 1e-3); None: from the recipe.
-        weight_decay: weight decay on the adapter matrices.
-        schedule: ``none`` (paper A: constant), ``cosine`` or ``step``; None: from the recipe.
-        warmup: fraction of the steps spent warming the LR up linearly, in [0, 1); None: from the recipe.
-        augment: ``crop-flip`` (paper A), ``crop`` or ``none``; None: from the recipe.
-        label_smoothing: cross-entropy label smoothing.
-        clip_grad: clip the gradient norm to this value.
-        amp: mixed precision on CUDA (ignored on CPU).
-        max_steps: stop after this many optimizer steps.
-        device: ``auto``, ``cpu``, ``cuda[:i]`` (under torchrun: this process's GPU).
-        workers: DataLoader worker processes.
-        seed: seeds adapter initialisation, shuffling, augmentation and dropout.
-        force: overwrite an existing ``output`` (and its adapter folder).
+    The layers adapted are ``req.lora.target_preset`` (:data:`TARGET_PRESETS`; ``auto`` adds the pruned
+    layers — a pruned CNN's convs — to paper A's every-Linear set when some pruned layer is not Linear)
+    plus the ``targets`` globs, minus ``exclude``. Training options left at None come from
+    ``req.training.recipe``: ``auto`` takes ``lora`` for a trained checkpoint and ``lora-paper`` for a
+    fresh ``arch:`` model. ``merge="masked"`` on a checkpoint whose adapted layers carry no pruning mask
+    falls back to ``dense`` with a warning (the record says ``merge: dense``, ``merge_requested: masked``).
 
     Returns:
-        A Result whose metrics hold per-epoch ``train_loss``, final ``train_acc``,
-        ``trainable_params``, ``targets`` (and ``target_preset``, ``pruned_layers``), ``recipe`` (every
-        resolved training default and where it came from), ``sparsity_before``/``sparsity_after`` over all prunable
-        weights (head included), ``masked_sparsity_before``/``_after`` over the masked tensors (what
-        ``prune`` reports as ``sparsity`` with its default head exclusion), ``merge``, and with
-        ``val``: ``top1_before``, ``top1_after``, ``lora_improvement``
-        (after − before, paper A's metric) and ``top1_unmerged`` (the adapted model before merging).
+        A Result whose metrics hold per-epoch ``train_loss``, final ``train_acc``, ``trainable_params``,
+        ``targets`` (and ``target_preset``, ``pruned_layers``), ``recipe``, ``sparsity_before``/``_after``
+        over all prunable weights (head included), ``masked_sparsity_before``/``_after`` over the masked
+        tensors, ``merge``, and with ``val``: ``top1_before``, ``top1_after``, ``lora_improvement`` (after −
+        before, paper A's metric) and ``top1_unmerged`` (the adapted model before merging).
 
     Raises:
         InputError: bad rank, a target glob that matches nothing, bad hyper-parameters or output.
 
     Example:
-        >>> finetune_lora("p50.safetensors", "digits:train", output="p50lora.safetensors", val="digits:test")
+        >>> finetune_lora(FinetuneLoraRequest.build(checkpoint="p50.safetensors", output="p50lora.safetensors",
+        ...                                         data="digits:train", val="digits:test"))
     """
     from prunecli import distributed as D
     from prunecli import lora
@@ -236,22 +158,24 @@ def finetune_lora(
     from prunecli.training import TrainConfig, train
     from prunecli.wcr import WCR
 
-    source = resolve_source(spec)
-    given = {"optimizer": optimizer, "lr": lr, "schedule": schedule, "warmup": warmup, "augment": augment}
+    t, lo, run = req.training, req.lora, req.runtime
+    source = resolve_source(req.checkpoint)
+    given = {"optimizer": t.optimizer, "lr": t.lr, "schedule": t.schedule, "warmup": t.warmup, "augment": t.augment}
     chosen_recipe, recipe_report = resolve_recipe(
-        recipe, fresh=source.kind is SourceKind.ARCH, adapters=True, given=given
+        t.recipe, fresh=source.kind is SourceKind.ARCH, adapters=True, given=given
     )
     optimizer, lr, schedule = chosen_recipe["optimizer"], chosen_recipe["lr"], chosen_recipe["schedule"]
     augment = recipe_report["augment"] = augmentation_name(chosen_recipe["augment"])
     config = TrainConfig(
-        epochs=epochs, optimizer=optimizer, lr=lr, weight_decay=weight_decay, schedule=schedule,
-        label_smoothing=label_smoothing, clip_grad=clip_grad, amp=amp, max_steps=max_steps,
+        epochs=t.epochs, optimizer=optimizer, lr=lr, weight_decay=t.weight_decay, momentum=t.momentum,
+        schedule=schedule, label_smoothing=t.label_smoothing, clip_grad=t.clip_grad, amp=t.amp, max_steps=t.max_steps,
     )  # fmt: skip
     config.validate()
-    _check(wcr, wcr_eps, wcr_delta, batch_size)
-    preset = TARGET_PRESETS.canonical(target_preset if linear else "none")
-    merge_fn = lora.MERGE_MODES.get(merge)
-    merge = lora.MERGE_MODES.canonical(merge)
+    _check(req.wcr.wcr, req.wcr.wcr_eps, req.wcr.wcr_delta, run.batch_size)
+    preset = TARGET_PRESETS.canonical(lo.target_preset if lo.linear else "none")
+    merge_fn = lora.MERGE_MODES.get(lo.merge)
+    merge = lora.MERGE_MODES.canonical(lo.merge)
+    masked_update = lo.masked_update
     if masked_update is None:
         masked_update = merge == "masked"
     elif masked_update and merge != "masked":
@@ -259,22 +183,24 @@ def finetune_lora(
             f"--masked-update needs --merge masked (got --merge {merge})",
             hint="--merge dense and none keep the whole update; drop --masked-update",
         )
-    lora.BN_MODES.canonical(bn)
-    opts = lora.LoraOptions(rank, alpha, dropout, linear, tuple(targets), tuple(exclude), dora, bn)
+    lora.BN_MODES.canonical(lo.bn)
+    opts = lora.LoraOptions(
+        lo.rank, lo.alpha, lo.dropout, lo.linear, tuple(lo.targets), tuple(lo.exclude), lo.dora, lo.bn
+    )
 
-    out_path = check_output(output, force=force, inputs=[source.path, source.weights])  # fail before any work
-    adapter_dir = lora.adapter_dir_for(output) if merge == "none" else None
-    if adapter_dir is not None and adapter_dir.exists() and not force:
+    out_path = check_output(req.output, force=req.force, inputs=[source.path, source.weights])  # before any work
+    adapter_dir = lora.adapter_dir_for(req.output) if merge == "none" else None
+    if adapter_dir is not None and adapter_dir.exists() and not req.force:
         raise InputError(f"adapter folder {str(adapter_dir)!r} exists", hint="pass --force to overwrite it")
-    dev = resolve_device(device)
+    dev = resolve_device(run.device)
     ctx = D.init(dev)
-    if batch_size % ctx.world_size:
-        raise InputError(f"--batch-size {batch_size} is not divisible by the {ctx.world_size} torchrun processes")
+    if run.batch_size % ctx.world_size:
+        raise InputError(f"--batch-size {run.batch_size} is not divisible by the {ctx.world_size} torchrun processes")
 
-    seed_everything(seed)
-    o = inputs or InputOptions()
+    seed_everything(run.seed)
+    o = req.source
     loaded = load_checkpoint(
-        spec, arch=o.arch, num_classes=o.num_classes, ema=o.ema, model_args=dict(o.model_args), source=source
+        req.checkpoint, arch=o.arch, num_classes=o.num_classes, ema=o.ema, model_args=dict(o.model_args), source=source
     )
     # A --merge none checkpoint: fold its adapter in (masks kept) before training a new one.
     model = lora.merge_kept_adapters(loaded.model, loaded.manifest.masked)
@@ -282,33 +208,34 @@ def finetune_lora(
     masks = lora.masks_of(model, loaded.manifest.masked)
     sparsity_before = _prunable_sparsity(model, prunable)
     masked_before = _prunable_sparsity(model, sorted(masks))
-    train_ds, _ = load_data(data, loaded, data_options, default_split="train", train=True, augment=augment)
-    val_ds = load_data(val, loaded, data_options, default_split="test")[0] if val else None
-    eval_bs = max(batch_size, 256)
+    train_ds, _ = load_data(req.data, loaded, req.transforms, default_split="train", train=True, augment=augment)
+    val_ds = load_data(req.val, loaded, req.transforms, default_split="test")[0] if req.val else None
+    eval_bs = max(run.batch_size, 256)
 
     metrics: dict[str, Any] = {}
     if val_ds is not None:
-        before = evaluate_sharded(model, val_ds, dev, batch_size=eval_bs, workers=workers)
+        before = evaluate_sharded(model, val_ds, dev, batch_size=eval_bs, workers=run.workers)
         metrics.update(top1_before=before["top1"], loss_before=before["loss"])
 
     pruned_layers = _pruned_layers(model, loaded.manifest)
-    preset, adapt_linear, preset_targets = TARGET_PRESETS.get(preset)(model, pruned_layers, rank)
+    preset, adapt_linear, preset_targets = TARGET_PRESETS.get(preset)(model, pruned_layers, lo.rank)
     opts = dataclasses.replace(opts, linear=adapt_linear, targets=(*preset_targets, *opts.targets))
     chosen = lora.select_targets(model, opts)
     peft_model = lora.attach_lora(model, opts, chosen)
     through_mask = lora.mask_updates(peft_model, masks) if masked_update else []
     n_trainable = sum(p.numel() for p in lora.trainable_params(peft_model).values())
-    trainee = D.wrap_ddp(_BnMode(peft_model, bn), dev)
+    trainee = D.wrap_ddp(_BnMode(peft_model, lo.bn), dev)
     n = len(train_ds.dataset)
     sampler = D.ShardSampler(
-        n, shuffle=True, seed=seed, rank=ctx.rank, world_size=ctx.world_size, global_batch=batch_size,
-        drop_last=n > batch_size,  # equal shards per step (DDP == one process); no size-1 BatchNorm batches
+        n, shuffle=True, seed=run.seed, rank=ctx.rank, world_size=ctx.world_size, global_batch=run.batch_size,
+        drop_last=n > run.batch_size,  # equal shards per step (DDP == one process); no size-1 BatchNorm batches
     )  # fmt: skip
-    loader = make_loader(train_ds, batch_size=batch_size // ctx.world_size, workers=workers, sampler=sampler)
-    total_steps = min(len(loader) * epochs, max_steps or len(loader) * epochs)
+    loader = make_loader(train_ds, batch_size=run.batch_size // ctx.world_size, workers=run.workers, sampler=sampler)
+    total_steps = min(len(loader) * t.epochs, t.max_steps or len(loader) * t.epochs)
     config = dataclasses.replace(config, warmup_steps=warmup_steps(chosen_recipe["warmup"], total_steps))
     recipe_report["warmup_steps"] = config.warmup_steps
-    reg = WCR(lora.effective_weight_fns(peft_model), wcr, wcr_eps, wcr_delta) if wcr > 0 else None
+    w = req.wcr
+    reg = WCR(lora.effective_weight_fns(peft_model), w.wcr, w.wcr_eps, w.wcr_delta) if w.wcr > 0 else None
 
     start = time.perf_counter()
     result = train(trainee, loader, dev, config, extra_loss=reg)
@@ -327,7 +254,7 @@ def finetune_lora(
         metrics["wcr"] = {k: stats[k] for k in ("lambda", "eps", "delta", "R", "value", "layers", "var_abs")}
 
     if val_ds is not None:
-        unmerged = evaluate_sharded(peft_model, val_ds, dev, batch_size=eval_bs, workers=workers)
+        unmerged = evaluate_sharded(peft_model, val_ds, dev, batch_size=eval_bs, workers=run.workers)
         metrics["top1_unmerged"] = unmerged["top1"]
     peft_model.to("cpu")
     outcome = merge_fn(peft_model, {k: v.cpu() for k, v in masks.items()})
@@ -342,7 +269,7 @@ def finetune_lora(
         metrics["sparsity_effective"] = _effective_sparsity(final, prunable, eff)
     if val_ds is not None:
         if outcome.adapter_state is None:
-            after = evaluate_sharded(final, val_ds, dev, batch_size=eval_bs, workers=workers)["top1"]
+            after = evaluate_sharded(final, val_ds, dev, batch_size=eval_bs, workers=run.workers)["top1"]
         else:
             after = metrics["top1_unmerged"]  # the written checkpoint evaluates with its adapter attached
         metrics.update(top1_after=after, lora_improvement=after - metrics["top1_before"])
@@ -350,18 +277,18 @@ def finetune_lora(
 
     metrics.update(
         {
-            "data": data,
-            "val": val,
+            "data": req.data,
+            "val": req.val,
             "arch": loaded.manifest.arch,
             "targets": chosen,
             "target_preset": preset,
             "pruned_layers": pruned_layers,
             "recipe": recipe_report,
-            "rank": rank,
-            "alpha": alpha,
+            "rank": lo.rank,
+            "alpha": lo.alpha,
             "scale": opts.scale,
-            "dora": dora,
-            "bn": bn,
+            "dora": lo.dora,
+            "bn": lo.bn,
             "trainable_params": n_trainable,
             "merge": outcome.mode,
             "merge_requested": merge,
@@ -375,19 +302,9 @@ def finetune_lora(
             "world_size": ctx.world_size,
         }
     )
-    lineage_options = {
-        "data": data, "val": val, "rank": rank, "alpha": alpha, "dropout": dropout, "linear": linear,
-        "target_preset": preset, "recipe": recipe_report["name"], "warmup": chosen_recipe["warmup"],
-        "warmup_steps": config.warmup_steps, "targets": list(targets), "exclude": list(exclude), "dora": dora,
-        "bn": bn, "merge": merge, "masked_update": masked_update, "wcr": wcr,
-        "wcr_eps": wcr_eps, "wcr_delta": wcr_delta, "epochs": epochs, "batch_size": batch_size, "optimizer": optimizer,
-        "lr": lr, "weight_decay": weight_decay, "schedule": schedule, "augment": augment,
-        "label_smoothing": label_smoothing, "clip_grad": clip_grad, "amp": amp, "max_steps": max_steps, "seed": seed,
-        "world_size": ctx.world_size,
-    }  # fmt: skip
     written: tuple[str | None, str | None] = (None, None)
     if ctx.is_main:
-        written = _write(output, out_path, final, loaded, outcome, adapter_dir, lineage_options, force)
+        written = _write(req.output, out_path, final, loaded, outcome, adapter_dir, req, recipe_report)
     written = D.broadcast_object(written)
     if outcome.adapter_state is not None and adapter_dir is not None:
         metrics["adapter"] = str(adapter_dir)
@@ -401,8 +318,8 @@ def _write(
     loaded: Any,
     outcome: Any,
     adapter_dir: Path | None,
-    options: dict[str, Any],
-    force: bool,
+    req: FinetuneLoraRequest,
+    recipe: dict[str, Any],
 ) -> tuple[str, str]:
     """Rank 0: the checkpoint (and for ``--merge none`` the adapter folder beside it), all or nothing."""
     import dataclasses
@@ -418,8 +335,8 @@ def _write(
         base = out_path if adapter_dir.parent == out_path else out_path.parent
         manifest.adapters = {**meta, "path": str(adapter_dir.relative_to(base))}
     try:
-        path, sha = save_output(output, model, loaded, command="finetune-lora", options=options, force=force,
-                                manifest=manifest)  # fmt: skip
+        path, sha = save_output(output, model, loaded, command="finetune-lora", options=req.to_json(),
+                                force=req.force, manifest=manifest, provenance={"recipe": recipe})  # fmt: skip
         if staged is not None and adapter_dir is not None:
             lora.commit_adapter(staged, adapter_dir)
     except BaseException:
