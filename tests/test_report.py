@@ -123,3 +123,23 @@ def test_report_marks_wcr_base_and_recovery(cli, tmp_path):
     r = cli("report", f, "--format", "json")
     series = sorted(json.loads(ln)["series"] for ln in r.stdout.splitlines())
     assert series == ["magnitude (WCR base)", "magnitude (WCR base) +finetune"]
+
+
+def test_report_params_column_is_all_parameters_with_non_zero_beside_it(tmp_path):
+    """The demo's table and report agree: ``params`` is the parameter count, never the non-zero count."""
+    from prunecli.api.report import FORMATS, build_rows
+
+    p = str(tmp_path / "u70.safetensors")
+    metrics = {"target_ratio": 0.7, "sparsity": 0.7, "params": 2474506, "params_nonzero": 747242,
+               "macs": 1000, "macs_nonzero": 300}  # fmt: skip
+    records = [
+        json.loads(_rec("prune", "base.safetensors", p, {"method": "magnitude", "ratio": 0.7}, metrics)),
+        json.loads(_rec("eval", p, None, {"data": "digits:test"}, {"top1": 0.9})),
+    ]
+    (row,) = build_rows(records)
+    assert (row.params, row.params_nonzero, row.macs, row.macs_nonzero) == (2474506, 747242, 1000, 300)
+    (cells,) = csv.DictReader(io.StringIO(FORMATS.get("csv")([row])))
+    assert (cells["params"], cells["params_nonzero"]) == ("2474506", "747242")
+    # a record without non-zero counts leaves that column empty instead of moving a number into "params"
+    del records[0]["metrics"]["params_nonzero"]
+    assert build_rows(records)[0].params_nonzero is None and build_rows(records)[0].params == 2474506

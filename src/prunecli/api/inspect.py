@@ -15,13 +15,11 @@ from typing import Any
 from prunecli.checkpoint.header import SafetensorsHeader, TensorInfo
 from prunecli.checkpoint.manifest import METADATA_KEY, Manifest
 from prunecli.checkpoint.sources import SourceKind, resolve_source
+from prunecli.counting import TensorCount, count_model, count_tensors, is_buffer
 from prunecli.record import Result
 from prunecli.requests import InspectRequest
 
 __all__ = ["inspect"]
-
-# Tensor names that are buffers, not parameters, in timm models (BatchNorm running statistics).
-_BUFFER_SUFFIXES = ("running_mean", "running_var", "num_batches_tracked")
 
 # numpy views whose all-zero bit pattern (ignoring the sign bit for floats) means value zero.
 _ZERO_VIEWS = {
@@ -33,7 +31,7 @@ _ZERO_VIEWS = {
 
 
 def _is_param(name: str) -> bool:
-    return not name.endswith(_BUFFER_SUFFIXES)
+    return not is_buffer(name)
 
 
 def _zeros(header: SafetensorsHeader, t: TensorInfo, buf: Any) -> int | None:
@@ -60,7 +58,7 @@ def _from_header(header: SafetensorsHeader, layers: bool) -> dict[str, Any]:
     if layers:
         import mmap
 
-        rows, zeros_total, numel_total = [], 0, 0
+        rows, counted = [], []
         with header.path.open("rb") as fh, mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) as buf:
             for t in sorted(params, key=lambda t: t.name):
                 z = _zeros(header, t, buf)
@@ -68,11 +66,11 @@ def _from_header(header: SafetensorsHeader, layers: bool) -> dict[str, Any]:
                     {"name": t.name, "shape": list(t.shape), "params": t.numel, "dtype": t.dtype,
                      "sparsity": (z / t.numel) if (z is not None and t.numel) else (0.0 if z == 0 else None)}
                 )  # fmt: skip
-                if z is not None and len(t.shape) > 1:
-                    zeros_total += z
-                    numel_total += t.numel
+                if z is not None:  # dtypes without a zero view (none of timm's) are left out of the counts
+                    counted.append(TensorCount(t.name, tuple(t.shape), z))
         out["layers"] = rows
-        out["sparsity"] = zeros_total / numel_total if numel_total else 0.0
+        counts = count_tensors(counted)  # prunecli.counting: the same convention as prune and finetune-lora
+        out["params_nonzero"], out["sparsity"] = counts.params_nonzero, counts.sparsity
     return out
 
 
@@ -96,22 +94,21 @@ def _from_model(loaded: Any, layers: bool) -> dict[str, Any]:
     state = model.state_dict()
     names = {n for n, _ in model.named_parameters()}
     out: dict[str, Any] = {
-        "params": sum(p.numel() for p in model.parameters()),
+        "params": sum(p.numel() for p in model.parameters()),  # = count_model(model).params
         "tensors": len(state),
         "bytes": _size(loaded.source.path),
         "dtypes": sorted({_st_dtype(t.dtype) for t in state.values()}),
     }
     if layers:
-        rows, z_all, n_all = [], 0, 0
+        rows = []
         for name in sorted(names):
             t = state[name]
             z = int(t.numel() - torch.count_nonzero(t))
             rows.append({"name": name, "shape": list(t.shape), "params": t.numel(), "dtype": _st_dtype(t.dtype),
                          "sparsity": z / t.numel() if t.numel() else 0.0})  # fmt: skip
-            if t.ndim > 1:
-                z_all, n_all = z_all + z, n_all + t.numel()
         out["layers"] = rows
-        out["sparsity"] = z_all / n_all if n_all else 0.0
+        counts = count_model(model)  # prunecli.counting: the same convention as prune and finetune-lora
+        out["params_nonzero"], out["sparsity"] = counts.params_nonzero, counts.sparsity
     return out
 
 

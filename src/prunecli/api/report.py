@@ -48,7 +48,9 @@ class Row:
     top5: float | None
     loss: float | None
     params: int | None
+    params_nonzero: int | None
     macs: int | None
+    macs_nonzero: int | None
 
     @property
     def series(self) -> str:
@@ -128,7 +130,9 @@ def build_rows(records: list[dict[str, Any]]) -> list[Row]:
             "finetuned": False,
             "wcr": False,
             "params": None,
+            "params_nonzero": None,
             "macs": None,
+            "macs_nonzero": None,
         }
         seen: set[str] = set()
         node = producer.get(ckpt) if ckpt else None
@@ -164,10 +168,12 @@ def _absorb(info: dict[str, Any], rec: dict[str, Any], past_prune: bool) -> None
         if cmd == "finetune" and opts.get("wcr"):
             info["wcr"] = True
         return
+    # the counts of the step nearest the eval: all parameters and the non-zero ones, in their own
+    # columns (prunecli.counting's convention; "params" is never the non-zero count)
     if info["params"] is None and m.get("params") is not None:
-        info["params"] = m.get("params_nonzero", m.get("params"))
+        info["params"], info["params_nonzero"] = m["params"], m.get("params_nonzero")
     if info["macs"] is None and m.get("macs") is not None:
-        info["macs"] = m.get("macs_nonzero", m.get("macs"))
+        info["macs"], info["macs_nonzero"] = m["macs"], m.get("macs_nonzero")
     if info["sparsity"] is None and m.get("sparsity") is not None:
         info["sparsity"] = m.get("sparsity")
     if cmd == "finetune-lora":
@@ -186,7 +192,10 @@ def _absorb(info: dict[str, Any], rec: dict[str, Any], past_prune: bool) -> None
             info["restore"] = info["restore"] or opts.get("restore")
 
 
-COLUMNS = ("series", "target_ratio", "sparsity", "top1", "top5", "loss", "params", "macs", "data", "checkpoint")
+COLUMNS = (
+    "series", "target_ratio", "sparsity", "top1", "top5", "loss", "params", "params_nonzero", "macs", "macs_nonzero",
+    "data", "checkpoint",
+)  # fmt: skip
 
 
 def _cells(row: Row) -> dict[str, Any]:
@@ -301,12 +310,16 @@ def _plots(rows: list[Row], out_dir: Path) -> list[str]:
         ax.legend(fontsize=8)
         save(fig, "sparsity_vs_target.png")
 
+    def nonzero(r: Row, key: str) -> int | None:  # the non-zero count, or the count where none was recorded
+        v = getattr(r, f"{key}_nonzero")
+        return v if v is not None else getattr(r, key)
+
     for key, label, name in (
         ("macs", "MACs (non-zero)", "accuracy_vs_macs.png"),
         ("params", "parameters (non-zero)", "accuracy_vs_params.png"),
     ):
         pts_by = {
-            s: sorted((getattr(r, key), r.top1) for r in rs if getattr(r, key) is not None and r.top1 is not None)
+            s: sorted((nonzero(r, key), r.top1) for r in rs if nonzero(r, key) is not None and r.top1 is not None)
             for s, rs in by_series.items()
         }
         if any(pts_by.values()):

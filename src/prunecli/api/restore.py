@@ -333,9 +333,9 @@ def restore(req: RestoreRequest) -> Result:
                             provenance=provenance)  # fmt: skip
     metrics = report.metrics()
     metrics["arch"] = manifest.arch
-    from prunecli.evaluation import count_params
+    from prunecli.counting import count_model
 
-    metrics.update(count_params(loaded.model))
+    metrics.update(count_model(loaded.model).metrics())  # params, params_nonzero, sparsity (one convention)
     return Result(checkpoint=path, sha256=sha, metrics=metrics, device=describe(dev))
 
 
