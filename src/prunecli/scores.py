@@ -68,6 +68,7 @@ class ScoresFile:
 
 def save_scores(path: str | Path, scores: ScoresFile, *, force: bool = False) -> str:
     """Writes ``scores`` atomically; returns the absolute path."""
+    from prunecli.checkpoint.permissions import publish_file
     from prunecli.checkpoint.safetensors_io import write_safetensors
 
     path = Path(path).expanduser().resolve()
@@ -94,6 +95,7 @@ def save_scores(path: str | Path, scores: ScoresFile, *, force: bool = False) ->
     os.close(fd)
     try:
         write_safetensors(tmp, tensors, {"format": "pt", SCORES_KEY: dumps(meta)})  # byte-deterministic
+        publish_file(tmp)  # mkstemp made it 0600: the umask's mode, as for checkpoints
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

@@ -23,6 +23,7 @@ from torch import nn
 from prunecli import __version__
 from prunecli.checkpoint.hashing import remember_sha256
 from prunecli.checkpoint.manifest import METADATA_KEY, Manifest
+from prunecli.checkpoint.permissions import publish_file, publish_tree
 from prunecli.checkpoint.safetensors_io import write_safetensors
 from prunecli.errors import InputError
 
@@ -142,6 +143,7 @@ def save_checkpoint(
         try:
             sha = write_safetensors(tmp, tensors, metadata, **extra)
             _fsync(Path(tmp))
+            publish_file(tmp)  # mkstemp made it 0600: give it the umask's mode before it appears
             os.replace(tmp, path)
         except BaseException:
             Path(tmp).unlink(missing_ok=True)
@@ -171,6 +173,7 @@ def save_checkpoint(
         (tmpdir / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
         for f in tmpdir.iterdir():
             _fsync(f)
+        publish_tree(tmpdir)  # mkdtemp made it 0700: the umask's modes, as mkdir and open give
         if path.exists():
             trash = Path(tempfile.mkdtemp(prefix=f".{path.name}.old.", dir=parent))
             os.replace(path, trash / "old")

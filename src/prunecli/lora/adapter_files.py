@@ -17,6 +17,7 @@ from torch import nn
 
 from prunecli.checkpoint.adapters import ADAPTER_NAME
 from prunecli.checkpoint.hashing import file_sha256
+from prunecli.checkpoint.permissions import publish_tree
 
 __all__ = ["adapter_dir_for", "commit_adapter", "stage_adapter"]
 
@@ -41,6 +42,7 @@ def stage_adapter(peft_model: nn.Module, near: Path) -> tuple[Path, dict[str, An
     try:
         peft_model.save_pretrained(str(tmp), safe_serialization=True)
         config = json.loads((tmp / "adapter_config.json").read_text())
+        publish_tree(tmp)  # mkdtemp made it 0700, safetensors writes 0600: the umask's modes instead
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
