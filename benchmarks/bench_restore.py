@@ -38,6 +38,7 @@ def main() -> int:
     from prunecli.checkpoint.manifest import Manifest
     from prunecli.checkpoint.writer import save_checkpoint
     from prunecli.models import default_pretrained_cfg
+    from prunecli.requests import PruneRequest, RestoreRequest
 
     torch.manual_seed(0)
     model = timm.create_model(args.arch, num_classes=1000).eval()
@@ -55,12 +56,30 @@ def main() -> int:
     layers = 0
     for i in range(args.repeat):
         t0 = time.perf_counter()
-        p = prune(str(base), out=tmp / "p.safetensors", method="magnitude", structure="channel", ratio=args.ratio,
-                  exclude=exclude, device="cpu", force=True)  # fmt: skip
+        p = prune(
+            PruneRequest.build(
+                checkpoint=str(base),
+                output=tmp / "p.safetensors",
+                method="magnitude",
+                structure="channel",
+                ratio=args.ratio,
+                exclude=exclude,
+                device="cpu",
+                force=True,
+            )
+        )
         times["prune"].append(time.perf_counter() - t0)
         for method in ("lbyl", "merge"):
             t0 = time.perf_counter()
-            r = restore(p.checkpoint, method=method, out=str(tmp / f"r_{method}.safetensors"), device="cpu", force=True)
+            r = restore(
+                RestoreRequest.build(
+                    checkpoint=p.checkpoint,
+                    method=method,
+                    output=str(tmp / f"r_{method}.safetensors"),
+                    device="cpu",
+                    force=True,
+                )
+            )
             times[f"restore {method}"].append(time.perf_counter() - t0)
             inner[method].append(r.metrics["restore_s"][method])
             layers = r.metrics["restored_layers"]

@@ -35,6 +35,7 @@ from prunecli.api.eval import evaluate
 from prunecli.api.finetune import finetune
 from prunecli.api.prune import prune
 from prunecli.api.restore import restore
+from prunecli.requests import EvalRequest, FinetuneRequest, PruneRequest, RestoreRequest
 
 MODELS = {
     "improved_cnn": {"exclude": []},
@@ -89,23 +90,59 @@ def _study(args: argparse.Namespace, out: Path, train: str, test: str, ratios: l
         base = out / f"{name}_base{tag}.safetensors"
         t0 = time.perf_counter()
         if not base.exists():
-            finetune(f"arch:{name}", train, output=base, epochs=epochs, lr=1e-3, augment=False,
-                     inputs=InputOptions(num_classes=10),
-                     data_options=DOPTS, device="cpu", amp=False, seed=args.seed)  # fmt: skip
-        dense_eval = evaluate(str(base), test, data_options=DOPTS, device="cpu").metrics
+            finetune(
+                FinetuneRequest.build(
+                    checkpoint=f"arch:{name}",
+                    data=train,
+                    output=base,
+                    epochs=epochs,
+                    lr=1e-3,
+                    augment="none",
+                    source=InputOptions(num_classes=10),
+                    transforms=DOPTS,
+                    device="cpu",
+                    amp=False,
+                    seed=args.seed,
+                )
+            )
+        dense_eval = evaluate(
+            EvalRequest.build(checkpoint=str(base), data=test, transforms=DOPTS, device="cpu")
+        ).metrics
         dense = dense_eval["top1"]
         print(f"{name}: dense top1 {dense:.4f} (train {time.perf_counter() - t0:.0f}s)", file=sys.stderr)
         for ratio in ratios:
             pruned = out / f"{name}{tag}_p{round(ratio * 100)}.safetensors"
-            prune(str(base), out=pruned, method="magnitude", structure="channel", ratio=ratio,
-                  exclude=_exclude(name, args.prune_stem), data_options=DOPTS, device="cpu", force=True)  # fmt: skip
+            prune(
+                PruneRequest.build(
+                    checkpoint=str(base),
+                    output=pruned,
+                    method="magnitude",
+                    structure="channel",
+                    ratio=ratio,
+                    exclude=_exclude(name, args.prune_stem),
+                    transforms=DOPTS,
+                    device="cpu",
+                    force=True,
+                )
+            )
             row = {"model": name, "ratio": ratio, "dense": dense, "seed": args.seed, "n_test": dense_eval["samples"]}
             variants = [(m, {}) for m in METHODS] + [(f"lbyl λ2={v:g}", {"lambda2": v}) for v in LAMBDA2_SCAN]
             for label, params in variants:
                 method = label.split(" ")[0]
-                r = restore(str(pruned), method=method, out=str(out / "tmp.safetensors"), data=train,
-                            val=test, params=params, data_options=DOPTS, device="cpu", force=True,
-                            batch_size=128)  # fmt: skip
+                r = restore(
+                    RestoreRequest.build(
+                        checkpoint=str(pruned),
+                        method=method,
+                        output=str(out / "tmp.safetensors"),
+                        data=train,
+                        val=test,
+                        params=params,
+                        transforms=DOPTS,
+                        device="cpu",
+                        force=True,
+                        batch_size=128,
+                    )
+                )
                 m = r.metrics
                 row["prune"] = m["top1_before"]
                 row[label] = m["top1"]

@@ -34,6 +34,7 @@ from prunecli.api.finetune import finetune
 from prunecli.data import make_loader
 from prunecli.evaluation import evaluate_model
 from prunecli.prunable import prunable_layers
+from prunecli.requests import FinetuneRequest
 
 SCOPES = {
     "conv+linear": lambda m: isinstance(m, (nn.Conv2d, nn.Linear)),
@@ -74,9 +75,18 @@ def main(argv: list[str] | None = None) -> int:
                 out = Path(tmp) / f"wcr{lam:g}-s{seed}.safetensors"
                 t0 = time.perf_counter()
                 res = finetune(
-                    "arch:improved_cnn", "digits:train", output=out, epochs=args.epochs, lr=args.lr, wcr=lam,
-                    seed=seed, device=args.device, force=True,
-                )  # fmt: skip
+                    FinetuneRequest.build(
+                        checkpoint="arch:improved_cnn",
+                        data="digits:train",
+                        output=out,
+                        epochs=args.epochs,
+                        lr=args.lr,
+                        wcr=lam,
+                        seed=seed,
+                        device=args.device,
+                        force=True,
+                    )
+                )
                 loaded = load_input(str(out))
                 test, _ = load_data("digits:test", loaded)
                 loader = make_loader(test, batch_size=360)

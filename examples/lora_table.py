@@ -32,6 +32,7 @@ from prunecli.api.eval import evaluate
 from prunecli.api.finetune import finetune
 from prunecli.api.finetune_lora import finetune_lora
 from prunecli.api.prune import prune
+from prunecli.requests import EvalRequest, FinetuneLoraRequest, FinetuneRequest, PruneRequest
 
 CRITERIA = {"magnitude": {"scope": "global"}, "taylor": {}, "snip": {}}
 VARIANTS = {"masked": True, "plain": False}  # --masked-update (default) / --no-masked-update
@@ -52,9 +53,19 @@ def _rows(wd: Path, seed: int, ratios: list[float], args: argparse.Namespace) ->
     wd.mkdir(parents=True, exist_ok=True)
     base = wd / "base.safetensors"
     if not base.exists():
-        finetune("arch:improved_cnn", "digits:train", output=base, val="digits:test", epochs=args.base_epochs,
-                 batch_size=64, device="cpu", seed=seed)  # fmt: skip
-    dense = evaluate(str(base), "digits:test", device="cpu").metrics["top1"]
+        finetune(
+            FinetuneRequest.build(
+                checkpoint="arch:improved_cnn",
+                data="digits:train",
+                output=base,
+                val="digits:test",
+                epochs=args.base_epochs,
+                batch_size=64,
+                device="cpu",
+                seed=seed,
+            )
+        )
+    dense = evaluate(EvalRequest.build(checkpoint=str(base), data="digits:test", device="cpu")).metrics["top1"]
     cache = wd / "rows_v2.jsonl"  # finished rows, so that adding a ratio does not recompute the others
     done = {(r["ratio"], r["criterion"]): r for r in map(json.loads, cache.read_text().splitlines())} if (
         cache.exists() and not args.fresh) else {}  # fmt: skip
@@ -65,14 +76,36 @@ def _rows(wd: Path, seed: int, ratios: list[float], args: argparse.Namespace) ->
                 rows.append(done[(ratio, crit)])
                 continue
             pruned = wd / f"p_{crit}_{int(ratio * 100)}.safetensors"
-            pr = prune(str(base), out=pruned, method=crit, data="digits:train", ratio=ratio, device="cpu",
-                       seed=seed, force=True, **extra).metrics  # fmt: skip
+            pr = prune(
+                PruneRequest.build(
+                    checkpoint=str(base),
+                    output=pruned,
+                    method=crit,
+                    data="digits:train",
+                    ratio=ratio,
+                    device="cpu",
+                    seed=seed,
+                    force=True,
+                    **extra,
+                )
+            ).metrics
             row = {"ratio": ratio, "criterion": crit, "sparsity": pr["sparsity"]}
             for variant, masked_update in VARIANTS.items():
                 out = wd / f"p_{crit}_{int(ratio * 100)}_lora_{variant}.safetensors"
-                m = finetune_lora(str(pruned), "digits:train", output=out, val="digits:test",
-                                  epochs=args.lora_epochs, device="cpu", seed=seed,
-                                  masked_update=masked_update, force=True).metrics  # fmt: skip
+                m = finetune_lora(
+                    FinetuneLoraRequest.build(
+                        checkpoint=str(pruned),
+                        data="digits:train",
+                        output=out,
+                        val="digits:test",
+                        epochs=args.lora_epochs,
+                        device="cpu",
+                        seed=seed,
+                        masked_update=masked_update,
+                        force=True,
+                        recipe="lora-paper",
+                    )
+                ).metrics
                 names = sorted(load_file(str(pruned)).keys() & set(m["masked"]))
                 row["before"] = m["top1_before"]
                 row["sparsity_after"] = m["sparsity_after"]
