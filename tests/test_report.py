@@ -143,3 +143,22 @@ def test_report_params_column_is_all_parameters_with_non_zero_beside_it(tmp_path
     # a record without non-zero counts leaves that column empty instead of moving a number into "params"
     del records[0]["metrics"]["params_nonzero"]
     assert build_rows(records)[0].params_nonzero is None and build_rows(records)[0].params == 2474506
+
+
+def test_report_separates_selected_sparsity_from_file_sparsity(tmp_path):
+    """Target vs achieved compares like with like; a channel ratio is never plotted as a sparsity."""
+    from prunecli.api.report import build_rows
+
+    u, lo, c = (str(tmp_path / n) for n in ("u.safetensors", "u-lora.safetensors", "c.safetensors"))
+    records = [
+        _rec("prune", "base.safetensors", u, {"method": "magnitude", "ratio": 0.5},
+             {"target_ratio": 0.5, "selected_sparsity": 0.5, "sparsity": 0.4998, "params": 10}),
+        _rec("finetune-lora", u, lo, {}, {"sparsity": 0.4998, "sparsity_after": 0.4998, "params": 10}),
+        _rec("prune", "base.safetensors", c, {"method": "l2", "ratio": 0.3, "structure": "channel"},
+             {"target_ratio": 0.3, "channel_ratio": 0.3, "params_removed": 0.5089, "sparsity": 0.0, "params": 5}),
+    ] + [_rec("eval", p, None, {"data": "digits:test"}, {"top1": 0.5}) for p in (u, lo, c)]  # fmt: skip
+    rows = {Path(r.checkpoint).name: r for r in build_rows([json.loads(x) for x in records])}
+    assert (rows["u.safetensors"].selected_sparsity, rows["u.safetensors"].sparsity) == (0.5, 0.4998)
+    assert (rows["u-lora.safetensors"].selected_sparsity, rows["u-lora.safetensors"].sparsity) == (0.5, 0.4998)
+    assert rows["c.safetensors"].selected_sparsity is None and rows["c.safetensors"].sparsity == 0.0
+    assert rows["c.safetensors"].target_ratio == 0.3

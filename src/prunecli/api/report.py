@@ -39,6 +39,7 @@ class Row:
     criterion: str | None
     structure: str | None
     target_ratio: float | None
+    selected_sparsity: float | None  # what the prune step removed of the weights it selected (vs target_ratio)
     sparsity: float | None
     restore: str | None
     lora: bool
@@ -124,6 +125,7 @@ def build_rows(records: list[dict[str, Any]]) -> list[Row]:
             "criterion": None,
             "structure": None,
             "target_ratio": None,
+            "selected_sparsity": None,
             "sparsity": None,
             "restore": None,
             "lora": False,
@@ -188,13 +190,16 @@ def _absorb(info: dict[str, Any], rec: dict[str, Any], past_prune: bool) -> None
         info["criterion"] = opts.get("method") or m.get("method") or (m.get("scores_method"))
         info["structure"] = opts.get("structure") or "unstructured"
         info["target_ratio"] = m.get("target_ratio", opts.get("ratio"))
+        if info["structure"] != "channel":  # a channel ratio is a fraction of channels, not of weights
+            # records written before prunecli.counting named it "sparsity" (over the selected weights)
+            info["selected_sparsity"] = m.get("selected_sparsity", m.get("sparsity"))
         if opts.get("restore"):
             info["restore"] = info["restore"] or opts.get("restore")
 
 
 COLUMNS = (
-    "series", "target_ratio", "sparsity", "top1", "top5", "loss", "params", "params_nonzero", "macs", "macs_nonzero",
-    "data", "checkpoint",
+    "series", "target_ratio", "selected_sparsity", "sparsity", "top1", "top5", "loss",
+    "params", "params_nonzero", "macs", "macs_nonzero", "data", "checkpoint",
 )  # fmt: skip
 
 
@@ -298,7 +303,7 @@ def _plots(rows: list[Row], out_dir: Path) -> list[str]:
 
         fig, ax = plt.subplots(figsize=(6.4, 4.4))
         for s in sorted(by_series):
-            pts = sorted((r.target_ratio, r.sparsity) for r in by_series[s] if r.sparsity is not None)
+            pts = sorted((r.target_ratio, r.selected_sparsity) for r in by_series[s] if r.selected_sparsity is not None)
             if pts:
                 ax.plot(*zip(*pts, strict=True), marker="o", label=s)
         lim = [0, max(r.target_ratio for r in rows if r.target_ratio is not None) * 1.05 + 1e-9]
