@@ -2,7 +2,8 @@
 
 Runs a fixed pipeline of ``prunecli`` commands in a temporary directory (train a small base model,
 score it with three criteria, prune it unstructured / 2:4 / by channels, restore, LoRA-finetune,
-evaluate) and records, per command, its JSON record (minus ``elapsed_s``) and, per file it wrote,
+evaluate) and records, per command, its JSON record (minus the wall-clock timings ``elapsed_s``,
+``train_time_s``, ``restore_s``) and, per file it wrote,
 the sha256 of the whole file, the sha256 of every tensor's bytes and the parsed safetensors header
 (``__metadata__`` values that hold JSON are parsed too, so differences are reported key by key).
 
@@ -77,7 +78,8 @@ _STEPS: list[tuple[str, list[str], list[str], dict[str, str]]] = [
     ("eval", ["eval", "nm.safetensors", "--data", "digits:test"], [], {}),
 ]  # fmt: skip
 
-_DROP = {"elapsed_s"}
+# Wall-clock timings differ from run to run; they are dropped from records and lineage alike.
+_DROP = {"elapsed_s", "train_time_s", "restore_s"}
 
 
 def _command(src: str | None) -> list[str]:
@@ -88,7 +90,8 @@ def _command(src: str | None) -> list[str]:
 
 def _env(src: str | None, extra: dict[str, str]) -> dict[str, str]:
     env = dict(os.environ)
-    env.update(OMP_NUM_THREADS="1", PRUNECLI_NO_PROGRESS="1", CUDA_VISIBLE_DEVICES="")
+    # PYTHONHASHSEED: set iteration order reaches some JSON metadata (same content, other key order)
+    env.update(OMP_NUM_THREADS="1", PRUNECLI_NO_PROGRESS="1", CUDA_VISIBLE_DEVICES="", PYTHONHASHSEED="0")
     env.pop("PRUNECLI_FAST_PRUNE", None)
     env.update(extra)
     if src:
@@ -205,7 +208,7 @@ def compare(before: dict[str, Any], after: dict[str, Any]) -> bool:
             for key in _diff(of["header"], nf["header"]):
                 lines.append(f"    header key differs: {key}")
         rec = _diff(old["record"], new["record"])
-        lines.append("  record: equal (except elapsed_s)" if not rec else "  record keys differ: " + ", ".join(rec))
+        lines.append("  record: equal (except timings)" if not rec else "  record keys differ: " + ", ".join(rec))
         same = all("byte-identical" in ln or "equal" in ln for ln in lines)
         all_same &= same
         print(f"{name}: {'SAME' if same else 'DIFFERS'}")

@@ -399,8 +399,8 @@ def test_bias_compensation_lowers_loss(tmp_path: Path, save_model, digits_mlp) -
 
 def test_bias_shift_folds_into_following_batchnorm() -> None:
     """A bias-free conv followed by BN: running_mean −= δ equals adding δ to the conv output (eval)."""
-    from prunecli.tracing import trace_layers
     from prunecli.pruning.compensate import BiasCompensation
+    from prunecli.tracing import trace_layers
 
     model = _model("test_resnet", seed=6, num_classes=10)
     for m in model.modules():  # non-trivial BN statistics
@@ -429,8 +429,8 @@ def test_bias_shift_folds_into_following_batchnorm() -> None:
 
 
 def test_compensation_skips_layers_without_bias_or_bn(caplog) -> None:
-    from prunecli.tracing import trace_layers
     from prunecli.pruning.compensate import BiasCompensation
+    from prunecli.tracing import trace_layers
 
     model = nn.Sequential(nn.Linear(4, 3, bias=False), nn.LayerNorm(3))
     trace = trace_layers(model, (4,))

@@ -22,9 +22,9 @@ Schema (``manifest.layer_table``, JSON; ``version`` :data:`TABLE_VERSION`)::
 
 ``kind`` is ``conv`` (Conv1d/2d/3d and subclasses) or ``linear``; ``head`` marks the classifier
 modules of :func:`prunecli.prunable.classifier_modules`; ``macs_per_weight`` is
-:class:`prunecli.pruning.LayerTrace` ``positions`` for one sample at ``input_size`` (0 for a layer
+:class:`prunecli.tracing.LayerTrace` ``positions`` for one sample at ``input_size`` (0 for a layer
 the forward pass never runs), so ``macs = Σ macs_per_weight · numel`` as in
-:func:`prunecli.pruning.count_macs`.
+:func:`prunecli.tracing.count_macs`.
 
 The table is only written when it is exact: no LoRA adapters beside the weights, no two state
 tensors sharing memory (a tied weight pruned through one name would change the other), and a layer
@@ -156,9 +156,12 @@ def _build(model: Any, manifest: Any, state: Mapping[str, Any] | None) -> dict[s
     cfg = dict(manifest.pretrained_cfg) or dict(getattr(model, "pretrained_cfg", None) or {})
     head = set(classifier_modules(_WithConfig(model, cfg)))
     input_size = _input_size(manifest.pretrained_cfg)
-    positions = _meta_positions(model, layers, input_size)
-    if positions is None:
+    from prunecli.tracing import trace_layers
+
+    trace = trace_layers(model, input_size, cpu_fallback=False)  # the table never pays for a real forward pass
+    if trace is None:
         return None
+    positions = trace.positions
     nf = getattr(model, "num_features", None)
     return {
         "version": TABLE_VERSION,
@@ -195,34 +198,3 @@ def _input_size(pretrained_cfg: Mapping[str, Any]) -> tuple[int, ...]:
     from prunecli.data import data_config
 
     return tuple(int(s) for s in data_config(dict(pretrained_cfg))["input_size"])
-
-
-def _meta_positions(model: Any, layers: Mapping[str, Any], input_size: Sequence[int]) -> dict[str, int] | None:
-    """:func:`prunecli.pruning.trace_layers`' ``positions`` from a meta-device pass only; None if it cannot run."""
-    import torch
-
-    from prunecli.pruning import _meta_forward  # the same pass trace_layers runs first
-
-    owner = {id(m): n for n, m in layers.items()}
-    positions: dict[str, int] = {}
-
-    def after_layer(mod: Any, _args: object, out: object) -> None:  # as trace_layers counts
-        if not isinstance(out, torch.Tensor) or out.ndim == 0:
-            return
-        name = owner[id(mod)]
-        per_sample = out.numel() // max(out.shape[0], 1) if out.ndim > 1 else out.numel()
-        positions[name] = positions.get(name, 0) + per_sample // max(int(mod.weight.shape[0]), 1)
-
-    handles = [m.register_forward_hook(after_layer) for m in layers.values()]
-    was_training = model.training
-    model.eval()
-    try:
-        _meta_forward(model, input_size)
-    except Exception as exc:
-        _LOG.debug("no meta trace (%s): no layer table", exc)
-        return None
-    finally:
-        for h in handles:
-            h.remove()
-        model.train(was_training)
-    return positions

@@ -95,7 +95,7 @@ class ScoreContext:
     def followers(self) -> dict[str, Any]:
         """Per prunable layer: the BatchNorm and activation that consume its output (traced once)."""
         if self._followers is None:
-            from prunecli.criteria._trace import trace_followers
+            from prunecli.tracing import trace_followers
 
             if self.example is None:
                 raise InputError("this criterion needs an example input to trace the model")

@@ -28,7 +28,7 @@ import torch
 from torch import nn
 
 from prunecli.criteria._base import Criterion, CriterionOutput, ScoreContext
-from prunecli.criteria._trace import Follow
+from prunecli.tracing import Follow
 
 __all__ = ["ProScore", "ProScoreOptions"]
 

@@ -12,7 +12,7 @@ Where the shift goes, in this order:
 1. the layer's own bias, when it has one;
 2. otherwise the BatchNorm that consumes the layer's output directly: a pre-BN shift ``+δ`` equals
    ``running_mean -= δ`` in eval mode (METHODS §5.5). "Directly" is decided by a traced forward
-   pass (:func:`prunecli.pruning.trace_layers`): the BN whose input *is* the layer's output tensor —
+   pass (:func:`prunecli.tracing.trace_layers`): the BN whose input *is* the layer's output tensor —
    timm's conv→BN pairs (``ConvNormAct``, ResNet's ``conv1``/``bn1``, ``BatchNormAct2d``) all
    qualify. If that output also feeds another consumer (rare for a bias-free conv), the other
    consumer does not see the shift; no timm block we know of does this.

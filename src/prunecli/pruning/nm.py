@@ -18,8 +18,9 @@ from collections.abc import Callable, Mapping, Sequence
 import torch
 
 from prunecli.errors import InputError
+from prunecli.pruning.plan import LayerPlan, ScopePlan, UnstructuredPlan
 
-__all__ = ["parse_nm", "prune_nm"]
+__all__ = ["apply_nm", "parse_nm", "plan_nm", "prune_nm"]
 
 _LOG = logging.getLogger("prunecli")
 _PATTERN = re.compile(r"^\s*(\d+)\s*:\s*(\d+)\s*$")
@@ -40,32 +41,13 @@ def parse_nm(text: str) -> tuple[int, int] | None:
     return n, m
 
 
-def prune_nm(
-    weights: Mapping[str, torch.Tensor],
-    score_of: Callable[[str], torch.Tensor] | None,
-    names: Sequence[str],
-    n: int,
-    m: int,
-    *,
-    on_mask: Callable[[str, torch.Tensor], None] | None = None,
-) -> tuple[dict[str, int], list[str]]:
-    """Keeps the ``n`` highest-scoring weights of every group of ``m``, in place.
+def plan_nm(weights: Mapping[str, torch.Tensor], names: Sequence[str], n: int, m: int) -> UnstructuredPlan:
+    """Which layers N:M pruning prunes and how many weights each loses (``numel·(m−n)/m``); warns on skipped ones.
 
-    Args:
-        weights: parameter name → weight (modified in place).
-        score_of: parameter name → scores of the weight's shape (higher = keep); None: ``|w|``.
-        names: the parameters to prune, in layer order.
-        n: weights kept per group.
-        m: group size.
-        on_mask: called as ``on_mask(name, removed)`` with the boolean mask of removed weights.
-
-    Returns:
-        (parameter name → weights removed, names skipped because their rows do not split into groups).
-
-    Example:
-        >>> prune_nm({"fc.weight": w}, lambda _: w.abs(), ["fc.weight"], 2, 4)
+    The count does not depend on the scores (every group of ``m`` loses ``m − n``); which weights go
+    does, and is decided per group by :func:`apply_nm`. Each layer is its own scope.
     """
-    removed: dict[str, int] = {}
+    layers: list[LayerPlan] = []
     skipped: list[str] = []
     for name in names:
         w = weights[name]
@@ -73,6 +55,37 @@ def prune_nm(
         if row == 0 or row % m:
             skipped.append(name)
             continue
+        layers.append(LayerPlan(name, w.numel(), w.numel() // m * (m - n)))
+    if skipped:
+        _LOG.warning(
+            "N:M %d:%d skipped %d layer(s) whose input length is not a multiple of %d: %s",
+            n,
+            m,
+            len(skipped),
+            m,
+            ", ".join(skipped),
+        )
+    scopes = tuple(ScopePlan((lp.name,), lp.removed, (m - n) / m) for lp in layers)
+    return UnstructuredPlan(f"{n}:{m}", scopes, tuple(layers), tuple(skipped))
+
+
+def apply_nm(
+    weights: Mapping[str, torch.Tensor],
+    score_of: Callable[[str], torch.Tensor] | None,
+    plan: UnstructuredPlan,
+    *,
+    on_mask: Callable[[str, torch.Tensor], None] | None = None,
+) -> dict[str, int]:
+    """Keeps the ``n`` highest-scoring weights of every group of ``m`` in the plan's layers, in place.
+
+    Returns:
+        parameter name → weights removed.
+    """
+    n, m = (int(x) for x in plan.structure.split(":"))
+    removed: dict[str, int] = {}
+    for lp in plan.layers:
+        name, w = lp.name, weights[lp.name]
+        row = w[0].numel()
         s = torch.abs(w) if score_of is None else score_of(name)
         if tuple(s.shape) != tuple(w.shape):
             raise InputError(
@@ -89,13 +102,33 @@ def prune_nm(
         if on_mask is not None:
             on_mask(name, ~keep)
         removed[name] = order.numel()
-    if skipped:
-        _LOG.warning(
-            "N:M %d:%d skipped %d layer(s) whose input length is not a multiple of %d: %s",
-            n,
-            m,
-            len(skipped),
-            m,
-            ", ".join(skipped),
-        )
-    return removed, skipped
+    return removed
+
+
+def prune_nm(
+    weights: Mapping[str, torch.Tensor],
+    score_of: Callable[[str], torch.Tensor] | None,
+    names: Sequence[str],
+    n: int,
+    m: int,
+    *,
+    on_mask: Callable[[str, torch.Tensor], None] | None = None,
+) -> tuple[dict[str, int], list[str]]:
+    """Keeps the ``n`` highest-scoring weights of every group of ``m``, in place: :func:`plan_nm` + :func:`apply_nm`.
+
+    Args:
+        weights: parameter name → weight (modified in place).
+        score_of: parameter name → scores of the weight's shape (higher = keep); None: ``|w|``.
+        names: the parameters to prune, in layer order.
+        n: weights kept per group.
+        m: group size.
+        on_mask: called as ``on_mask(name, removed)`` with the boolean mask of removed weights.
+
+    Returns:
+        (parameter name → weights removed, names skipped because their rows do not split into groups).
+
+    Example:
+        >>> prune_nm({"fc.weight": w}, lambda _: w.abs(), ["fc.weight"], 2, 4)
+    """
+    plan = plan_nm(weights, names, n, m)
+    return apply_nm(weights, score_of, plan, on_mask=on_mask), list(plan.skipped)

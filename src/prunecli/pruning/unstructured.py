@@ -26,8 +26,18 @@ from typing import Any
 import torch
 
 from prunecli.errors import InputError
+from prunecli.pruning.plan import LayerPlan, ScopePlan, UnstructuredPlan
 
-__all__ = ["MagnitudeMasks", "Scope", "order_keys", "plan_scopes", "prune_unstructured"]
+__all__ = [
+    "MagnitudeMasks",
+    "Scope",
+    "apply_unstructured",
+    "key_value",
+    "order_keys",
+    "plan_scopes",
+    "plan_unstructured",
+    "prune_unstructured",
+]
 
 ScoreFn = Callable[[str], torch.Tensor]
 MaskFn = Callable[[str, torch.Tensor], None]
@@ -167,6 +177,121 @@ def _checked_scores(name: str, weight: torch.Tensor, score_of: ScoreFn) -> torch
     return s
 
 
+def key_value(key: int) -> float:
+    """The float whose :func:`order_keys` key is ``key`` (inverse of the key mapping, for reporting)."""
+    import struct
+
+    bits = -key if key < 0 else key
+    value = struct.unpack("<f", struct.pack("<I", bits & 0x7FFFFFFF))[0]
+    return -value if key < 0 else value
+
+
+def plan_unstructured(
+    weights: Mapping[str, torch.Tensor], score_of: ScoreFn | None, scopes: Sequence[Scope]
+) -> UnstructuredPlan:
+    """The exact selection of every scope (threshold, ties, per-layer counts), read-only.
+
+    The selection is the one of the module docstring: in each scope every weight scoring below the
+    k-th smallest score ``t``, then the weights scoring exactly ``t`` in (layer, index) order until
+    ``k`` are taken. Magnitude pruning of float32 CPU weights (``score_of=None``) plans with the
+    bit-level kernel (:func:`_magnitude_plan`), whose selection is the same.
+
+    Raises:
+        InputError: scores of the wrong shape, NaN scores, or a global selection that removes every
+            weight of a layer (nothing has been modified then).
+    """
+    scope_plans: list[ScopePlan] = []
+    layers: list[LayerPlan] = []
+    kernel: dict[int, _Plan] = {}
+    for i, scope in enumerate(scopes):
+        if scope.k <= 0:
+            scope_plans.append(ScopePlan(scope.names, scope.k, scope.ratio))
+            layers += [LayerPlan(n, weights[n].numel(), 0) for n in scope.names]
+            continue
+        if score_of is None and all(_bits_ok(weights[n]) for n in scope.names):
+            kp = kernel[i] = _magnitude_plan(weights, scope)
+            t, ties = kp.threshold, kp.ties
+            removed = dict(kp.removed)
+            known = {n: weights[n].numel() - c for n, c in removed.items()} if kp.nonzero_known else {}
+        else:
+            t, ties, removed = _generic_plan(weights, score_of, scope)
+            known = {}
+        scope_plans.append(ScopePlan(scope.names, scope.k, scope.ratio, key_value(t), ties, t))
+        layers += [LayerPlan(n, weights[n].numel(), removed[n], known.get(n)) for n in scope.names]
+    return UnstructuredPlan("unstructured", tuple(scope_plans), tuple(layers), kernel=kernel)
+
+
+def _generic_plan(
+    weights: Mapping[str, torch.Tensor], score_of: ScoreFn | None, scope: Scope
+) -> tuple[int, dict[str, int], dict[str, int]]:
+    """(threshold key, ties taken per layer, removed per layer) of one scope from its order keys."""
+    if len(scope.names) == 1:  # one layer: compute its keys once
+        name = scope.names[0]
+        keys = _keys(name, weights[name], score_of)
+        t, below = _kth_key(lambda keys=keys: iter((keys,)), scope.k)
+        return t, {name: scope.k - below}, {name: scope.k}
+
+    def keys_of(names: tuple[str, ...] = scope.names) -> Iterator[torch.Tensor]:
+        for n in names:
+            yield _keys(n, weights[n], score_of)
+
+    t, below = _kth_key(keys_of, scope.k)
+    need = scope.k - below
+    ties: dict[str, int] = {}
+    removed: dict[str, int] = {}
+    for name, keys in zip(scope.names, keys_of(), strict=True):
+        took = min(need, int(torch.count_nonzero(keys == t))) if need > 0 else 0
+        need -= took
+        ties[name] = took
+        removed[name] = int(torch.count_nonzero(keys < t)) + took
+        if removed[name] >= keys.numel():
+            raise InputError(
+                f"the global selection would remove every weight of {name!r} ({keys.numel()} weights)",
+                hint="lower --ratio, give this layer its own --layer-ratio, or --exclude it",
+            )
+    return t, ties, removed
+
+
+def apply_unstructured(
+    weights: Mapping[str, torch.Tensor],
+    score_of: ScoreFn | None,
+    plan: UnstructuredPlan,
+    *,
+    on_mask: MaskFn | None = None,
+    nonzero: dict[str, int] | None = None,
+) -> dict[str, int]:
+    """Zeroes the weights ``plan`` selects, in place; returns parameter name → weights removed.
+
+    ``score_of`` must be the one the plan was made with. Scopes planned by the magnitude kernel are
+    applied by it when no ``on_mask`` callback needs the masks; every other scope removes, per layer,
+    the keys below the threshold and the layer's first ``ties`` keys equal to it (same selection).
+    ``nonzero`` receives the non-zero counts the plan knows (see :class:`LayerPlan`).
+    """
+    import numpy as np
+
+    removed: dict[str, int] = {}
+    for i, scope in enumerate(plan.scopes):
+        if scope.k <= 0:
+            removed.update({n: 0 for n in scope.names})
+            continue
+        kp = plan.kernel.get(i)
+        if kp is not None and on_mask is None:
+            scratch = np.empty(max(weights[n].numel() for n in scope.names), dtype=np.int32)
+            for n in scope.names:
+                bits = weights[n].detach().reshape(-1).numpy().view(np.int32)
+                _magnitude_apply(bits, kp.start, kp.picks[n], bits, scratch)
+            if nonzero is not None and kp.nonzero_known:
+                nonzero.update({n: weights[n].numel() - kp.removed[n] for n in scope.names})
+            removed.update(kp.removed)
+            continue
+        assert scope.threshold_key is not None
+        for name in scope.names:
+            keys = _keys(name, weights[name], score_of)
+            removed[name], _ = _apply(name, weights[name], keys, scope.threshold_key, scope.ties[name], on_mask,
+                                      single=True)  # fmt: skip
+    return removed
+
+
 def prune_unstructured(
     weights: Mapping[str, torch.Tensor],
     score_of: ScoreFn | None,
@@ -177,12 +302,13 @@ def prune_unstructured(
 ) -> dict[str, int]:
     """Zeroes exactly ``scope.k`` lowest-scoring weights in every scope, in place.
 
+    :func:`plan_unstructured` then :func:`apply_unstructured`.
+
     Args:
         weights: parameter name → weight tensor (modified in place).
-        score_of: parameter name → score tensor of the weight's shape (higher = keep); called once
-            or a few times per layer, so it may compute scores on the fly. None ranks by magnitude
-            ``|w|`` (read from the float32 weights' bits; the weights must be finite, as loaded
-            checkpoints are).
+        score_of: parameter name → score tensor of the weight's shape (higher = keep); called a few
+            times per layer, so it may compute scores on the fly. None ranks by magnitude ``|w|``
+            (read from the float32 weights' bits; the weights must be finite, as loaded checkpoints are).
         scopes: from :func:`plan_scopes`.
         on_mask: called as ``on_mask(name, removed)`` with the boolean mask of the weights removed
             from that layer (e.g. to apply bias compensation).
@@ -195,38 +321,15 @@ def prune_unstructured(
 
     Raises:
         InputError: scores of the wrong shape, NaN scores, or a global selection that removes every
-            weight of a layer. The weights may already be partly pruned then; discard the model.
+            weight of a layer (raised while planning: the weights are untouched then).
 
     Example:
         >>> w = {"fc.weight": model.fc.weight.data}
         >>> scopes = plan_scopes({"fc.weight": w["fc.weight"].numel()}, 0.5, "layer")
         >>> prune_unstructured(w, lambda n: w[n].abs(), scopes)
     """
-    removed: dict[str, int] = {}
-    for scope in scopes:
-        if scope.k <= 0:
-            removed.update({n: 0 for n in scope.names})
-            continue
-        if score_of is None and on_mask is None and all(_bits_ok(weights[n]) for n in scope.names):
-            removed.update(_magnitude_scope(weights, scope, nonzero))
-            continue
-        if len(scope.names) == 1:  # one layer: compute its keys once and keep them for the three passes
-            name = scope.names[0]
-            keys = _keys(name, weights[name], score_of)
-            t, below = _kth_key(lambda keys=keys: iter((keys,)), scope.k)
-            removed[name], _ = _apply(name, weights[name], keys, t, scope.k - below, on_mask, single=True)
-            continue
-
-        def keys_of(names: tuple[str, ...] = scope.names) -> Iterator[torch.Tensor]:
-            for n in names:
-                yield _keys(n, weights[n], score_of)
-
-        t, below = _kth_key(keys_of, scope.k)
-        need = scope.k - below
-        for name, keys in zip(scope.names, keys_of(), strict=True):
-            removed[name], took = _apply(name, weights[name], keys, t, need, on_mask, single=False)
-            need -= took
-    return removed
+    plan = plan_unstructured(weights, score_of, scopes)
+    return apply_unstructured(weights, score_of, plan, on_mask=on_mask, nonzero=nonzero)
 
 
 def _apply(
@@ -278,22 +381,6 @@ def _bits_ok(weight: torch.Tensor) -> bool:
 _LITTLE_ENDIAN = sys.byteorder == "little"
 
 
-def _magnitude_scope(
-    weights: Mapping[str, torch.Tensor], scope: Scope, nonzero: dict[str, int] | None = None
-) -> dict[str, int]:
-    """Magnitude pruning of one scope, in place: :func:`_magnitude_plan`, then :func:`_magnitude_apply`."""
-    import numpy as np
-
-    plan = _magnitude_plan(weights, scope)
-    scratch = np.empty(max(weights[n].numel() for n in scope.names), dtype=np.int32)
-    for n in scope.names:
-        bits = weights[n].detach().reshape(-1).numpy().view(np.int32)
-        _magnitude_apply(bits, plan.start, plan.picks[n], bits, scratch)
-    if nonzero is not None and plan.nonzero_known:
-        nonzero.update({n: weights[n].numel() - plan.removed[n] for n in scope.names})
-    return dict(plan.removed)
-
-
 @dataclass(frozen=True)
 class _Plan:
     """Which weights of one scope magnitude pruning removes (see :func:`_magnitude_plan`)."""
@@ -302,6 +389,8 @@ class _Plan:
     picks: dict[str, Any]  # layer → flat indices (numpy int64) removed from the threshold bin
     removed: dict[str, int]
     nonzero_known: bool
+    threshold: int  # the k-th smallest key
+    ties: dict[str, int]  # layer → weights of key == threshold removed
 
 
 def _magnitude_plan(weights: Mapping[str, torch.Tensor], scope: Scope) -> _Plan:
@@ -357,15 +446,19 @@ def _magnitude_plan(weights: Mapping[str, torch.Tensor], scope: Scope) -> _Plan:
         found.append((n, idx, d[idx].astype(np.uint16)))
         removed[n] = int(np.count_nonzero(np.less(d, 0, out=flags[: bits.size])))
     picks = {n: np.empty(0, dtype=np.int64) for n in names}
-    need = scope.k - below
-    if need > 0:
-        lows = np.concatenate([f[2] for f in found])
-        chosen = np.sort(np.argsort(lows, kind="stable")[:need])  # stable: ties stay in (layer, index) order
-        offsets = np.cumsum([0] + [len(f[1]) for f in found])
-        bounds = np.searchsorted(chosen, offsets)
-        for i, (n, idx, _) in enumerate(found):
-            picks[n] = idx[chosen[bounds[i] : bounds[i + 1]] - offsets[i]]
-            removed[n] += int(picks[n].size)
+    ties = {n: 0 for n in names}
+    need = scope.k - below  # >= 1: bin hb holds the k-th smallest key
+    lows = np.concatenate([f[2] for f in found])
+    order = np.argsort(lows, kind="stable")[:need]  # stable: ties stay in (layer, index) order
+    t_low = int(lows[order[-1]])
+    chosen = np.sort(order)
+    offsets = np.cumsum([0] + [len(f[1]) for f in found])
+    bounds = np.searchsorted(chosen, offsets)
+    for i, (n, idx, low) in enumerate(found):
+        local = chosen[bounds[i] : bounds[i + 1]] - offsets[i]
+        picks[n] = idx[local]
+        removed[n] += int(picks[n].size)
+        ties[n] = int(np.count_nonzero(low[local] == t_low))
     if len(names) > 1:
         for n in names:
             if removed[n] >= flats[n].numel():
@@ -373,7 +466,7 @@ def _magnitude_plan(weights: Mapping[str, torch.Tensor], scope: Scope) -> _Plan:
                     f"the global selection would remove every weight of {n!r} ({flats[n].numel()} weights)",
                     hint="lower --ratio, give this layer its own --layer-ratio, or --exclude it",
                 )
-    return _Plan(start, picks, removed, hb > 0)
+    return _Plan(start, picks, removed, hb > 0, start + t_low, ties)
 
 
 def _magnitude_apply(src: Any, start: int, picks: Any, out: Any, scratch: Any) -> None:
@@ -414,14 +507,15 @@ class MagnitudeMasks:
         self._turn = 0
 
     @classmethod
-    def plan(cls, weights: Mapping[str, torch.Tensor], scopes: Sequence[Scope]) -> MagnitudeMasks | None:
-        """Plans every scope; None when a layer's non-zero count would need the masked weights (see ``nonzero``)."""
+    def from_plan(cls, weights: Mapping[str, torch.Tensor], plan: UnstructuredPlan) -> MagnitudeMasks | None:
+        """The masks of a magnitude plan; None when a scope was not planned by the kernel, or a layer's
+        non-zero count would need the masked weights (see ``nonzero``)."""
         plans = []
-        for scope in scopes:
+        for i, scope in enumerate(plan.scopes):
             if scope.k > 0:
-                if not all(_bits_ok(weights[n]) for n in scope.names):
+                if i not in plan.kernel:
                     return None
-                plans.append(_magnitude_plan(weights, scope))
+                plans.append(plan.kernel[i])
         if not all(p.nonzero_known for p in plans):
             return None
         return cls(weights, plans)

@@ -4,8 +4,9 @@ Restoration (METHODS §2.7) rewrites the *consumers* of a pruned layer's channel
 for every producer (a Conv2d or Linear whose output channels were pruned), the BatchNorm directly
 after it, the operations between it and its consumers, and how one producer channel maps onto the
 consumer's input axis (one input channel for a conv, one column for a linear, a contiguous block of
-``H·W`` columns after ``Flatten``). The graph comes from Torch-Pruning's dependency graph (DESIGN §1:
-no home-made tracer); this module only walks it and classifies the operations on the way:
+``H·W`` columns after ``Flatten``). The graph comes from Torch-Pruning's dependency graph (built by
+:func:`prunecli.depgraph.build_graph`; no home-made tracer); this module only walks it and classifies
+the operations on the way:
 
 * BatchNorm right after the producer → the producer's BN (folded into the LBYL algebra);
 * ReLU-like activations, average pooling, Flatten/reshape → exact for LBYL's theory;
@@ -17,7 +18,6 @@ no home-made tracer); this module only walks it and classifies the operations on
 from __future__ import annotations
 
 import logging
-import warnings
 from dataclasses import dataclass, field
 
 import torch
@@ -115,7 +115,9 @@ class _Refuse(Exception):
 
 
 def _is_norm(mod: nn.Module) -> bool:
-    return isinstance(mod, nn.modules.batchnorm._BatchNorm)
+    from prunecli.tracing import is_batchnorm
+
+    return is_batchnorm(mod)
 
 
 def find_pairs(
@@ -133,15 +135,15 @@ def find_pairs(
     Returns:
         the pairs, the refusals with their reasons, and the BN after each layer.
     """
-    import torch_pruning as tp
+    from prunecli.depgraph import build_graph
 
     names = {mod: name for name, mod in model.named_modules()}
     was_training = model.training
     model.eval()
-    with warnings.catch_warnings(), torch.enable_grad():  # the dependency graph traces autograd
-        warnings.simplefilter("ignore")  # "unwrapped parameters" chatter for ViT cls_token/pos_embed
-        graph = tp.DependencyGraph().build_dependency(model, example_inputs=example_inputs)
-    model.train(was_training)
+    try:
+        graph = build_graph(model, example_inputs)
+    finally:
+        model.train(was_training)
     layers = {n: m for n, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))}
     norm_after: dict[str, str] = {}
     for name, mod in layers.items():
@@ -245,12 +247,12 @@ def _grad_fn_name(node: object) -> str:
 
 
 def _op_kind(node: object) -> str:
-    import torch_pruning as tp
+    from prunecli.depgraph import is_elementwise_op, is_reshape_op
 
     mod = node.module
-    if isinstance(mod, tp.ops._ReshapeOp):
+    if is_reshape_op(mod):
         return "reshape"
-    if not isinstance(mod, tp.ops._ElementWiseOp):
+    if not is_elementwise_op(mod):
         return "refuse"
     op = _grad_fn_name(node)
     if op in _RELU_LIKE:
