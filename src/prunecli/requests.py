@@ -134,12 +134,26 @@ def leaves(cls: type) -> Iterator[tuple[tuple[str, ...], dataclasses.Field, Spec
 
 
 def _leaves(cls: type, prefix: tuple[str, ...], overrides: Mapping[str, Any]) -> Iterator[Any]:
-    for f in dataclasses.fields(cls):
+    for f in _ordered_fields(cls):
         if "piece" in f.metadata:
             yield from _leaves(f.metadata["piece"], (*prefix, f.name), f.metadata["defaults"])
         elif "spec" in f.metadata:
             default = overrides.get(f.name, f.default)
             yield (*prefix, f.name), f, f.metadata["spec"], default
+
+
+def _ordered_fields(cls: type) -> list[dataclasses.Field]:
+    """Fields in help order: the command's own options, its own pieces, then the pieces every command shares."""
+    fields = dataclasses.fields(cls)
+    plain = [f for f in fields if "piece" not in f.metadata]
+    pieces = [f for f in fields if "piece" in f.metadata]
+    shared = [f for name in _SHARED_PIECES for f in pieces if f.name == name]
+    own = set(vars(cls).get("__annotations__", {}))  # the class's own pieces before those it inherits
+    rest = sorted((f for f in pieces if f.name not in _SHARED_PIECES), key=lambda f: f.name not in own)
+    return plain + rest + shared
+
+
+_SHARED_PIECES = ("source", "transforms", "runtime", "reporting")
 
 
 # ----------------------------------------------------------------------------------------- parsing
@@ -458,6 +472,20 @@ class Reporting(Request):
     quiet: bool = option(False, "--quiet", "-q", help="Silence stderr except errors.", cli_type=bool, record=False)
 
 
+@dataclass(frozen=True, kw_only=True)
+class ModelCommand(Request):
+    """What every command that reads one model shares: CKPT, how to read it, its transforms, the runtime, stderr.
+
+    A command's own batch size default is a redeclared ``runtime`` piece (``piece(Runtime, batch_size=64)``).
+    """
+
+    checkpoint: str = checkpoint_arg()
+    source: ModelSource = piece(ModelSource)
+    transforms: Transforms = piece(Transforms)
+    runtime: Runtime = piece(Runtime)
+    reporting: Reporting = piece(Reporting)
+
+
 # ----------------------------------------------------------------------------------------- inspect, report, eval
 
 
@@ -483,20 +511,15 @@ class ReportRequest(Request):
 
 
 @dataclass(frozen=True, kw_only=True)
-class EvalRequest(Request):
+class EvalRequest(ModelCommand):
     """``prunecli eval``: accuracy, loss, fidelity to a reference and latency of a checkpoint."""
 
-    checkpoint: str = checkpoint_arg()
     data: str | None = option(
         None, "--data", help=_DATA_HELP + " Default: the --val data of the last training step in the checkpoint's "
         "lineage (said on stderr); required when there is none.", show_default=False,
     )  # fmt: skip
     reference: str | None = option(None, "--reference", help="Reference checkpoint: adds top-1 agreement and KL.")
     benchmark: bool = option(False, "--benchmark", help="Add latency and throughput on the device.", cli_type=bool)
-    source: ModelSource = piece(ModelSource)
-    transforms: Transforms = piece(Transforms)
-    runtime: Runtime = piece(Runtime, batch_size=128)
-    reporting: Reporting = piece(Reporting)
 
 
 # ----------------------------------------------------------------------------------------- score
@@ -586,10 +609,9 @@ class ScoreRequest(Request):
 
 
 @dataclass(frozen=True, kw_only=True)
-class PruneRequest(Request):
+class PruneRequest(ModelCommand):
     """``prunecli prune``: remove the lowest-scoring weights (exactly round(r·N) per scope) or channels."""
 
-    checkpoint: str = checkpoint_arg()
     output: str = output_option()
     ratio: float | None = option(
         None, "--ratio", "-r", help="Fraction of weights (or channels) to remove, in [0, 1); implied by N:M.",
@@ -641,10 +663,6 @@ class PruneRequest(Request):
         "the record and write nothing.", cli_type=bool, record=False,
     )  # fmt: skip
     force: bool = force_option()
-    source: ModelSource = piece(ModelSource)
-    transforms: Transforms = piece(Transforms)
-    runtime: Runtime = piece(Runtime, batch_size=128)
-    reporting: Reporting = piece(Reporting)
 
     @property
     def nm(self) -> tuple[int, int] | None:
@@ -693,10 +711,9 @@ _RESTORE_METHODS_HELP = (
 
 
 @dataclass(frozen=True, kw_only=True)
-class RestoreRequest(Request):
+class RestoreRequest(ModelCommand):
     """``prunecli restore``: training-free restoration of a channel-pruned checkpoint."""
 
-    checkpoint: str = checkpoint_arg()
     output: str = output_option()
     method: str = option("lbyl", "--method", "-m", help=_RESTORE_METHODS_HELP)
     dense: str | None = option(None, "--dense", help="The dense parent (default: the prune step's input in the "
@@ -710,10 +727,7 @@ class RestoreRequest(Request):
         "bn samples, scope=downstream|all, exact=true|false)"
     )
     force: bool = force_option()
-    source: ModelSource = piece(ModelSource)
-    transforms: Transforms = piece(Transforms)
     runtime: Runtime = piece(Runtime, batch_size=64)
-    reporting: Reporting = piece(Reporting)
 
 
 # ----------------------------------------------------------------------------------------- finetune, finetune-lora
@@ -801,29 +815,26 @@ class Wcr(Request):
                               cli_type=float, check=at_least(0))  # fmt: skip
 
 
-def train_data_option() -> Any:
-    return option("digits:train", "--data", help="Training data spec (split defaults to train); see --data of eval.")
+@dataclass(frozen=True, kw_only=True)
+class TrainingCommand(ModelCommand):
+    """What ``finetune`` and ``finetune-lora`` share: training data, validation data, the loop and WCR."""
 
-
-def val_option(help: str) -> Any:
-    return option(None, "--val", help=help, show_default=False)
+    output: str = output_option()
+    data: str = option("digits:train", "--data", help="Training data spec (split defaults to train); see --data of "
+                       "eval.")  # fmt: skip
+    val: str | None = option(None, "--val", help="Validation data spec (split defaults to test): finetune evaluates "
+                             "it after every epoch, finetune-lora before and after (the recovery report).",
+                             show_default=False)  # fmt: skip
+    force: bool = force_option()
+    training: Training = piece(Training)
+    wcr: Wcr = piece(Wcr)
 
 
 @dataclass(frozen=True, kw_only=True)
-class FinetuneRequest(Request):
+class FinetuneRequest(TrainingCommand):
     """``prunecli finetune``: full fine-tuning, or training from scratch from ``arch:NAME``."""
 
-    checkpoint: str = checkpoint_arg()
-    output: str = output_option()
-    data: str = train_data_option()
-    val: str | None = val_option("Validation data spec evaluated after every epoch (split defaults to test).")
-    training: Training = piece(Training)
-    wcr: Wcr = piece(Wcr)
-    force: bool = force_option()
-    source: ModelSource = piece(ModelSource)
-    transforms: Transforms = piece(Transforms)
     runtime: Runtime = piece(Runtime, batch_size=64)
-    reporting: Reporting = piece(Reporting)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -867,18 +878,7 @@ class LoraOptions(Request):
 
 
 @dataclass(frozen=True, kw_only=True)
-class FinetuneLoraRequest(Request):
+class FinetuneLoraRequest(TrainingCommand):
     """``prunecli finetune-lora``: LoRA recovery of a pruned checkpoint that keeps its sparsity (paper A)."""
 
-    checkpoint: str = checkpoint_arg()
-    output: str = output_option()
-    data: str = train_data_option()
-    val: str | None = val_option("Data spec for the recovery report: top-1 before and after (split defaults to test).")
     lora: LoraOptions = piece(LoraOptions)
-    training: Training = piece(Training)
-    wcr: Wcr = piece(Wcr)
-    force: bool = force_option()
-    source: ModelSource = piece(ModelSource)
-    transforms: Transforms = piece(Transforms)
-    runtime: Runtime = piece(Runtime, batch_size=128)
-    reporting: Reporting = piece(Reporting)
