@@ -147,7 +147,7 @@ def test_with_config_gives_evals_data_config_and_transform(cli, tmp_path: Path) 
     path = _save(_model("improved_cnn"), tmp_path / "m.safetensors", "improved_cnn")
     loaded = prunecli.load_model(path, with_config=True)
     assert loaded.data_config == prunecli.data_config(loaded.model)
-    assert loaded.data_config["input_size"] == (3, 32, 32) and loaded.data_config["crop_pct"] == 1.0
+    assert tuple(loaded.data_config["input_size"]) == (3, 32, 32) and loaded.data_config["crop_pct"] == 1.0
     images, labels = _digits()["test"]
     x = torch.stack([loaded.transform(img) for img in images])
     logits = _logits(loaded.model, x)
@@ -155,7 +155,7 @@ def test_with_config_gives_evals_data_config_and_transform(cli, tmp_path: Path) 
     r = cli("eval", path, "--data", "digits:test", "--device", "cpu")
     assert r.exit_code == 0, r.stderr
     m = r.record["metrics"]
-    assert m["top1"] == pytest.approx(float((logits.argmax(1) == y).float().mean()), abs=0)
+    assert m["top1"] == int((logits.argmax(1) == y).sum()) / len(y)
     # eval sums per-batch float32 losses in float64; one batch here: relative float32 rounding only.
     assert m["loss"] == pytest.approx(float(F.cross_entropy(logits, y)), rel=1e-5)
 
