@@ -1,4 +1,4 @@
-"""Load any supported checkpoint (DESIGN §2) into a timm model: one loader per :class:`SourceKind`.
+"""Load any supported checkpoint (docs/checkpoints.md) into a timm model: one loader per :class:`SourceKind`.
 
 :data:`LOADERS` maps each kind of source to the function that turns it into a :class:`Loaded` model,
 and :data:`STATE_LOADERS` each kind of weights file to the function that reads its state dict and
@@ -322,7 +322,7 @@ def load_checkpoint(
     ema: bool = False,
     source: Source | None = None,
 ) -> Loaded:
-    """Loads any supported CKPT (DESIGN §2) into a float32 timm model on CPU, in eval mode.
+    """Loads any supported CKPT (docs/checkpoints.md) into a float32 timm model on CPU, in eval mode.
 
     Example:
         >>> loaded = load_checkpoint("base.safetensors")

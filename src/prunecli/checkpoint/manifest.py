@@ -1,4 +1,4 @@
-"""The prunecli metadata that makes a checkpoint self-describing (DESIGN §2).
+"""The prunecli metadata that makes a checkpoint self-describing (docs/checkpoints.md).
 
 Stored as one JSON string under the safetensors header key ``prunecli``. Torch-free, so that
 ``inspect`` can read it from the header alone.

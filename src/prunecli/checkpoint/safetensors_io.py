@@ -15,7 +15,7 @@ from typing import Any
 import torch
 
 from prunecli.checkpoint.hashing import Sha256Pipe, hash_file
-from prunecli.checkpoint.header import SafetensorsHeader
+from prunecli.checkpoint.header import SafetensorsHeader, TensorInfo, read_header
 from prunecli.errors import CheckpointError
 
 __all__ = ["ST_DTYPES", "map_safetensors_hashed", "read_safetensors", "read_safetensors_hashed", "write_safetensors"]
@@ -105,9 +105,14 @@ def write_safetensors(
 
 
 def read_safetensors(path: Path) -> dict[str, torch.Tensor]:
-    """All tensors of a safetensors file, read by the safetensors library (CPU, writable)."""
+    """All tensors of a safetensors file, read by the safetensors library (CPU, writable).
+
+    The header goes through :func:`prunecli.checkpoint.header.read_header` first, like every reader's:
+    a bad file is refused with prunecli's one-line reason, and with the same rules on every path.
+    """
     from safetensors.torch import load_file
 
+    read_header(path)
     try:
         return load_file(str(path), device="cpu")
     except Exception as exc:
@@ -134,6 +139,7 @@ def read_safetensors_hashed(header: SafetensorsHeader) -> tuple[dict[str, torch.
     buf = torch.empty(size, dtype=torch.uint8)
     view = memoryview(buf.numpy())
     with Sha256Pipe() as digest, open(path, "rb", buffering=0) as fh:
+        _check_unchanged(header, fh.fileno())
         pos = 0
         while pos < size:
             n = fh.readinto(view[pos : pos + _READ_CHUNK])
@@ -151,7 +157,7 @@ def read_safetensors_hashed(header: SafetensorsHeader) -> tuple[dict[str, torch.
         raw = buf[header.data_start + info.begin : header.data_start + info.end]
         if (header.data_start + info.begin) % dtype.itemsize:
             raw = raw.clone()
-        tensors[info.name] = raw.view(dtype).view(info.shape)
+        tensors[info.name] = raw.view(dtype).view(_torch_shape(header, info))
     return tensors, sha
 
 
@@ -175,6 +181,7 @@ def map_safetensors_hashed(header: SafetensorsHeader) -> tuple[dict[str, torch.T
     ):
         return None
     with open(header.path, "rb") as fh:
+        _check_unchanged(header, fh.fileno())
         flags = mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0)  # one call maps every cached page
         mem = mmap.mmap(fh.fileno(), header.file_size, flags=flags, prot=mmap.PROT_READ)
     pool = ThreadPoolExecutor(1, thread_name_prefix="prunecli-sha256")
@@ -184,7 +191,36 @@ def map_safetensors_hashed(header: SafetensorsHeader) -> tuple[dict[str, torch.T
         warnings.simplefilter("ignore")  # "buffer is not writable": nothing writes these tensors
         buf = torch.frombuffer(mem, dtype=torch.uint8)
     tensors = {
-        i.name: buf[header.data_start + i.begin : header.data_start + i.end].view(dtypes[i.dtype]).view(i.shape)
+        i.name: buf[header.data_start + i.begin : header.data_start + i.end]
+        .view(dtypes[i.dtype])
+        .view(_torch_shape(header, i))
         for i in header.tensors
     }
     return tensors, sha
+
+
+def _check_unchanged(header: SafetensorsHeader, fd: int) -> None:
+    """Refuses a file whose size changed since its header was validated (a mapping past its end would crash)."""
+    import os
+
+    size = os.fstat(fd).st_size
+    if size != header.file_size:
+        raise CheckpointError(
+            f"{header.path}: changed while being read ({header.file_size} bytes when its header was read, now {size})"
+        )
+
+
+_INT64_MAX = 2**63 - 1
+
+
+def _torch_shape(header: SafetensorsHeader, info: TensorInfo) -> tuple[int, ...]:
+    """``info.shape``, refused where torch cannot hold it: the format allows 64-bit unsigned sizes, torch
+    counts elements in signed 64 bits, multiplying left to right (an empty ``[2**62, 2, 0]`` overflows)."""
+    count = 1
+    for d in info.shape:
+        count *= d
+        if d > _INT64_MAX or count > _INT64_MAX:
+            raise CheckpointError(
+                f"{header.path}: tensor {info.name!r} has shape {list(info.shape)}, too large for torch"
+            )
+    return info.shape

@@ -1,4 +1,4 @@
-"""Resolve a CKPT argument into a typed source, without loading any weights (DESIGN §2).
+"""Resolve a CKPT argument into a typed source, without loading any weights (docs/checkpoints.md).
 
 Accepted forms: a prunecli ``.safetensors``; a bare state dict (``.safetensors``/``.pth``/``.bin``/
 ``.pt``) with ``--arch``; a timm Hugging Face folder; a timm ``train.py`` ``.pth.tar``;

@@ -1,6 +1,6 @@
 """LoRA recovery on peft: target selection, B = 0 start, BN modes, merges that keep the sparsity.
 
-Paper A (METHODS §1.3) recovers a pruned network by training low-rank adapters ``ΔW = (α/r)·B A``
+Paper A (docs/lora.md) recovers a pruned network by training low-rank adapters ``ΔW = (α/r)·B A``
 beside every Linear layer while all original weights stay frozen. This module is the thin layer
 between prunecli and peft:
 
@@ -17,7 +17,7 @@ between prunecli and peft:
 - :func:`mask_updates` makes masked layers train through their mask, ``(W + scale·B A) ⊙ M``, so that
   the ``masked`` merge writes exactly the model that was trained;
 - :func:`effective_weights` gives the weights the adapted model really computes with
-  (``W + scale·B A``, or DoRA's rescaled form) for the WCR term (METHODS §3);
+  (``W + scale·B A``, or DoRA's rescaled form) for the WCR term (docs/wcr.md);
 - :func:`attach_adapters` re-attaches a kept adapter when a checkpoint is loaded, so ``eval`` gives
   the same logits as peft's ``PeftModel.from_pretrained``.
 

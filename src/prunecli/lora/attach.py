@@ -80,7 +80,7 @@ def effective_weights(model: nn.Module, only: str | None = None) -> dict[str, to
     Vanilla LoRA: ``W + (α/r)·B A`` (peft's ``get_delta_weight``, which covers conv shapes).
     DoRA: ``m / ‖W + ΔW‖_row · (W + ΔW)`` (the merged weight, with the norm not detached so that a
     regulariser sees it). A layer set up by :func:`mask_updates` multiplies this by its pruning mask.
-    These are the tensors the WCR term regularises (METHODS §3, paper C's LoRA setting).
+    These are the tensors the WCR term regularises (docs/wcr.md, paper C's LoRA setting).
     """
     out: dict[str, torch.Tensor] = {}
     for name, layer in sorted(lora_layers(model).items()):
