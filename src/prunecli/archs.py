@@ -1,11 +1,11 @@
 """The papers' own networks, registered as timm models so every path treats them like timm's own.
 
-- ``improved_cnn`` — paper A's "Improved CNN" (METHODS §1.6): three Conv3×3-BN-ReLU-MaxPool blocks
+- ``improved_cnn`` — paper A's "Improved CNN" (README.md, Checkpoints): three Conv3×3-BN-ReLU-MaxPool blocks
   (64/128/256), Flatten (256·4·4 = 4096) → ``fc1`` Linear 512 → ReLU → Dropout 0.5 → ``fc2`` Linear 10.
   2,475,402 parameters and buffers (9.44 MiB fp32) at 32×32 input, matching the paper's 9.45 MB.
 - ``fc_mlp`` — paper E's fully connected network with biases (an MLP; ``hidden=(300, 100)`` at the
   default 1×8×8 input gives the LeNet-300-100 analogue 64-300-100-10 for digits). ``bn=True`` inserts
-  BatchNorm1d after each hidden Linear (the variant METHODS §8 uses for LBYL).
+  BatchNorm1d after each hidden Linear (the variant docs/restoration.md uses for LBYL).
 
 Both take the usual timm keyword arguments (``num_classes``, ``in_chans``, ``img_size``,
 ``drop_rate``) and implement ``forward_features``/``forward_head``/``get_classifier``/

@@ -1,4 +1,4 @@
-"""Data specs (DESIGN §4): a registry of named sources, each yielding (image tensor, label).
+"""Data specs (README.md, Subcommands): a registry of named sources, each yielding (image tensor, label).
 
 ``digits[:train|test]`` is scikit-learn's bundled UCI digits (no download), rendered as 32×32 RGB
 images with a fixed stratified 80/20 split; ``imagefolder:PATH``; ``cifar10:``, ``cifar100:``,

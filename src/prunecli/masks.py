@@ -1,7 +1,7 @@
 """Pruning masks that survive training: the zeros listed in ``manifest.masked`` stay exactly zero.
 
 A checkpoint written by unstructured pruning lists its masked tensors in ``Manifest.masked``; the
-mask is ``param != 0`` at load time (DESIGN §2). Masking only the gradient is not enough: Adam's
+mask is ``param != 0`` at load time (docs/checkpoints.md). Masking only the gradient is not enough: Adam's
 update divides by a running second moment and weight decay adds ``wd·w`` to the gradient, and SGD
 momentum carries earlier updates, so an optimizer can still move a pruned weight. The training loop
 therefore does both, around every optimizer step::

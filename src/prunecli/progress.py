@@ -1,4 +1,4 @@
-"""Progress bars on stderr, shown only when stderr is a terminal (DESIGN §3).
+"""Progress bars on stderr, shown only when stderr is a terminal (docs/records.md).
 
 The CLI turns them off with ``--quiet``; ``PRUNECLI_NO_PROGRESS=1`` turns them off everywhere.
 Library callers get no bars unless they call :func:`set_enabled`.

@@ -2,8 +2,8 @@
 
 Prunable = the ``weight`` of every convolution and Linear layer (``ndim > 1``), timm's subclasses
 included (``Conv2dSame``, ``timm.layers.Linear``, ViT ``qkv``/``proj``/``fc1``/``fc2``). Biases and
-normalisation parameters are never pruned (METHODS §0.3). The classifier head is prunable but
-excluded from ``prune`` by default (DESIGN §4 ``--exclude``).
+normalisation parameters are never pruned (docs/criteria.md). The classifier head is prunable but
+excluded from ``prune`` by default (README.md, Subcommands ``--exclude``).
 """
 
 from __future__ import annotations

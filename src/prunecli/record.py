@@ -1,4 +1,4 @@
-"""The one JSON record each run prints on stdout (DESIGN §3).
+"""The one JSON record each run prints on stdout (docs/records.md).
 
 Torch-free on purpose: ``inspect`` builds its record without importing torch.
 """
@@ -26,7 +26,7 @@ class Result:
     Attributes:
         checkpoint: absolute path of the written checkpoint, or None (eval, inspect, report).
         sha256: digest of the written weights file, or None.
-        metrics: command-specific numbers (DESIGN §3 lists the required keys).
+        metrics: command-specific numbers (docs/records.md lists the required keys).
         device: the device the work ran on ("cpu", "cuda:0", or "none" for header-only work).
         extra: further top-level record keys (e.g. ``scores`` for the scores file a step wrote).
     """
@@ -74,7 +74,7 @@ def make_record(
     options: Mapping[str, Any],
     elapsed_s: float,
 ) -> dict[str, Any]:
-    """Assembles the record of DESIGN §3 from a library result."""
+    """Assembles the record of docs/records.md from a library result."""
     record: dict[str, Any] = {
         "schema": SCHEMA,
         "command": command,

@@ -1,4 +1,4 @@
-"""The scores file that ``score`` writes and ``prune`` reads (DESIGN §4).
+"""The scores file that ``score`` writes and ``prune`` reads (README.md, Subcommands).
 
 A safetensors file with one tensor per scored parameter, named after the parameter: the parameter's
 own shape for weight criteria, ``[out_channels]`` for channel criteria. Extra per-parameter tensors

@@ -2,7 +2,7 @@
 
 Criteria (:mod:`prunecli.criteria`) declare what they need; this module supplies it. It picks the
 calibration samples (``--batches N`` of a seeded shuffled loader, or ``--fraction F`` as a
-class-balanced subset, paper D App. E), puts the model in eval mode (METHODS §0.2; ``score_mode='train'``
+class-balanced subset, paper D App. E), puts the model in eval mode (docs/criteria.md; ``score_mode='train'``
 for paper reproduction), runs the forward passes and, for gradient criteria, one ``autograd.grad`` per
 objective w.r.t. exactly the tensors the criterion asks for (so e.g. biascomp never pays for weight
 gradients it does not use). Parameters are never updated. No AMP: half-precision gradients would
@@ -99,7 +99,7 @@ def run_criterion(
         device: where the model runs.
         seed: for the random criterion and Hutchinson probes.
         example: one input batch for structure tracing; defaults to the first calibration batch.
-        score_mode: ``eval`` (METHODS §0.2) or ``train``.
+        score_mode: ``eval`` (docs/criteria.md) or ``train``.
 
     Returns:
         The criterion's output, the number of samples and the number of batches used.
@@ -348,7 +348,7 @@ def compute_scores(
         batch_size: calibration batch size.
         workers: DataLoader workers.
         seed: sampling, shuffling, random scores, Hutchinson probes.
-        score_mode: ``eval`` (default, METHODS §0.2) or ``train`` (BN batch statistics, dropout on).
+        score_mode: ``eval`` (default, docs/criteria.md) or ``train`` (BN batch statistics, dropout on).
 
     Returns:
         The scores with their metadata (method, granularity, options, data, samples, checkpoint sha256,

@@ -1,4 +1,4 @@
-"""Rebuild channel-pruned shapes on a freshly built dense model, without pickle (DESIGN §2).
+"""Rebuild channel-pruned shapes on a freshly built dense model, without pickle (docs/channel-pruning.md).
 
 Channel pruning (:mod:`prunecli.pruning.channel`) changes tensor shapes and a few module attributes
 that ``forward`` reads (``Conv2d.out_channels``, ``LayerNorm.normalized_shape``, timm ``Attention.head_dim``,

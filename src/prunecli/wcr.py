@@ -1,4 +1,4 @@
-"""Paper C's Weight Concentration Regularizer (WCR), exactly as METHODS §3.1.
+"""Paper C's Weight Concentration Regularizer (WCR), exactly as docs/wcr.md.
 
 For every regularised tensor ``w`` (a trainable tensor with ``ndim > 1`` and at least two entries:
 conv kernels and linear weights including the classifier; never biases or norm parameters)::
@@ -8,12 +8,12 @@ conv kernels and linear weights including the classifier; never biases or norm p
     R   = Σ_layers 1 / (V + δ)                the penalty; L_total = L_task + λ·R
 
 Lowering ``R`` means raising each layer's spread of magnitudes: weights above the layer's mean
-magnitude grow and those below shrink toward zero (METHODS §3.3), which is what makes one-shot
+magnitude grow and those below shrink toward zero (docs/wcr.md), which is what makes one-shot
 magnitude pruning hurt less afterwards. ``R`` is always computed in float32, also under AMP, because
 ``V`` of a wide layer is ~1e-5 and its reciprocal loses all precision in half precision.
 
 Tensors with fewer than two entries are skipped: their variance is 0 and the term would be ``1/δ``
-(METHODS §3.7).
+(docs/wcr.md).
 
 Example:
     >>> reg = WCR.for_model(model, lam=1e-4)

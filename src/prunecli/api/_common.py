@@ -17,7 +17,7 @@ DataOptions = Transforms
 
 
 def load_input(spec: str, opts: InputOptions | None = None):  # -> Loaded (torch import kept lazy)
-    """Loads CKPT (any DESIGN §2 form) with the given flags."""
+    """Loads CKPT (any form in docs/checkpoints.md) with the given flags."""
     from prunecli.checkpoint.loaders import load_checkpoint
 
     opts = opts or InputOptions()

@@ -1,7 +1,7 @@
 """``prunecli finetune``: full fine-tuning of a checkpoint, or training from scratch from ``arch:NAME``.
 
 Pruning masks recorded in the checkpoint (``manifest.masked``) are kept exactly through every step,
-and ``wcr`` adds paper C's Weight Concentration Regularizer (METHODS §3.1) to the loss. The loop is
+and ``wcr`` adds paper C's Weight Concentration Regularizer (docs/wcr.md) to the loss. The loop is
 :func:`prunecli.training.train`, shared with ``finetune-lora``. Under ``torchrun`` each process
 trains on its shard of every global batch (DDP, :mod:`prunecli.distributed`); only rank 0 writes.
 """

@@ -1,4 +1,4 @@
-"""``prunecli prune``: remove weights (unstructured, N:M) or channels from a checkpoint (DESIGN §4).
+"""``prunecli prune``: remove weights (unstructured, N:M) or channels from a checkpoint (README.md, Subcommands).
 
 Scores come from a scores file (``--scores``, written by ``prunecli score``) or are computed in
 process (``--method M [--data SPEC]``). Magnitude (``magnitude``/``l1``/``l2``) for unstructured and
@@ -721,7 +721,7 @@ def _finish(
     comp: Any,
     known: Mapping[str, int] | None = None,
 ) -> tuple[dict[str, Any], Any]:
-    """Metrics of DESIGN §3 for a masked (dense-shape) result, and the manifest listing the masks.
+    """Metrics of docs/records.md for a masked (dense-shape) result, and the manifest listing the masks.
 
     MACs follow :func:`prunecli.tracing.count_macs`: ``Σ positions · numel`` over the prunable layers,
     and ``Σ positions · nnz`` for ``macs_nonzero``.

@@ -1,4 +1,4 @@
-"""``prunecli report``: tables and plots from the JSON records of many runs (issue 9, DESIGN §4).
+"""``prunecli report``: tables and plots from the JSON records of many runs (issue 9, README.md, Subcommands).
 
 Records are joined through the files they name: an ``eval`` record's ``input`` is a checkpoint that
 some ``prune``/``restore``/``finetune-lora``/``finetune`` record wrote (its ``checkpoint``). Walking

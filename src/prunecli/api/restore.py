@@ -1,4 +1,4 @@
-"""``prunecli restore``: training-free restoration after channel pruning (paper B; METHODS §2).
+"""``prunecli restore``: training-free restoration after channel pruning (paper B; docs/restoration.md).
 
 Two entry points:
 

@@ -1,4 +1,4 @@
-"""stdout is a contract (one JSON record), stderr is for people (DESIGN §3).
+"""stdout is a contract (one JSON record), stderr is for people (docs/records.md).
 
 Also the single place that turns exceptions into exit codes: 1 with a one-line ``Error:`` (and
 ``Hint:``) for bad input, 130 when interrupted; a traceback only with ``PRUNECLI_DEBUG=1``.

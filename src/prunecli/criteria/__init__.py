@@ -1,4 +1,4 @@
-"""Importance criteria: a registry of named :class:`Criterion` classes (DESIGN §4 ``score --method``).
+"""Importance criteria: a registry of named :class:`Criterion` classes (README.md, Subcommands ``score --method``).
 
 Each criterion declares its options, what it ``requires`` (``data``, ``grads``) and its granularity;
 :mod:`prunecli.scoring` supplies batches and backward passes. Higher scores mean more important (kept

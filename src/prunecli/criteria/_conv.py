@@ -1,7 +1,7 @@
 """Weight-gradient-shaped statistics of convolutions: Σ_{s,p} a[s,o,p]·U[s,k,p] without im2col.
 
 The weight gradient of the convolution with ``a`` in place of the output gradient is exactly that sum
-(METHODS §5.4); it is computed with ``aten.convolution_backward`` as ``torch.nn.grad.conv{1,2,3}d_weight``
+(docs/bias-compensation.md); it is computed with ``aten.convolution_backward`` as ``torch.nn.grad.conv{1,2,3}d_weight``
 do, but without their weight-sized copy. This module
 only reproduces how the layer pads its input (``padding='same'``, non-zero padding modes, timm's
 ``Conv2dSame``), so the statistics see the same im2col columns as the forward pass.

@@ -1,22 +1,22 @@
 """``biascomp``: bias-compensated importance and the optimal bias shift of every weight (paper E).
 
-METHODS §5 [DERIVED]. Removing ``w_ij`` changes output ``i`` of sample ``s`` by ``−w_ij x_{s,j}``; a bias
+docs/bias-compensation.md [DERIVED]. Removing ``w_ij`` changes output ``i`` of sample ``s`` by ``−w_ij x_{s,j}``; a bias
 shift ``δ`` adds ``δ``. With per-sample sensitivity weights ``a_{s,i}`` (``g²`` of the sum-reduced loss's
 output gradient by default; ``Σ_k J_{s,k,i}²`` with ``-p sensitivity=jacobian``):
 
 ```
 δ*_ij = argmin_δ Σ_s a_{s,i} (δ − w_ij x_{s,j})² = w_ij M1_ij / A_i
 I_ij  = min_δ (…)                              = w_ij² (M2_ij − M1_ij² / A_i)
-A = Σ_s a_s,   M1 = Σ_s a_s x_sᵀ,   M2 = Σ_s a_s (x_s²)ᵀ        (§5.3, float64 accumulators)
+A = Σ_s a_s,   M1 = Σ_s a_s x_sᵀ,   M2 = Σ_s a_s (x_s²)ᵀ        (docs/bias-compensation.md, float64 accumulators)
 ```
 
 For convolutions every output position is a sample and ``M1``/``M2`` are the convolution's weight
-gradient with ``a = (∂L/∂y)²`` in place of ``∂L/∂y`` (of ``x`` and ``x²``, §5.4). Bias-free layers
-feeding a BatchNorm are compensated through its running mean (§5.5; ``prune --compensate bias`` applies
+gradient with ``a = (∂L/∂y)²`` in place of ``∂L/∂y`` (of ``x`` and ``x²``, docs/bias-compensation.md). Bias-free layers
+feeding a BatchNorm are compensated through its running mean (``prune --compensate bias`` applies
 it); bias-free layers without one either get a new bias (``-p missing_bias=add``, default) or are
-ranked without compensation, ``I⁰ = w² M2`` (``skip``). ``A_i = 0`` gives ``δ* = 0, I = 0`` (§5.8).
+ranked without compensation, ``I⁰ = w² M2`` (``skip``). ``A_i = 0`` gives ``δ* = 0, I = 0`` (docs/bias-compensation.md).
 The shifts are stored beside the scores (``NAME::bias_shift``); each row's shifts add up exactly at
-first order (§5.2).
+first order (docs/bias-compensation.md).
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ from prunecli.criteria._conv import conv_weight_stat
 
 __all__ = ["BiasComp", "BiasCompOptions"]
 
-_MAX_EXACT_OUTPUTS = 16  # METHODS §5.3: exact Jacobian for ≤ 16 outputs, Hutchinson otherwise
+_MAX_EXACT_OUTPUTS = 16  # docs/bias-compensation.md: exact Jacobian for ≤ 16 outputs, Hutchinson otherwise
 
 
 @dataclass(frozen=True)

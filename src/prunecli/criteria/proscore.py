@@ -1,7 +1,7 @@
 """``proscore``: IPPRO's PROscore, a projective-space view of one gradient step (paper D).
 
-METHODS §4. For each output channel ``i`` of a target layer with filter ``F_i`` (the BN's ``(γ_i, β_i)``
-when a BatchNorm follows the conv/linear layer, else the layer's row ``W[i]`` plus ``b_i``, §4.3):
+See docs/criteria.md. For each output channel ``i`` of a target layer with filter ``F_i`` (the BN's ``(γ_i, β_i)``
+when a BatchNorm follows the conv/linear layer, else the layer's row ``W[i]`` plus ``b_i``; docs/criteria.md):
 
 ```
 PROscore_i = ‖F_i − λ ∇_{F_i}L‖ / | ‖F_i‖ − λ ∂L/∂D_i |          (eq. 4)
@@ -14,7 +14,7 @@ does, e.g. a BN feeding a residual add). No module surgery: a forward hook clone
 place) and a tensor hook on σ's output accumulates ``Σ g·x`` per channel [DERIVED]. Gradients are
 averaged over batches (mean gradient, so λ's meaning does not depend on the data size) [OURS], with
 ``λ = 0.1`` by default [OURS; the paper gives no default]. A zero filter scores 0 (prune first); a
-denominator that changes sign is clamped at ``eps`` and counted (§4.7).
+denominator that changes sign is clamped at ``eps`` and counted (docs/criteria.md).
 """
 
 from __future__ import annotations

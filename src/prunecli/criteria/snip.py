@@ -1,6 +1,6 @@
 """``snip``: connection sensitivity |g ⊙ θ| on one mini-batch, normalised over all layers (SNIP, paper A).
 
-METHODS §1.2(c) [PAPER-A eq. 4; CODE: namhoonlee/snip-public]: with a multiplicative mask ``c`` (all
+docs/criteria.md (snip) [PAPER-A eq. 4; CODE: namhoonlee/snip-public]: with a multiplicative mask ``c`` (all
 ones), ``∂L/∂c_j = g_j θ_j``; ``s_j = |g_j θ_j| / Σ_k |g_k θ_k|`` over every prunable weight of the
 model. One mini-batch by default; with ``--batches N`` the gradient is the mean of the N batch
 gradients (one larger mini-batch), not a sum of per-batch scores (that would be ``taylor``).

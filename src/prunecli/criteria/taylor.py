@@ -1,6 +1,6 @@
 """``taylor``: first-order Taylor importance |w·∂L/∂w| over mini-batches (paper A; Molchanov 2017/2019).
 
-METHODS §1.2(b),(d). With ``c_k = θ ⊙ g_k`` the contribution of mini-batch ``k`` (``g_k`` the gradient
+docs/criteria.md (taylor). With ``c_k = θ ⊙ g_k`` the contribution of mini-batch ``k`` (``g_k`` the gradient
 of the batch's mean cross-entropy), for each weight (or, for channels, ``c_k[o] = Σ_{s∈W[o]} θ_s g_{k,s}``,
 the group Taylor of the whole filter):
 

@@ -1,9 +1,9 @@
-"""``--compensate bias``: apply paper E's optimal bias shifts after removing weights (METHODS §5.2–5.5).
+"""``--compensate bias``: apply paper E's optimal bias shifts after removing weights (docs/bias-compensation.md).
 
 A biascomp scores file carries, next to the importance of every weight ``w_ij``, the optimal shift
 ``δ*_ij = w_ij · Σ_s a_si x_sj / Σ_s a_si`` of the bias of output unit ``i`` that best absorbs the
 removal of ``w_ij`` on the calibration data. Shifts of the weights removed from one row add up
-exactly at first order (METHODS §5.2), so after pruning every output unit gets
+exactly at first order (docs/bias-compensation.md), so after pruning every output unit gets
 
     b_i += Σ_{j removed} δ*_ij                       (conv: over the flattened filter of channel i)
 
@@ -11,7 +11,7 @@ Where the shift goes, in this order:
 
 1. the layer's own bias, when it has one;
 2. otherwise the BatchNorm that consumes the layer's output directly: a pre-BN shift ``+δ`` equals
-   ``running_mean -= δ`` in eval mode (METHODS §5.5). "Directly" is decided by a traced forward
+   ``running_mean -= δ`` in eval mode (docs/bias-compensation.md). "Directly" is decided by a traced forward
    pass (:func:`prunecli.tracing.trace_layers`): the BN whose input *is* the layer's output tensor —
    timm's conv→BN pairs (``ConvNormAct``, ResNet's ``conv1``/``bn1``, ``BatchNormAct2d``) all
    qualify. If that output also feeds another consumer (rare for a bias-free conv), the other

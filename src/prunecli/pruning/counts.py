@@ -1,4 +1,4 @@
-"""Channel pruning, step 2: how many channel positions each dependency group keeps, and which (METHODS §0.3).
+"""Channel pruning, step 2: how many channel positions each dependency group keeps, and which (docs/channel-pruning.md).
 
 A group of ``C`` positions per slice keeps ``n_keep = floor(C·(1−r))``, then rounded down to a
 multiple of ``round_to`` (never below ``round_to``), then raised to ``min_channels``; the

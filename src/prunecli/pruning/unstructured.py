@@ -5,7 +5,7 @@ A *scope* is a set of prunable weights ranked together: one layer (``--scope lay
 scope exactly ``k`` weights are removed: every weight whose score is below the k-th smallest score,
 plus, among the weights whose score equals it, the first ones in (layer order, flat index) order.
 That is the order ``sort by (score, layer, index)`` gives, so the result is deterministic and the
-achieved sparsity equals the target (METHODS §0.3).
+achieved sparsity equals the target (docs/criteria.md).
 
 Memory: a global scope never holds more than one layer's scores at a time. The k-th smallest score
 over all layers is found by a two-pass radix select on order-preserving int32 keys of the scores

@@ -1,4 +1,4 @@
-"""Training-free restoration after channel pruning (paper B and baselines; METHODS §2).
+"""Training-free restoration after channel pruning (paper B and baselines; docs/restoration.md).
 
 Methods are registered by name in :data:`RESTORERS`:
 
@@ -73,7 +73,7 @@ def _bn(ctx: Any, params: dict[str, Any]) -> None:
     restore_bn(ctx, params)
 
 
-# λ defaults: medians of the published VGG-16/ResNet-50 L2-norm settings (METHODS §2.12, [OURS]).
+# λ defaults: medians of the published VGG-16/ResNet-50 L2-norm settings (docs/restoration.md, [OURS]).
 RESTORERS.add("lbyl", Restorer("lbyl", _lbyl, {"lambda1": 1e-5, "lambda2": 2e-3, "mode": "math"}, compensates=True,
                                summary="LBYL closed form (paper B), data-free"))  # fmt: skip
 RESTORERS.add("merge", Restorer("merge", _merge, {"threshold": None, "lambda": 0.85, "mode": "math"},

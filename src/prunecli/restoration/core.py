@@ -1,5 +1,5 @@
 """What every restoration method shares: the kept/pruned channels, the producer's dense statistics,
-and the one consumer update of METHODS §2.4 / §2.7.
+and the one consumer update of docs/restoration.md.
 
 A method computes, for each pruned producer, a coefficient matrix ``S'`` (``|J| × p``: how much of
 pruned channel ``j`` each kept channel ``i`` takes over) and :meth:`RestoreContext.compensate` folds it
@@ -93,7 +93,7 @@ def pruned_producers(plan: Mapping[str, Mapping[str, Any]]) -> dict[str, tuple[l
 
 @dataclass
 class ProducerStats:
-    """Dense producer filters and BatchNorm statistics, float64 (METHODS §2.2).
+    """Dense producer filters and BatchNorm statistics, float64 (docs/restoration.md).
 
     Attributes:
         weight: ``C × d`` flattened dense filters (full fan-in).
@@ -114,7 +114,7 @@ class ProducerStats:
         return self.gamma is not None
 
     def pre_activation_constant(self, j: int) -> float:
-        """The value of channel ``j`` when its filter (or γ) is zero: a constant channel (§2.9)."""
+        """The value of channel ``j`` when its filter (or γ) is zero: a constant channel (docs/restoration.md)."""
         if not self.has_bn:
             return float(self.bias[j])
         if float(self.gamma[j]) == 0.0:
@@ -208,7 +208,7 @@ class RestoreContext:
         beta = bn.bias.detach().double().cpu() if bn.bias is not None else torch.zeros(c, dtype=torch.float64)
         if bn.running_mean is None or bn.running_var is None:
             raise CheckpointError(f"{pair.norm}: BatchNorm without running statistics cannot be restored")
-        mean = bn.running_mean.detach().double().cpu() - b  # fold the producer bias into μ (§0.1)
+        mean = bn.running_mean.detach().double().cpu() - b  # fold the producer bias into μ (docs/restoration.md)
         return ProducerStats(w, b, gamma, beta, mean, bn.running_var.detach().double().cpu(), float(bn.eps))
 
     def constant_channels(self, stats: ProducerStats, pruned: Sequence[int]) -> dict[int, float]:
@@ -234,7 +234,7 @@ class RestoreContext:
 
         ``constants`` (pruned channel → constant pre-activation value) adds ``act(const)`` times the
         consumer's spatial weight sums to its bias (or to the following BN's running mean when the
-        consumer has no bias), exact away from zero-padding borders (METHODS §2.9).
+        consumer has no bias), exact away from zero-padding borders (docs/restoration.md).
         """
         assert self.dense is not None
         done = []

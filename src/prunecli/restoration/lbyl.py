@@ -1,4 +1,4 @@
-"""LBYL — Leave Before You Leave (paper B): data-free restoration in closed form (METHODS §2.3–§2.9).
+"""LBYL — Leave Before You Leave (paper B): data-free restoration in closed form (docs/restoration.md).
 
 Every pruned channel ``j`` of a producer leaves its information to *all* kept channels ``P``: the
 coefficients ``s_j`` minimise the reconstruction error of its filter, a bias-error term and an
@@ -8,11 +8,11 @@ activation-error proxy,
 
 whose minimiser solves ``(G + c_j M) s_j = b_j`` with ``G = W_PᵀW_P`` shared by all ``j``. The
 coefficients actually folded into the consumer are ``s'_j = K_j ⊙ s_j`` (math mode) — with those, the
-identity of §2.3 is exact. ``mode=compat`` reproduces the authors' code (σ = running variance, a
+identity in docs/restoration.md is exact. ``mode=compat`` reproduces the authors' code (σ = running variance, a
 diagonal bias term, ``s`` applied unscaled, centred FC ridge) to reproduce its published numbers.
 
 Without BatchNorm (FC nets, a ViT's MLP) the bias is appended to each filter and the problem is a
-ridge regression with ``λ = λ2`` (§2.5; ``λ1`` does not apply).
+ridge regression with ``λ = λ2`` (docs/restoration.md; ``λ1`` does not apply).
 """
 
 from __future__ import annotations
@@ -39,7 +39,7 @@ def lbyl_system(
     lambda2: float,
     mode: str = "math",
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The linear systems ``(G + c_j M) s_j = b_j`` of §2.4/§2.5 and the factors ``K`` of §2.3.
+    """The linear systems ``(G + c_j M) s_j = b_j`` and the factors ``K`` of docs/restoration.md.
 
     Returns:
         ``G`` (p×p), ``B`` (p×|J|, columns ``b_j``), ``M`` (p×p), ``c`` (|J|) and ``K`` (|J|×p, the
@@ -60,7 +60,7 @@ def lbyl_system(
         return g, b, m, c, torch.ones(len(j_idx), len(p_idx), dtype=torch.float64)
     gamma, beta, mean = stats.gamma, stats.beta, stats.mean
     sigma = stats.var if mode == "compat" else torch.sqrt(stats.var + stats.eps)
-    a = mean - sigma * beta / gamma  # §0.1 affine-BN shorthand
+    a = mean - sigma * beta / gamma  # the affine-BN shorthand (docs/restoration.md)
     wp, wj = stats.weight[p_idx], stats.weight[j_idx]
     gp, sp, ap = gamma[p_idx], sigma[p_idx], a[p_idx]
     c = (gamma[j_idx] / sigma[j_idx]) ** 2
@@ -77,7 +77,7 @@ def lbyl_system(
 
 
 def solve_per_filter(g: torch.Tensor, b: torch.Tensor, m: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
-    """Solves each ``(G + c_j M) s_j = b_j`` on its own in float64 (the fallback of §2.8/§2.9).
+    """Solves each ``(G + c_j M) s_j = b_j`` on its own in float64 (the fallback; docs/restoration.md).
 
     ``torch.linalg.solve`` first; on a singular matrix a Cholesky factorisation with jitter
     ``1e-10·tr(A)/p``; then the least-norm least-squares solution (``p > d`` with ``λ2 = 0``).
@@ -107,7 +107,7 @@ def solve_per_filter(g: torch.Tensor, b: torch.Tensor, m: torch.Tensor, c: torch
 def solve_batched(
     g: torch.Tensor, b: torch.Tensor, m: torch.Tensor, c: torch.Tensor, *, tol: float = 1e-8
 ) -> tuple[torch.Tensor, int]:
-    """Solves all ``(G + c_j M) s_j = b_j`` at once (§2.8); returns ``S`` (p×|J|) and the fallback count.
+    """Solves all ``(G + c_j M) s_j = b_j`` at once (docs/restoration.md); returns ``S`` (p×|J|) and the fallback count.
 
     With ``M = L Lᵀ`` (Cholesky) and ``L⁻¹ G L⁻ᵀ = U Λ Uᵀ`` (one eigendecomposition per layer),
     ``s_j = L⁻ᵀ U (Λ + c_j)⁻¹ Uᵀ L⁻¹ b_j`` is one batched matmul — no ``|J|×p×p`` tensor. Columns whose
@@ -143,7 +143,7 @@ def lbyl_coefficients(
     lambda2: float,
     mode: str = "math",
 ) -> tuple[torch.Tensor, int]:
-    """``S'`` (|J|×p) for one producer; kept channels with γ = 0 are left out of the regression (§2.9)."""
+    """``S'`` (|J|×p) for one producer; kept channels with γ = 0 are left out of the regression."""
     kept, pruned = list(kept), list(pruned)
     usable = list(range(len(kept)))
     if stats.has_bn:

@@ -1,4 +1,4 @@
-"""Neuron Merging (Kim et al., NeurIPS 2020): the one-to-one baseline LBYL is compared with (METHODS §2.11).
+"""Neuron Merging (Kim et al., NeurIPS 2020): the one-to-one baseline LBYL is compared with (docs/restoration.md).
 
 Each pruned channel ``j`` is merged into the *single* most similar kept channel ``i`` with a positive
 scale (so it commutes with ReLU); below a cosine threshold it is simply dropped.
