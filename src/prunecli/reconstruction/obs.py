@@ -1,0 +1,277 @@
+"""The per-layer solver: OBS weight updates on SparseGPT's column schedule (docs/obs.md).
+
+A layer ``y = W x`` with weight ``W`` (``rows × cols``; a conv filter flattened to ``in/groups·kh·kw``)
+and calibration inputs ``X`` is pruned to a mask and its surviving weights are moved so that
+``‖(W − Ŵ) X‖²_F = Σ_rows (w − ŵ) H (w − ŵ)ᵀ`` (``H = X Xᵀ``) stays small:
+
+1. ``H`` is dampened (``H + λ·mean(diag H)·I``) so it can be inverted; inputs that never carry signal
+   (``H_jj = 0``) get ``H_jj = 1`` and are decoupled from the others.
+2. ``U``, the upper Cholesky factor of ``H⁻¹`` (``H⁻¹ = UᵀU``), holds in its row ``j`` the inverse Hessian
+   of the columns ``j..cols`` that are still free when column ``j`` is processed, so every row of ``W``
+   can be updated with the same factor.
+3. Columns are processed left to right in blocks; inside a block the updates touch the block only and
+   the rest of the matrix receives them at the block's end in one product (lazy batch updates).
+4. The mask is given (``keep``: restoration keeps it) or chosen while the columns are processed, by
+   the saliency ``w² / U_jj²`` (the OBS loss of removing the weight): per row a share of each block
+   (unstructured) or ``m − n`` of every group of ``m`` consecutive columns (N:M).
+
+The schedule freezes a column once it is processed, so it is not the least-squares optimum for its
+mask; in rare rows it is even worse than zeroing the weights without any update (docs/obs.md gives a
+three-input example). :func:`obs_prune` therefore compares each row's error with that of the plain
+mask on the undamped ``H`` and keeps the better one (``guard``), so the result is never worse than
+masking on the calibration data.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from prunecli.errors import InputError
+
+__all__ = ["NM", "ObsResult", "Selector", "dampen", "inverse_cholesky", "obs_prune", "row_errors", "selector"]
+
+
+@dataclass(frozen=True)
+class NM:
+    """N:M semi-structured target: keep ``n`` of every ``m`` consecutive columns of a row."""
+
+    n: int
+    m: int
+
+
+@dataclass(frozen=True)
+class Selector:
+    """How the columns ``[j1, j2)`` of the pruned set are decided.
+
+    Attributes:
+        segment: columns decided at once (a block for unstructured and given masks, ``m`` for N:M).
+        select: ``select(w, u_diag, j1, j2)`` → boolean ``rows × (j2 − j1)``, True = prune; ``w`` are
+            the current (already updated) weights of the segment, ``u_diag`` the factor's diagonal there.
+        joint: the mask is chosen here, so weights of dead inputs may be zeroed (their removal is free).
+    """
+
+    segment: int | None
+    select: Callable[[torch.Tensor, torch.Tensor, int, int], torch.Tensor]
+    joint: bool
+
+
+@dataclass(frozen=True)
+class ObsResult:
+    """Output of :func:`obs_prune`.
+
+    Attributes:
+        weight: the reconstructed weight, same shape and dtype as the input, exact zeros where pruned.
+        keep: boolean mask (True = keep), the weight's shape.
+        error_mask: ``Σ_rows (w − w⊙keep) H (w − w⊙keep)ᵀ`` — the plain mask's error on the undamped H.
+        error_obs: the same for the returned weight.
+        fallback_rows: rows where the OBS update was worse than the plain mask and was not applied.
+    """
+
+    weight: torch.Tensor
+    keep: torch.Tensor
+    error_mask: float
+    error_obs: float
+    fallback_rows: int
+
+
+def dampen(h: torch.Tensor, damp: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """``H + λ·mean(diag H)·I`` with dead inputs (``H_jj = 0``) set to ``H_jj = 1``; returns (H', dead).
+
+    The mean is over the original diagonal, dead inputs included as zeros. A dead input's row and
+    column of ``H`` are zero (its activations are all zero), so after the fix it is decoupled: it
+    neither receives nor gives compensation. With every input dead ``H'`` is the identity.
+
+    Raises:
+        InputError: ``damp <= 0`` (the undamped ``H`` is singular whenever there are fewer
+            calibration positions than columns or two inputs are collinear).
+    """
+    if not damp > 0 or not math.isfinite(damp):
+        raise InputError(f"damp={damp}: dampening must be a positive number", hint="e.g. -p damp=0.01")
+    h = h.to(torch.float64)
+    diag = torch.diagonal(h)
+    dead = diag == 0
+    out = h.clone()
+    d = torch.diagonal(out)
+    d.add_(damp * float(diag.mean()) if diag.numel() else 0.0)
+    d[dead] = 1.0
+    return out, dead
+
+
+def inverse_cholesky(h_damped: torch.Tensor) -> torch.Tensor:
+    """Upper ``U`` with ``H⁻¹ = UᵀU``: row ``j`` scaled by ``1/U_jj`` is row ``j`` of the inverse of ``H[j:, j:]``.
+
+    Raises:
+        InputError: the dampened matrix is not positive definite (non-finite activations).
+    """
+    if not bool(torch.isfinite(h_damped).all()):
+        raise InputError("the calibration activations hold NaN or inf", hint="check the model and the data")
+    chol, info = torch.linalg.cholesky_ex(h_damped)
+    if int(info) == 0:
+        chol_inv, info = torch.linalg.cholesky_ex(torch.cholesky_inverse(chol), upper=True)
+    if int(info) != 0:
+        raise InputError("the dampened Gram matrix is not positive definite", hint="raise -p damp")
+    return chol_inv
+
+
+def row_errors(w: torch.Tensor, w_hat: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+    """Per-row ``(w − ŵ) H (w − ŵ)ᵀ`` = ``‖(w − ŵ) X‖²`` for every row (float64)."""
+    delta = (w - w_hat).to(torch.float64)
+    return ((delta @ h.to(torch.float64)) * delta).sum(dim=1).clamp_min(0.0)
+
+
+def _given(keep: torch.Tensor) -> Selector:
+    prune = ~keep.to(torch.bool)
+    return Selector(None, lambda w, u, j1, j2: prune[:, j1:j2].to(w.device), joint=False)
+
+
+def _unstructured(ratio: float, cols: int) -> Selector:
+    """Per row, ``round(ratio·j2) − round(ratio·j1)`` weights of ``[j1, j2)``: ``round(ratio·cols)`` in all.
+
+    ``round`` is Python's (half to even), the count unstructured pruning uses for ``round(r·N)``.
+    """
+
+    def select(w: torch.Tensor, u_diag: torch.Tensor, j1: int, j2: int) -> torch.Tensor:
+        k = round(ratio * j2) - round(ratio * j1)
+        return _smallest(w.pow(2) / u_diag.pow(2)[None, :], k)
+
+    if not 0.0 <= ratio < 1.0:
+        raise InputError(f"sparsity {ratio}: must be in [0, 1)")
+    return Selector(None, select, joint=True)
+
+
+def _nm(n: int, m: int, cols: int) -> Selector:
+    if not 1 <= n < m:
+        raise InputError(f"N:M {n}:{m}: needs 1 <= N < M")
+    if cols % m:
+        raise InputError(f"N:M {n}:{m}: the row length {cols} is not a multiple of {m}")
+    return Selector(m, lambda w, u, j1, j2: _smallest(w.pow(2) / u.pow(2)[None, :], m - n), joint=True)
+
+
+def _smallest(saliency: torch.Tensor, k: int) -> torch.Tensor:
+    """Boolean mask of the ``k`` smallest entries of every row; ties: the lower column goes first."""
+    out = torch.zeros(saliency.shape, dtype=torch.bool, device=saliency.device)
+    if k > 0:
+        order = torch.sort(saliency, dim=1, stable=True).indices[:, :k]
+        out.scatter_(1, order, True)
+    return out
+
+
+# target type → selector factory ``(target, cols) → Selector``
+_SELECTORS: dict[type, Callable[[object, int], Selector]] = {
+    torch.Tensor: lambda t, cols: _given(t),  # type: ignore[arg-type]
+    float: lambda t, cols: _unstructured(float(t), cols),  # type: ignore[arg-type]
+    int: lambda t, cols: _unstructured(float(t), cols),  # type: ignore[arg-type]
+    NM: lambda t, cols: _nm(t.n, t.m, cols),  # type: ignore[attr-defined]
+    tuple: lambda t, cols: _nm(int(t[0]), int(t[1]), cols),  # type: ignore[index]
+}
+
+
+def selector(target: torch.Tensor | float | NM | tuple[int, int], cols: int) -> Selector:
+    """The selector for a target: a keep mask (Tensor), a per-row sparsity (float) or N:M (``NM``/``(n, m)``).
+
+    Raises:
+        InputError: an unknown target type or an invalid value.
+    """
+    for kind, make in _SELECTORS.items():
+        if isinstance(target, kind) and not isinstance(target, bool):
+            return make(target, cols)
+    raise InputError(f"reconstruction target {target!r}: expected a keep mask, a sparsity or (n, m)")
+
+
+def sparsegpt_solve(
+    w: torch.Tensor, h_damped: torch.Tensor, sel: Selector, *, blocksize: int = 128
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The raw schedule (no guard): returns (Ŵ in float64, prune mask).
+
+    Args:
+        w: ``rows × cols`` weight.
+        h_damped: dampened ``cols × cols`` Gram matrix (see :func:`dampen`).
+        sel: how the mask is decided.
+        blocksize: columns per lazy-update block; for N:M rounded down to a multiple of ``m``.
+    """
+    rows, cols = w.shape
+    if blocksize < 1:
+        raise InputError(f"blocksize={blocksize}: must be >= 1")
+    if sel.segment:
+        blocksize = max(sel.segment, blocksize // sel.segment * sel.segment)  # a group never spans two blocks
+    u = inverse_cholesky(h_damped)
+    u_diag = torch.diagonal(u)
+    w = w.to(torch.float64).clone()
+    prune = torch.zeros((rows, cols), dtype=torch.bool, device=w.device)
+    for j1 in range(0, cols, blocksize):
+        j2 = min(j1 + blocksize, cols)
+        w1 = w[:, j1:j2].clone()
+        u1 = u[j1:j2, j1:j2]
+        err = torch.zeros_like(w1)
+        seg = sel.segment or (j2 - j1)
+        for s1 in range(j1, j2, seg):
+            s2 = min(s1 + seg, j2)
+            p = sel.select(w1[:, s1 - j1 : s2 - j1], u_diag[s1:s2], s1, s2)
+            prune[:, s1:s2] = p
+            for j in range(s1, s2):
+                k = j - j1
+                e = torch.where(p[:, j - s1], w1[:, k], 0.0) / u1[k, k]
+                w1[:, k + 1 :] -= e[:, None] * u1[k, k + 1 :][None, :]
+                w1[:, k] = torch.where(p[:, j - s1], 0.0, w1[:, k])
+                err[:, k] = e
+        w[:, j1:j2] = w1
+        w[:, j2:] -= err @ u[j1:j2, j2:]
+    return w, prune
+
+
+def obs_prune(
+    w: torch.Tensor,
+    h: torch.Tensor,
+    target: torch.Tensor | float | NM | tuple[int, int],
+    *,
+    damp: float = 0.01,
+    blocksize: int = 128,
+    guard: bool = True,
+) -> ObsResult:
+    """Prunes one weight matrix to ``target`` and updates the kept weights against ``H``.
+
+    Args:
+        w: ``rows × cols`` weight (any float dtype; the solve runs in float64 on ``w``'s device).
+        h: ``cols × cols`` Gram matrix of the layer's inputs (sum or mean over the calibration positions:
+            the result does not depend on the scale, the dampening is relative).
+        target: keep mask (bool, ``w``'s shape; kept exactly), per-row sparsity in ``[0, 1)``, or N:M.
+        damp: relative dampening λ > 0.
+        blocksize: columns per lazy-update block (does not change the result for a given mask).
+        guard: fall back to the plain mask in rows where the update is worse on the undamped ``H``.
+
+    Returns:
+        the reconstructed weight, its mask and the errors before/after.
+
+    Example:
+        >>> res = obs_prune(layer.weight.detach(), gram, NM(2, 4))
+    """
+    if w.ndim != 2 or h.shape != (w.shape[1], w.shape[1]):
+        raise InputError(f"weight {list(w.shape)} and Gram matrix {list(h.shape)} do not match")
+    if isinstance(target, torch.Tensor) and target.shape != w.shape:
+        raise InputError(f"mask {list(target.shape)} does not match the weight {list(w.shape)}")
+    sel = selector(target, w.shape[1])
+    h64 = h.to(device=w.device, dtype=torch.float64)
+    h_damped, dead = dampen(h64, damp)
+    w64 = w.to(torch.float64)
+    start = w64.clone()
+    if sel.joint:
+        start[:, dead] = 0.0  # inputs that never carry signal: removing their weights is free
+    w_hat, prune = sparsegpt_solve(start, h_damped, sel, blocksize=blocksize)
+    keep = ~prune
+    masked = torch.where(keep, start, 0.0)  # dead inputs contribute nothing to the errors, zeroed or not
+    err_mask = row_errors(w64, masked, h64)
+    err_obs = row_errors(w64, w_hat, h64)
+    worse = err_obs > err_mask if guard else torch.zeros_like(err_obs, dtype=torch.bool)
+    w_hat = torch.where(worse[:, None], masked, w_hat)
+    err_obs = torch.where(worse, err_mask, err_obs)
+    return ObsResult(
+        weight=w_hat.to(w.dtype),
+        keep=keep,
+        error_mask=float(err_mask.sum()),
+        error_obs=float(err_obs.sum()),
+        fallback_rows=int(worse.sum()),
+    )
