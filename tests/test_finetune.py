@@ -498,3 +498,16 @@ def test_lora_on_a_linear_only_pruned_model_keeps_paper_a_default(tmp_path) -> N
     m = _lora(path, tmp_path / "o.safetensors").metrics
     assert m["target_preset"] == "linear" and m["targets"] == [n for n, x in model.named_modules()
                                                                 if isinstance(x, nn.Linear)]  # fmt: skip
+
+
+def test_cli_prints_no_wcr_block_when_wcr_is_off(cli, tmp_path) -> None:
+    """Neither the record nor the terminal summary mentions WCR unless --wcr is given (and both do with it)."""
+    out = tmp_path / "m.safetensors"
+    r = cli("finetune", "arch:fc_mlp", "--data", "digits:train", "--device", "cpu", "--max-steps", "1", "-o", out)
+    assert r.exit_code == 0, r.stderr
+    assert "wcr" not in r.record["metrics"] and "WCR" not in r.stderr
+    assert r.record["metrics"]["recipe"]["name"] == "scratch"
+    r = cli("finetune", "arch:fc_mlp", "--data", "digits:train", "--device", "cpu", "--max-steps", "1", "--wcr", "1e-6",
+            "-o", out, "--force")  # fmt: skip
+    assert r.exit_code == 0, r.stderr
+    assert r.record["metrics"]["wcr"]["lambda"] == 1e-6 and "WCR λ=1e-06" in r.stderr
