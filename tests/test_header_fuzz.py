@@ -334,7 +334,25 @@ def _framing(rng: random.Random, case: Case) -> None:
 @mutation("json-values")
 def _json_values(rng: random.Random, case: Case) -> None:
     t = _some_tensor(rng, case)
-    t["extra"] = Raw(rng.choice(["NaN", "Infinity", "-Infinity", "1e400", "-1e400", "1e308", "0.5", "-0", "1E2"]))
+    t["extra"] = Raw(
+        rng.choice(
+            [
+                "NaN",
+                "Infinity",
+                "-Infinity",
+                "1e400",
+                "-1e400",
+                "1e308",
+                "0.5",
+                "-0",
+                "1E2",
+                "1" * 309,
+                "1" * 400,
+                "-" + "1" * 5000,
+                "0." + "1" * 5000,
+            ]
+        )
+    )
 
 
 @mutation("nesting")
@@ -504,6 +522,7 @@ def _two(a: str, b: str, names: str = "ab") -> str:
         ('{"a":{"dtype":"U8","shape":[1],"data_offsets":[0,1],"x":' + "[" * 126 + "]" * 126 + "}}", 1, None,
          "nested deeper than 127 levels"),
         ('{"__metadata__":{"a":"\\ud800"}}', 0, None, "lone surrogate"),
+        ('{"a":{"dtype":"U8","shape":[1],"data_offsets":[0,1],"x":' + "1" * 5000 + "}}", 1, None, "out of range"),
         ('{"a":{"dtype":"U8","shape":[1],"data_offsets":[0,1],"x":NaN}}', 1, None, "NaN is not JSON"),
         (' {}', 0, None, "does not start with '{'"),
         ("{}", 0, MAX_HEADER + 1, "exceeds the format's 100000000-byte limit"),

@@ -3,7 +3,7 @@
 Torch-free here (``inspect`` needs only these): the header (:mod:`.header`), the manifest
 (:mod:`.manifest`) and CKPT resolution (:mod:`.sources`). Loading is in :mod:`.loaders`, writing in
 :mod:`.writer`, tensor data in :mod:`.safetensors_io`, digests in :mod:`.hashing`, the Hugging Face
-cache in :mod:`.hf_cache`, kept LoRA adapters in :mod:`.adapters`.
+cache in :mod:`.hf_cache`, kept LoRA adapters in :mod:`.adapters`, output permissions in :mod:`.permissions`.
 """
 
 from prunecli.checkpoint.header import SafetensorsHeader, TensorInfo, read_header

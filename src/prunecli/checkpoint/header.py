@@ -54,7 +54,11 @@ class _NegativeZero(int):
 
 
 def _parse_int(text: str) -> int:
-    return _NegativeZero(0) if text == "-0" else int(text)
+    if text == "-0":
+        return _NegativeZero(0)
+    if len(text) > 20 and math.isinf(float(text)):  # serde_json reads integers past 64 bits as f64
+        raise _Refused(f"number {text[:20]}… is out of range")
+    return int(text)
 
 
 def _parse_float(text: str) -> float:
