@@ -6,6 +6,7 @@ Torch-free here (``inspect`` needs only these): the header (:mod:`.header`), the
 cache in :mod:`.hf_cache`, kept LoRA adapters in :mod:`.adapters`, output permissions in :mod:`.permissions`.
 """
 
+import prunecli.checkpoint.permissions  # noqa: F401  (reads the umask before any command starts a thread)
 from prunecli.checkpoint.header import SafetensorsHeader, TensorInfo, read_header
 from prunecli.checkpoint.manifest import METADATA_KEY, Manifest
 from prunecli.checkpoint.sources import Source, SourceKind, resolve_source

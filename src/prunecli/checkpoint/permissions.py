@@ -9,7 +9,8 @@ plain ``open`` would have made it group- or world-readable. Before the rename th
 Reading the umask: POSIX offers only ``os.umask(new)``, which sets it while reading it, so another
 thread creating a file in between would get the wrong mode. Linux ≥ 4.7 reports it in
 ``/proc/self/status`` (``Umask:``), read here at each call (a test or a caller may change it); elsewhere
-the value is read once at import, with the set-and-restore pair, before any prunecli thread exists.
+the value is read once, with the set-and-restore pair, when :mod:`prunecli.checkpoint` is imported:
+every command imports it to resolve its CKPT argument, before it starts any thread.
 """
 
 from __future__ import annotations
