@@ -17,6 +17,9 @@ How the graph is built (the rule the assertions rely on):
   before ``M`` runs. This is why a package ``__init__`` that imports its own submodules (re-exports) is
   not a cycle with them, while a submodule that imports a name back from its package's ``__init__``
   (an explicit edge) is one: whether it works depends on the order of lines in ``__init__``.
+- Imports by name at run time (``importlib.import_module``: the lazy attributes of ``prunecli`` and
+  ``prunecli.api``) are not statements and are not in the graph; they run only after every module
+  involved has finished initialising, so they cannot close an import-time cycle.
 
 A cycle is reported as the chain of modules that closes it, so the fix (move the shared helper to the
 lower module) can be read off the message.

@@ -15,9 +15,8 @@ import pytest
 import torch
 from torch import nn
 
-from prunecli.errors import CheckpointError, InputError
+from prunecli.errors import InputError
 from prunecli.reconstruction import NM, GramAccumulator, dampen, obs_prune, reconstruct
-from prunecli.reconstruction.masked import restore_masked
 from prunecli.reconstruction.obs import row_errors, selector, sparsegpt_solve
 
 DT = torch.float64
@@ -55,13 +54,6 @@ def lstsq_optimum(w: torch.Tensor, x: torch.Tensor, keep: torch.Tensor, mu: floa
         sol = torch.linalg.lstsq(a[k].T, (w[i] @ a)[:, None]).solution.flatten()
         out[i, k] = sol
     return out
-
-
-def guarded_reference(w: torch.Tensor, h: torch.Tensor, keep: torch.Tensor, damp: float = 0.01) -> torch.Tensor:
-    """:func:`brute_sequential` on the dampened H, then, per row, the plain mask where that is better on H."""
-    ref = brute_sequential(w, dampen(h, damp)[0], ~keep)
-    masked = w * keep
-    return torch.where((row_errors(w, ref, h) > row_errors(w, masked, h))[:, None], masked, ref)
 
 
 def loss(w: torch.Tensor, w_hat: torch.Tensor, x: torch.Tensor) -> float:
@@ -331,10 +323,14 @@ def test_depthwise_conv_solved_per_group() -> None:
     for c in range(3):
         cols = nn.functional.unfold(x[:, c : c + 1], 3, padding=1).transpose(1, 2).reshape(-1, 9)
         h = cols.T @ cols
+        h_damped, _ = dampen(h, 0.01)
         rows = slice(2 * c, 2 * c + 2)
-        ref = guarded_reference(w[rows], h, keep[rows])
+        ref = brute_sequential(w[rows], h_damped, ~keep[rows])
+        masked = w[rows] * keep[rows]
+        worse = row_errors(w[rows], ref, h) > row_errors(w[rows], masked, h)  # the guard's rule
+        ref = torch.where(worse[:, None], masked, ref)
         assert torch.allclose(got[rows], ref, rtol=0, atol=1e-10)
-        err_mask += float(row_errors(w[rows], w[rows] * keep[rows], h).sum())
+        err_mask += float(row_errors(w[rows], masked, h).sum())
         err_obs += float(row_errors(w[rows], ref, h).sum())
     layer = report.layers["0"]
     assert layer.status == "reconstructed" and layer.positions == 8 * 49
@@ -441,46 +437,3 @@ def test_sequential_bad_input() -> None:
         reconstruct(model, {"fc1": 0.5}, [])
     report = reconstruct(model, {"fc1": (2, 3)}, [torch.randn(2, 16)])  # 16 columns: no groups of 3
     assert report.layers["fc1"].status == "skipped" and report.warnings
-
-
-# ---------------------------------------------------------------- a masked checkpoint against its dense parent
-
-
-def test_restore_masked_keeps_the_mask_and_fits_the_dense_parent() -> None:
-    torch.manual_seed(21)
-    dense = Mlp().double().eval()
-    mix = torch.randn(16, 16, dtype=DT) + torch.eye(16, dtype=DT)
-    calib = [torch.randn(32, 16, dtype=DT) @ mix for _ in range(3)]
-    pruned = _magnitude(dense, ["fc1", "fc2", "unused"], 0.5)
-    with torch.no_grad():  # as if fine-tuned after pruning: the refit must start from the parent, not these
-        for name in ("fc1", "fc2"):
-            w = pruned.get_submodule(name).weight
-            w.mul_(1.5)
-    keep = {n: pruned.get_submodule(n).weight.detach() != 0 for n in ("fc1", "fc2", "unused")}
-    unused_before = pruned.unused.weight.detach().clone()
-    report = restore_masked(pruned, dense, ["fc1.weight", "fc2.weight", "unused.weight"], calib)
-    for name, k in keep.items():
-        assert torch.equal(pruned.get_submodule(name).weight.detach() != 0, k)
-    assert report.layers["unused"].status == "unreached" and torch.equal(pruned.unused.weight, unused_before)
-    # fc1 sees the calibration inputs themselves: its refit is the guarded sequential OBS of the parent's weight
-    x1 = torch.cat(calib)
-    ref = guarded_reference(dense.fc1.weight.detach(), x1.T @ x1, keep["fc1"])
-    assert torch.allclose(pruned.fc1.weight.detach(), ref, rtol=0, atol=1e-9)
-    masked_only = _magnitude(dense, ["fc1", "fc2"], 0.5)
-    assert _output_error(dense, pruned, calib) < _output_error(dense, masked_only, calib)
-
-
-def test_restore_masked_bad_input_changes_nothing() -> None:
-    dense, pruned = Mlp(), _magnitude(Mlp(), ["fc1"], 0.5)
-    before = copy.deepcopy(pruned.state_dict())
-    calib = [torch.randn(4, 16)]
-    with pytest.raises(InputError, match="no masked weights"):
-        restore_masked(pruned, dense, [], calib)
-    with pytest.raises(InputError, match="damp"):
-        restore_masked(pruned, dense, ["fc1.weight"], calib, damp=0.0)
-    dense.fc1 = nn.Linear(16, 31)
-    with pytest.raises(CheckpointError, match="dense parent"):
-        restore_masked(pruned, dense, ["fc1.weight"], calib)
-    with pytest.raises(InputError, match="re-iterable"):
-        restore_masked(pruned, Mlp(), ["fc1.weight"], iter(calib))
-    assert all(torch.equal(a, b) for a, b in zip(before.values(), pruned.state_dict().values(), strict=True))
