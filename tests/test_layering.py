@@ -18,8 +18,8 @@ How the graph is built (the rule the assertions rely on):
   not a cycle with them, while a submodule that imports a name back from its package's ``__init__``
   (an explicit edge) is one: whether it works depends on the order of lines in ``__init__``.
 - Imports by name at run time (``importlib.import_module``: the lazy attributes of ``prunecli`` and
-  ``prunecli.api``) are not statements and are not in the graph; they run only after every module
-  involved has finished initialising, so they cannot close an import-time cycle.
+  ``prunecli.api``) are not import statements and are not in the graph; they run when the attribute
+  is first used, inside the caller's functions, not while modules initialise.
 
 A cycle is reported as the chain of modules that closes it, so the fix (move the shared helper to the
 lower module) can be read off the message.
