@@ -180,6 +180,8 @@ def _diff(a: Any, b: Any, prefix: str = "") -> list[str]:
             else:
                 out += _diff(a[k], b[k], path)
         return out
+    if isinstance(a, list) and isinstance(b, list) and len(a) == len(b):
+        return [d for i, (x, y) in enumerate(zip(a, b, strict=True)) for d in _diff(x, y, f"{prefix}[{i}]")]
     return [] if a == b else [prefix or "(value)"]
 
 

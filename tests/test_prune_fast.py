@@ -251,7 +251,7 @@ def test_inputs_without_a_table_take_the_model_path(
     from prunecli.api._common import InputOptions
 
     r = _run(monkeypatch, False, tmp_path / "bare.safetensors", tmp_path / "p.safetensors", method="magnitude",
-             ratio=0.5, inputs=InputOptions(arch="test_resnet", num_classes=10))  # fmt: skip
+             ratio=0.5, source=InputOptions(arch="test_resnet", num_classes=10))  # fmt: skip
     monkeypatch.setenv("PRUNECLI_FAST_PRUNE", "1")
     calls = []
     monkeypatch.setattr(PRUNE, "load_input", lambda *a, **k: calls.append(1) or _load_input(*a, **k))

@@ -5,20 +5,21 @@ asks this module:
 
 * MAC counts (``prune``'s metrics, the layer table): per prunable layer, the output positions per
   output channel for one sample (:attr:`LayerTrace.positions`);
-* bias compensation (``prune --compensate bias``): the BatchNorm whose input is the layer's output
-  tensor (:attr:`LayerTrace.bn_after`);
-* criteria (proscore, biascomp, bnscale) and restoration: the BatchNorm and element-wise activation
-  that *directly* consume a layer's output, and whether that output is modified in place later
+* "the norm after this layer" — bias compensation (``prune --compensate bias``,
+  :attr:`LayerTrace.bn_after`), restoration's folding of constant shifts into ``running_mean``
+  (:func:`norms_after`) and the criteria (:attr:`Follow.norm`) all use one rule;
+* criteria (proscore, biascomp, bnscale): the element-wise activation that directly consumes a
+  layer's (or its norm's) output, and whether that output is modified in place later
   (:func:`trace_followers` → :class:`Follow`).
 
 All of them come from one hook engine (:func:`_record_calls`): one forward pass with a pre- and a
 post-hook on every watched module, recording each call's input and output tensor together with its
 version counter. Module names cannot tell the dataflow reliably (timm's ResNet adds the shortcut *in
-place* into ``bn2``'s output before ``act2``); tensor identity can. "Directly consumes" in
-:func:`trace_followers` means the same tensor object at the same version — an in-place op in between
-changes the version and breaks the link. :func:`trace_layers`' ``bn_after`` keeps its historical,
-looser rule (same tensor object, and the BN's width equals the layer's output channels), which is
-what bias compensation has always used.
+place* into ``bn2``'s output before ``act2``); tensor identity can. "Directly consumes" means the
+same tensor object at the same version — an in-place op in between changes the version and breaks
+the link. The norm after a layer is the first BatchNorm (in call order) that directly consumes the
+layer's output and whose width equals the layer's output channels. (A bias-free conv whose output
+also feeds another consumer is rare in timm; that consumer does not see a shift folded into the BN.)
 
 :func:`trace_layers` runs on the ``meta`` device when the model allows it, so it costs no arithmetic
 and no memory even for large models, and falls back to a real CPU forward pass.
@@ -50,6 +51,7 @@ __all__ = [
     "is_activation",
     "is_batchnorm",
     "meta_forward",
+    "norms_after",
     "trace_followers",
     "trace_layers",
 ]
@@ -182,10 +184,34 @@ def _cpu_forward(model: nn.Module, input_size: Sequence[int]) -> None:
         model(torch.zeros(1, *input_size))
 
 
-def _layer_trace(calls: Sequence[_Call], layers: Mapping[str, nn.Module], bns: Mapping[str, nn.Module]) -> LayerTrace:
-    """Positions per layer, and the first BatchNorm (in call order) fed by each layer's output tensor."""
+def _norms_after(
+    calls: Sequence[_Call], layers: Mapping[str, nn.Module], watched: Mapping[str, nn.Module]
+) -> dict[str, str]:
+    """The one "norm after this layer" rule (module docstring): layer name → BatchNorm name.
+
+    The first BatchNorm call (in call order) whose input is the layer's output tensor — the same
+    object at the same version, so an in-place op in between breaks the link — and whose width equals
+    the layer's output channels.
+    """
+    made_by: dict[tuple[int, int], str] = {}
+    for c in calls:
+        key = _key(c.out, c.out_version)
+        if c.name in layers and key is not None:
+            made_by[key] = c.name
+    result: dict[str, str] = {}
+    for c in sorted((c for c in calls if is_batchnorm(watched[c.name])), key=lambda c: c.seq):
+        name = made_by.get(_key(c.inp, c.in_version) or (0, -1))
+        width = int(getattr(watched[c.name], "num_features", -1))
+        if name is not None and width == int(layers[name].weight.shape[0]):
+            result.setdefault(name, c.name)
+    return result
+
+
+def _layer_trace(
+    calls: Sequence[_Call], layers: Mapping[str, nn.Module], watched: Mapping[str, nn.Module]
+) -> LayerTrace:
+    """Output positions per layer, and the BatchNorm after each layer (:func:`_norms_after`)."""
     trace = LayerTrace()
-    made_by: dict[int, str] = {}
     for c in calls:
         if c.name not in layers or c.out is None or c.out.ndim == 0:
             continue
@@ -193,11 +219,7 @@ def _layer_trace(calls: Sequence[_Call], layers: Mapping[str, nn.Module], bns: M
         per_sample = out.numel() // max(out.shape[0], 1) if out.ndim > 1 else out.numel()
         weight_out = max(int(layers[c.name].weight.shape[0]), 1)
         trace.positions[c.name] = trace.positions.get(c.name, 0) + per_sample // weight_out
-        made_by[id(out)] = c.name
-    for c in sorted((c for c in calls if c.name in bns), key=lambda c: c.seq):
-        name = made_by.get(id(c.inp)) if c.inp is not None else None
-        if name is not None and int(getattr(bns[c.name], "num_features", -1)) == int(layers[name].weight.shape[0]):
-            trace.bn_after.setdefault(name, c.name)
+    trace.bn_after = _norms_after(calls, layers, watched)
     return trace
 
 
@@ -225,7 +247,7 @@ def trace_layers(model: nn.Module, input_size: Sequence[int], *, cpu_fallback: b
         _LOG.debug("meta trace failed (%s); tracing on CPU", exc)
         calls = _eval_mode(model, lambda: _record_calls(watched, lambda: _cpu_forward(model, input_size)))
         device = "cpu"
-    trace = _layer_trace(calls, layers, bns)
+    trace = _layer_trace(calls, layers, watched)
     trace.device = device
     return trace
 
@@ -286,6 +308,15 @@ def _key(t: Any, version: int | None) -> tuple[int, int] | None:
 
 
 @torch.no_grad()
+def norms_after(model: nn.Module, layers: Mapping[str, nn.Module], example: torch.Tensor) -> dict[str, str]:
+    """Runs ``model(example)`` once: conv/linear name → the BatchNorm directly after it (:func:`_norms_after`)."""
+    watched = dict(layers)
+    watched.update({n: m for n, m in model.named_modules() if is_batchnorm(m) and n not in watched})
+    calls = _eval_mode(model, lambda: _record_calls(watched, lambda: model(example)))
+    return _norms_after(calls, layers, watched)
+
+
+@torch.no_grad()
 def trace_followers(model: nn.Module, layers: dict[str, nn.Module], example: torch.Tensor) -> dict[str, Follow]:
     """Runs ``model(example)`` once and returns, per prunable layer name, its :class:`Follow`."""
     watched: dict[str, nn.Module] = dict(layers)
@@ -294,21 +325,21 @@ def trace_followers(model: nn.Module, layers: dict[str, nn.Module], example: tor
             watched.setdefault(name, mod)
     calls = _eval_mode(model, lambda: _record_calls(watched, lambda: model(example)))
 
-    def consumer(out_key: tuple[int, int] | None, norm: bool) -> str | None:
+    def activation_of(out_key: tuple[int, int] | None) -> str | None:
+        """The first activation call whose input is the tensor ``out_key`` (same object, same version)."""
         if out_key is None:
             return None
-        for c in calls:
-            mod = watched[c.name]
-            if _key(c.inp, c.in_version) == out_key and (is_batchnorm(mod) if norm else is_activation(mod)):
-                return c.name
-        return None
+        return next(
+            (c.name for c in calls if is_activation(watched[c.name]) and _key(c.inp, c.in_version) == out_key), None
+        )
 
+    norms = _norms_after(calls, layers, watched)
     outputs = {c.name: c for c in calls if c.name in layers}
     result: dict[str, Follow] = {}
     for name in layers:
         call = outputs.get(name)
         out_key = _key(call.out, call.out_version) if call is not None else None
-        norm = consumer(out_key, True)
+        norm = norms.get(name)
         act, owned = None, False
         if norm is not None:
             own = _owned_act(watched[norm])
@@ -316,9 +347,9 @@ def trace_followers(model: nn.Module, layers: dict[str, nn.Module], example: tor
                 act, owned = next(n for n, m in model.named_modules() if m is own), True
             else:
                 norm_call = next(c for c in calls if c.name == norm)
-                act = consumer(_key(norm_call.out, norm_call.out_version), False)
+                act = activation_of(_key(norm_call.out, norm_call.out_version))
         else:
-            act = consumer(out_key, False)
+            act = activation_of(out_key)
         inplace = call is not None and call.out is not None and call.out._version != call.out_version
         result[name] = Follow(norm=norm, act=act, act_owned=owned, inplace_after=inplace)
     return result

@@ -166,6 +166,14 @@ class PruneTarget(Protocol):
         """(what :func:`save_output` writes, its per-tensor transform or None)."""
         ...
 
+    def mask_on_write(self, plan: Any, names: Sequence[str]) -> Any:
+        """Where the weights are read-only views of the input: masks ``plan`` as each tensor is written.
+
+        Returns the :class:`~prunecli.pruning.unstructured.MagnitudeMasks` that will do it, or None: the
+        weights of ``names`` are then writable and the caller prunes them in place.
+        """
+        ...
+
 
 class _ModelTarget:
     """The model path: the checkpoint rebuilt as an ``nn.Module``."""
@@ -200,6 +208,9 @@ class _ModelTarget:
 
     def to_save(self) -> tuple[Any, Any]:
         return self.model, None
+
+    def mask_on_write(self, plan: Any, names: Sequence[str]) -> Any:
+        return None  # the model's weights are its own: pruned in place
 
 
 class _TableTarget:
@@ -238,10 +249,18 @@ class _TableTarget:
     def to_save(self) -> tuple[Any, Any]:
         return self.fast.tensors, self.fast.transform
 
-    def writable(self, names: Sequence[str]) -> None:
-        """Private copies of ``names`` of a mapped input, to prune them in place."""
-        self.fast.writable(names)
+    def mask_on_write(self, plan: Any, names: Sequence[str]) -> Any:
+        if not self.fast.mapped:
+            return None  # a private copy of the file: pruned in place
+        from prunecli.pruning.unstructured import MagnitudeMasks
+
+        masks = MagnitudeMasks.from_plan(self._weights, plan)
+        if masks is not None:
+            self.fast.transform = masks.transform()
+            return masks
+        self.fast.writable(names)  # rare: a threshold among the zeros; prune private copies in place
         self._weights.update({n: self.fast.tensors[n] for n in names})
+        return None
 
 
 def _open_target(req: PruneRequest, scores_path: Path | None) -> PruneTarget:
@@ -578,20 +597,16 @@ class _Unstructured:
         return plan_unstructured(weights, job.score_of(), scopes)
 
     def apply(self, job: _Job, plan: Any, *, restore: bool) -> tuple[dict[str, Any], Any]:
-        from prunecli.pruning.unstructured import MagnitudeMasks, apply_unstructured
+        from prunecli.pruning.unstructured import apply_unstructured
 
         weights = job.target.weights()
         trace = job.trace()
         comp = job.compensation(trace)
         target = sum(s.k for s in plan.scopes) / max(sum(weights[n].numel() for n in job.selected), 1)
-        fast = job.target.fast if isinstance(job.target, _TableTarget) else None
-        if fast is not None and fast.mapped:
-            masks = MagnitudeMasks.from_plan(weights, plan)
-            if masks is not None:  # the weights stay read-only; each pruned one is masked as it is written
-                fast.transform = masks.transform()
-                return _finish(job, trace, masks.removed, target, comp, masks.nonzero)
-            job.target.writable(job.selected)  # rare: a threshold among the zeros; prune private copies in place
-            weights = job.target.weights()
+        masks = job.target.mask_on_write(plan, job.selected)
+        if masks is not None:  # the weights stay read-only; each pruned one is masked as it is written
+            return _finish(job, trace, masks.removed, target, comp, masks.nonzero)
+        weights = job.target.weights()
         known: dict[str, int] = {}
         removed = apply_unstructured(weights, job.score_of(), plan, on_mask=comp, nonzero=known)
         return _finish(job, trace, removed, target, comp, known)

@@ -261,6 +261,7 @@ def apply_channels(model: nn.Module, plan: ChannelPlan, *, example_input: torch.
     applied = apply_groups(dg, model, plan.groups, strict=True)
     fix_attention(attn)
     modules = surgery.diff_structure(model, snap)
+    _narrow_num_features(model)
     channels: dict[str, dict[str, Any]] = {}
     for (name, kind), kept in sorted(applied.channels.items()):
         size = applied.dense[(name, kind)]
@@ -273,6 +274,21 @@ def apply_channels(model: nn.Module, plan: ChannelPlan, *, example_input: torch.
         "modules": modules,
         "channels": channels,
     }
+
+
+def _narrow_num_features(model: nn.Module) -> None:
+    """Sets timm's ``num_features`` to the width the classifier now reads, as rebuilding the checkpoint does.
+
+    timm sets it once, at construction; Torch-Pruning narrows the head's input without touching it.
+    :func:`prunecli.models.build_model` sets the pruned width on a rebuilt model, so the pruned model in
+    memory (and the layer table saved from it) must say the same. Not part of the structure: the
+    rebuild derives it.
+    """
+    from prunecli.loading import pruned_num_features
+
+    width = pruned_num_features(model)
+    if width is not None and isinstance(getattr(model, "num_features", None), int):
+        model.num_features = width
 
 
 def channel_metrics(plan: ChannelPlan, model: nn.Module) -> dict[str, Any]:

@@ -1,6 +1,6 @@
 """Producer → consumer pairs of a (dense) model: which layers read the output channels of which.
 
-Restoration (METHODS §2.7) rewrites the *consumers* of a pruned layer's channels, so it must know,
+Restoration (docs/restoration.md) rewrites the *consumers* of a pruned layer's channels, so it must know,
 for every producer (a Conv2d or Linear whose output channels were pruned), the BatchNorm directly
 after it, the operations between it and its consumers, and how one producer channel maps onto the
 consumer's input axis (one input channel for a conv, one column for a linear, a contiguous block of
@@ -78,8 +78,8 @@ class Pair:
 
     Attributes:
         producer: module name of the Conv2d/Linear whose output channels are pruned.
-        norm: the BatchNorm directly after it, or None (METHODS §2.5 no-BN form).
-        activation: ``relu`` (positively homogeneous: the §2.3 theory holds), ``identity`` (no
+        norm: the BatchNorm directly after it, or None (docs/restoration.md: the form without BatchNorm).
+        activation: ``relu`` (positively homogeneous: the identity of docs/restoration.md holds), ``identity`` (no
             activation: the identity is exact), or the name of an approximate one (``gelu``…).
         approximate: reasons why restoration is only approximate (non-ReLU activation, max pooling).
         consumers: every layer that reads the channels.
@@ -100,7 +100,7 @@ class PairMap:
         pairs: producer name → restorable pair.
         refused: producer name → one-line reason why its channels cannot be restored.
         norm_after: conv/linear name → the BatchNorm directly after it (to fold constant bias shifts
-            into ``running_mean`` when a consumer has no bias).
+            into ``running_mean`` when a consumer has no bias; :func:`prunecli.tracing.norms_after`).
         order: conv/linear module names in definition order (a topological proxy for timm models).
     """
 
@@ -136,6 +136,7 @@ def find_pairs(
         the pairs, the refusals with their reasons, and the BN after each layer.
     """
     from prunecli.depgraph import build_graph
+    from prunecli.tracing import norms_after
 
     names = {mod: name for name, mod in model.named_modules()}
     was_training = model.training
@@ -145,11 +146,7 @@ def find_pairs(
     finally:
         model.train(was_training)
     layers = {n: m for n, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))}
-    norm_after: dict[str, str] = {}
-    for name, mod in layers.items():
-        node = graph.module2node.get(mod)
-        if node is not None and len(node.outputs) == 1 and _is_norm(node.outputs[0].module):
-            norm_after[name] = names[node.outputs[0].module]
+    norm_after = norms_after(model, layers, example_inputs)  # the tracer's one rule, as bias compensation's
     pairs: dict[str, Pair] = {}
     refused: dict[str, str] = {}
     for name in producers if producers is not None else list(layers):
