@@ -150,6 +150,7 @@ def finetune_lora(req: FinetuneLoraRequest) -> Result:
     from prunecli.checkpoint.loaders import load_checkpoint
     from prunecli.checkpoint.sources import SourceKind, resolve_source
     from prunecli.checkpoint.writer import check_output
+    from prunecli.counting import count_model
     from prunecli.data import augmentation_name, make_loader
     from prunecli.device import describe, resolve_device, seed_everything
     from prunecli.evaluation import evaluate_sharded
@@ -206,7 +207,7 @@ def finetune_lora(req: FinetuneLoraRequest) -> Result:
     model = lora.merge_kept_adapters(loaded.model, loaded.manifest.masked)
     prunable = sorted(prunable_params(model))
     masks = lora.masks_of(model, loaded.manifest.masked)
-    sparsity_before = _prunable_sparsity(model, prunable)
+    sparsity_before = count_model(model).sparsity  # the one counting convention (prunecli.counting)
     masked_before = _prunable_sparsity(model, sorted(masks))
     train_ds, _ = load_data(req.data, loaded, req.transforms, default_split="train", train=True, augment=augment)
     val_ds = load_data(req.val, loaded, req.transforms, default_split="test")[0] if req.val else None
@@ -261,7 +262,9 @@ def finetune_lora(req: FinetuneLoraRequest) -> Result:
     for w in outcome.warnings:
         lora.log.warning(w)
     final = outcome.model.eval()
-    metrics["sparsity_after"] = _prunable_sparsity(final, prunable)
+    after = count_model(final)
+    metrics.update(after.metrics())
+    metrics["sparsity_after"] = after.sparsity
     metrics["masked_sparsity_before"] = masked_before  # over the tensors the checkpoint lists as masked
     metrics["masked_sparsity_after"] = _prunable_sparsity(final, sorted(masks))
     if outcome.adapter_state is not None:
