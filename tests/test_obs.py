@@ -15,8 +15,9 @@ import pytest
 import torch
 from torch import nn
 
-from prunecli.errors import InputError
+from prunecli.errors import CheckpointError, InputError
 from prunecli.reconstruction import NM, GramAccumulator, dampen, obs_prune, reconstruct
+from prunecli.reconstruction.masked import restore_masked
 from prunecli.reconstruction.obs import row_errors, selector, sparsegpt_solve
 
 DT = torch.float64
@@ -54,6 +55,13 @@ def lstsq_optimum(w: torch.Tensor, x: torch.Tensor, keep: torch.Tensor, mu: floa
         sol = torch.linalg.lstsq(a[k].T, (w[i] @ a)[:, None]).solution.flatten()
         out[i, k] = sol
     return out
+
+
+def guarded_reference(w: torch.Tensor, h: torch.Tensor, keep: torch.Tensor, damp: float = 0.01) -> torch.Tensor:
+    """:func:`brute_sequential` on the dampened H, then, per row, the plain mask where that is better on H."""
+    ref = brute_sequential(w, dampen(h, damp)[0], ~keep)
+    masked = w * keep
+    return torch.where((row_errors(w, ref, h) > row_errors(w, masked, h))[:, None], masked, ref)
 
 
 def loss(w: torch.Tensor, w_hat: torch.Tensor, x: torch.Tensor) -> float:
@@ -238,8 +246,9 @@ def test_nm_pattern_exact(blocksize: int) -> None:
 
 
 def test_nm_with_dead_inputs_and_conv_layout() -> None:
-    """Dead inputs (all-zero channels) cost nothing to remove: they are pruned first; a group with more
-    dead inputs than m − n has more zeros than the pattern needs."""
+    """Dead inputs (all-zero channels) cost nothing to remove on the calibration data: they are pruned
+    first, the smaller |w| first, and no more of them than the pattern needs (their weights may matter on
+    other inputs, e.g. padding taps at another image size)."""
     torch.manual_seed(12)
     conv = nn.Conv2d(4, 5, 2).double()  # row = 4·2·2 = 16 → four groups of 4: one per input channel
     x = torch.randn(3, 4, 5, 5, dtype=DT)
@@ -249,9 +258,11 @@ def test_nm_with_dead_inputs_and_conv_layout() -> None:
     w = conv.weight.detach().reshape(5, -1)
     res = obs_prune(w, h, NM(2, 4), blocksize=8)
     assert bool(torch.isfinite(res.weight).all())
-    zeros = (res.weight == 0).reshape(5, 4, 4).sum(-1)
-    assert bool((zeros[:, 1] == 4).all()) and bool((zeros[:, [0, 2, 3]] == 2).all())
+    assert bool(((res.weight == 0).reshape(5, 4, 4).sum(-1) == 2).all())
+    smallest_two = w[:, 4:8].abs().argsort(1)[:, :2]  # the dead group: magnitude decides
+    assert torch.equal((~res.keep[:, 4:8]).nonzero()[:, 1].view(5, 2), smallest_two.sort(1).values)
     assert bool((~res.keep[:, 2]).all())  # the dead column of group 0 is among the pruned pair
+    assert torch.equal(res.weight[:, 4:8], w[:, 4:8] * res.keep[:, 4:8])  # dead weights get no update
 
 
 def test_unstructured_exact_count_per_row() -> None:
@@ -323,14 +334,10 @@ def test_depthwise_conv_solved_per_group() -> None:
     for c in range(3):
         cols = nn.functional.unfold(x[:, c : c + 1], 3, padding=1).transpose(1, 2).reshape(-1, 9)
         h = cols.T @ cols
-        h_damped, _ = dampen(h, 0.01)
         rows = slice(2 * c, 2 * c + 2)
-        ref = brute_sequential(w[rows], h_damped, ~keep[rows])
-        masked = w[rows] * keep[rows]
-        worse = row_errors(w[rows], ref, h) > row_errors(w[rows], masked, h)  # the guard's rule
-        ref = torch.where(worse[:, None], masked, ref)
+        ref = guarded_reference(w[rows], h, keep[rows])
         assert torch.allclose(got[rows], ref, rtol=0, atol=1e-10)
-        err_mask += float(row_errors(w[rows], masked, h).sum())
+        err_mask += float(row_errors(w[rows], w[rows] * keep[rows], h).sum())
         err_obs += float(row_errors(w[rows], ref, h).sum())
     layer = report.layers["0"]
     assert layer.status == "reconstructed" and layer.positions == 8 * 49
@@ -411,9 +418,11 @@ def test_sequential_uses_the_reconstructed_prefix_and_warns_on_unreached() -> No
     torch.manual_seed(20)
     dense = Mlp().double()
     calib = [torch.randn(32, 16, dtype=DT) for _ in range(3)]
-    model = copy.deepcopy(dense)
+    model = copy.deepcopy(dense).train()
     before = model.unused.weight.detach().clone()
-    report = reconstruct(model, {"fc1": (2, 4), "fc2.weight": 0.6, "unused": 0.5}, calib, blocksize=8)
+    pairs = [(x, torch.zeros(len(x), dtype=torch.long)) for x in calib]  # (image, label) as loaders yield
+    report = reconstruct(model, {"fc1": (2, 4), "fc2.weight": 0.6, "unused": 0.5}, pairs, blocksize=8)
+    assert model.training  # the training flag is given back
     assert report.layers["unused"].status == "unreached" and torch.equal(model.unused.weight, before)
     assert any("unused" in msg for msg in report.warnings)
     # fc2's Gram matrix must come from the already reconstructed fc1: recompute it that way, independently
@@ -437,3 +446,85 @@ def test_sequential_bad_input() -> None:
         reconstruct(model, {"fc1": 0.5}, [])
     report = reconstruct(model, {"fc1": (2, 3)}, [torch.randn(2, 16)])  # 16 columns: no groups of 3
     assert report.layers["fc1"].status == "skipped" and report.warnings
+
+
+# ---------------------------------------------------------------- a masked checkpoint against its dense parent
+
+
+def test_restore_masked_keeps_the_mask_and_fits_the_dense_parent() -> None:
+    torch.manual_seed(21)
+    dense = Mlp().double().eval()
+    mix = torch.randn(16, 16, dtype=DT) + torch.eye(16, dtype=DT)
+    calib = [torch.randn(32, 16, dtype=DT) @ mix for _ in range(3)]
+    pruned = _magnitude(dense, ["fc1", "fc2", "unused"], 0.5)
+    with torch.no_grad():  # as if fine-tuned after pruning: the refit must start from the parent, not these
+        for name in ("fc1", "fc2"):
+            w = pruned.get_submodule(name).weight
+            w.mul_(1.5)
+    keep = {n: pruned.get_submodule(n).weight.detach() != 0 for n in ("fc1", "fc2", "unused")}
+    unused_before = pruned.unused.weight.detach().clone()
+    report = restore_masked(pruned, dense, ["fc1.weight", "fc2.weight", "unused.weight"], calib)
+    for name, k in keep.items():
+        assert torch.equal(pruned.get_submodule(name).weight.detach() != 0, k)
+    assert report.layers["unused"].status == "unreached" and torch.equal(pruned.unused.weight, unused_before)
+    # fc1 sees the calibration inputs themselves: its refit is the guarded sequential OBS of the parent's weight
+    x1 = torch.cat(calib)
+    ref = guarded_reference(dense.fc1.weight.detach(), x1.T @ x1, keep["fc1"])
+    assert torch.allclose(pruned.fc1.weight.detach(), ref, rtol=0, atol=1e-9)
+    masked_only = _magnitude(dense, ["fc1", "fc2"], 0.5)
+    assert _output_error(dense, pruned, calib) < _output_error(dense, masked_only, calib)
+
+
+def test_restore_masked_bad_input_changes_nothing() -> None:
+    dense, pruned = Mlp(), _magnitude(Mlp(), ["fc1"], 0.5)
+    before = copy.deepcopy(pruned.state_dict())
+    calib = [torch.randn(4, 16)]
+    with pytest.raises(InputError, match="no masked weights"):
+        restore_masked(pruned, dense, [], calib)
+    with pytest.raises(InputError, match="damp"):
+        restore_masked(pruned, dense, ["fc1.weight"], calib, damp=0.0)
+    dense.fc1 = nn.Linear(16, 31)
+    with pytest.raises(CheckpointError, match="dense parent"):
+        restore_masked(pruned, dense, ["fc1.weight"], calib)
+    with pytest.raises(InputError, match="re-iterable"):
+        restore_masked(pruned, Mlp(), ["fc1.weight"], iter(calib))
+    assert all(torch.equal(a, b) for a, b in zip(before.values(), pruned.state_dict().values(), strict=True))
+
+
+def _magnitude_nm(model: nn.Module, names: list[str], n: int, m: int) -> nn.Module:
+    model = copy.deepcopy(model)
+    for name in names:
+        w = model.get_submodule(name).weight.data
+        groups = w.reshape(w.shape[0], -1, m)
+        groups.scatter_(-1, groups.abs().argsort(-1)[..., : m - n], 0.0)
+    return model
+
+
+@pytest.mark.parametrize(
+    ("arch", "kwargs"),
+    [
+        ("resnet18", {"channels": (16, 32, 32, 64), "stem_width": 16, "zero_init_last": False}),
+        ("vit_tiny_patch16_224", {"img_size": 32, "patch_size": 8, "depth": 2}),
+    ],
+    ids=["resnet18", "vit"],
+)
+def test_timm_models_two_four(arch: str, kwargs: dict[str, object]) -> None:
+    """Real architectures (skip connections, BatchNorm, attention): every reachable layer gets an exact
+    2:4 pattern, and the model's output stays closer to the dense one than magnitude 2:4 does."""
+    import timm
+
+    from prunecli.prunable import prunable_layers
+
+    torch.manual_seed(22)
+    dense = timm.create_model(arch, pretrained=False, num_classes=5, **kwargs).eval()
+    calib = [torch.randn(4, 3, 32, 32) for _ in range(2)]
+    names = [n for n, mod in prunable_layers(dense).items() if mod.weight[0].numel() % 4 == 0]
+    model = copy.deepcopy(dense)
+    report = reconstruct(model, dict.fromkeys(names, NM(2, 4)), calib)
+    assert [r.status for r in report.layers.values()] == ["reconstructed"] * len(names)
+    for name in names:
+        zeros = (model.get_submodule(name).weight.reshape(-1, 4) == 0).sum(-1)
+        assert bool((zeros == 2).all())
+        assert report.layers[name].error_obs <= report.layers[name].error_mask
+    mag = _magnitude_nm(dense, names, 2, 4)
+    assert _output_error(dense, model, calib) < _output_error(dense, mag, calib)

@@ -49,14 +49,13 @@ class Selector:
 
     Attributes:
         segment: columns decided at once (a block for unstructured and given masks, ``m`` for N:M).
-        select: ``select(w, u_diag, j1, j2)`` → boolean ``rows × (j2 − j1)``, True = prune; ``w`` are
-            the current (already updated) weights of the segment, ``u_diag`` the factor's diagonal there.
-        joint: the mask is chosen here, so weights of dead inputs may be zeroed (their removal is free).
+        select: ``select(w, u_diag, dead, j1, j2)`` → boolean ``rows × (j2 − j1)``, True = prune; ``w``
+            are the current (already updated) weights of the segment, ``u_diag`` the factor's diagonal
+            there, ``dead`` marks its inputs that carry no signal.
     """
 
     segment: int | None
-    select: Callable[[torch.Tensor, torch.Tensor, int, int], torch.Tensor]
-    joint: bool
+    select: Callable[[torch.Tensor, torch.Tensor, torch.Tensor, int, int], torch.Tensor]
 
 
 @dataclass(frozen=True)
@@ -125,7 +124,7 @@ def row_errors(w: torch.Tensor, w_hat: torch.Tensor, h: torch.Tensor) -> torch.T
 
 def _given(keep: torch.Tensor) -> Selector:
     prune = ~keep.to(torch.bool)
-    return Selector(None, lambda w, u, j1, j2: prune[:, j1:j2].to(w.device), joint=False)
+    return Selector(None, lambda w, u, dead, j1, j2: prune[:, j1:j2].to(w.device))
 
 
 def _unstructured(ratio: float, cols: int) -> Selector:
@@ -134,13 +133,12 @@ def _unstructured(ratio: float, cols: int) -> Selector:
     ``round`` is Python's (half to even), the count unstructured pruning uses for ``round(r·N)``.
     """
 
-    def select(w: torch.Tensor, u_diag: torch.Tensor, j1: int, j2: int) -> torch.Tensor:
-        k = round(ratio * j2) - round(ratio * j1)
-        return _smallest(w.pow(2) / u_diag.pow(2)[None, :], k)
+    def select(w: torch.Tensor, u_diag: torch.Tensor, dead: torch.Tensor, j1: int, j2: int) -> torch.Tensor:
+        return _smallest(w, u_diag, dead, round(ratio * j2) - round(ratio * j1))
 
     if not 0.0 <= ratio < 1.0:
         raise InputError(f"sparsity {ratio}: must be in [0, 1)")
-    return Selector(None, select, joint=True)
+    return Selector(None, select)
 
 
 def _nm(n: int, m: int, cols: int) -> Selector:
@@ -148,15 +146,23 @@ def _nm(n: int, m: int, cols: int) -> Selector:
         raise InputError(f"N:M {n}:{m}: needs 1 <= N < M")
     if cols % m:
         raise InputError(f"N:M {n}:{m}: the row length {cols} is not a multiple of {m}")
-    return Selector(m, lambda w, u, j1, j2: _smallest(w.pow(2) / u.pow(2)[None, :], m - n), joint=True)
+    return Selector(m, lambda w, u, dead, j1, j2: _smallest(w, u, dead, m - n))
 
 
-def _smallest(saliency: torch.Tensor, k: int) -> torch.Tensor:
-    """Boolean mask of the ``k`` smallest entries of every row; ties: the lower column goes first."""
-    out = torch.zeros(saliency.shape, dtype=torch.bool, device=saliency.device)
+def _smallest(w: torch.Tensor, u_diag: torch.Tensor, dead: torch.Tensor, k: int) -> torch.Tensor:
+    """Boolean mask of the ``k`` least salient weights of every row.
+
+    Order: dead inputs first (removing them costs nothing on the calibration data), among them the
+    smaller ``|w|`` first; then the live inputs by the OBS saliency ``w² / U_jj²``. Ties: the lower
+    column goes first (both sorts are stable).
+    """
+    out = torch.zeros(w.shape, dtype=torch.bool, device=w.device)
     if k > 0:
-        order = torch.sort(saliency, dim=1, stable=True).indices[:, :k]
-        out.scatter_(1, order, True)
+        w2 = w.pow(2)
+        key = torch.where(dead[None, :], w2, w2 / u_diag.pow(2)[None, :])
+        order = torch.sort(key, dim=1, stable=True).indices
+        live_first = torch.sort((~dead)[order].to(torch.int8), dim=1, stable=True).indices
+        out.scatter_(1, order.gather(1, live_first)[:, :k], True)
     return out
 
 
@@ -183,7 +189,12 @@ def selector(target: torch.Tensor | float | NM | tuple[int, int], cols: int) -> 
 
 
 def sparsegpt_solve(
-    w: torch.Tensor, h_damped: torch.Tensor, sel: Selector, *, blocksize: int = 128
+    w: torch.Tensor,
+    h_damped: torch.Tensor,
+    sel: Selector,
+    *,
+    blocksize: int = 128,
+    dead: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The raw schedule (no guard): returns (Ŵ in float64, prune mask).
 
@@ -192,6 +203,7 @@ def sparsegpt_solve(
         h_damped: dampened ``cols × cols`` Gram matrix (see :func:`dampen`).
         sel: how the mask is decided.
         blocksize: columns per lazy-update block; for N:M rounded down to a multiple of ``m``.
+        dead: inputs without signal (from :func:`dampen`), pruned first when the mask is chosen here.
     """
     rows, cols = w.shape
     if blocksize < 1:
@@ -200,6 +212,8 @@ def sparsegpt_solve(
         blocksize = max(sel.segment, blocksize // sel.segment * sel.segment)  # a group never spans two blocks
     u = inverse_cholesky(h_damped)
     u_diag = torch.diagonal(u)
+    if dead is None:
+        dead = torch.zeros(cols, dtype=torch.bool, device=w.device)
     w = w.to(torch.float64).clone()
     prune = torch.zeros((rows, cols), dtype=torch.bool, device=w.device)
     for j1 in range(0, cols, blocksize):
@@ -210,7 +224,7 @@ def sparsegpt_solve(
         seg = sel.segment or (j2 - j1)
         for s1 in range(j1, j2, seg):
             s2 = min(s1 + seg, j2)
-            p = sel.select(w1[:, s1 - j1 : s2 - j1], u_diag[s1:s2], s1, s2)
+            p = sel.select(w1[:, s1 - j1 : s2 - j1], u_diag[s1:s2], dead[s1:s2], s1, s2)
             prune[:, s1:s2] = p
             for j in range(s1, s2):
                 k = j - j1
@@ -257,12 +271,9 @@ def obs_prune(
     h64 = h.to(device=w.device, dtype=torch.float64)
     h_damped, dead = dampen(h64, damp)
     w64 = w.to(torch.float64)
-    start = w64.clone()
-    if sel.joint:
-        start[:, dead] = 0.0  # inputs that never carry signal: removing their weights is free
-    w_hat, prune = sparsegpt_solve(start, h_damped, sel, blocksize=blocksize)
+    w_hat, prune = sparsegpt_solve(w64, h_damped, sel, blocksize=blocksize, dead=dead.to(w.device))
     keep = ~prune
-    masked = torch.where(keep, start, 0.0)  # dead inputs contribute nothing to the errors, zeroed or not
+    masked = torch.where(keep, w64, 0.0)
     err_mask = row_errors(w64, masked, h64)
     err_obs = row_errors(w64, w_hat, h64)
     worse = err_obs > err_mask if guard else torch.zeros_like(err_obs, dtype=torch.bool)

@@ -65,8 +65,11 @@ class ReconstructionReport:
     warnings: list[str] = field(default_factory=list)
 
 
-class _Stop(Exception):
-    """Raised by a hook to end a forward pass once the layer being solved has seen its inputs."""
+class _Stop(BaseException):
+    """Raised by a hook to end a forward pass once the layer being solved has seen its inputs.
+
+    A BaseException, so that model code catching ``Exception`` cannot swallow it and run on.
+    """
 
 
 def _default_forward(model: nn.Module, batch: Any, device: torch.device) -> Any:
