@@ -98,7 +98,7 @@ class GramAccumulator:
     """Sums ``X Xᵀ`` over calibration batches for one layer, per group, in float64.
 
     Attributes:
-        h: ``groups × d × d`` float64 sum of outer products (None before the first batch).
+        h: ``groups × d × d`` float64 sum of outer products (zeros before the first batch).
         positions: number of positions (columns of ``X``) added so far.
     """
 
@@ -106,16 +106,15 @@ class GramAccumulator:
         if not supports(module):
             raise InputError(f"{type(module).__name__} layers cannot be reconstructed (Linear, Conv1d, Conv2d only)")
         self.module = module
-        self.device = device
-        self.h: torch.Tensor | None = None
+        groups = int(getattr(module, "groups", 1))
+        d = module.weight[0].numel()
+        self.h = torch.zeros((groups, d, d), dtype=torch.float64, device=device or module.weight.device)
         self.positions = 0
 
     def add(self, x: torch.Tensor) -> None:
         """Adds one batch of the layer's input (as the layer receives it)."""
         cols = input_columns(self.module, x.detach())
         g, n, d = cols.shape
-        if self.h is None:
-            self.h = torch.zeros((g, d, d), dtype=torch.float64, device=self.device or cols.device)
         step = max(1, _CHUNK_ELEMENTS // max(1, g * d))
         for i in range(0, n, step):
             chunk = cols[:, i : i + step].to(device=self.h.device, dtype=torch.float64)

@@ -5,6 +5,11 @@ reconstructed, so a later layer sees, and partly absorbs, the error of the earli
 bounded: one layer's Gram matrix exists at a time and the calibration batches are streamed; no
 activation outlives its batch.
 
+Multi-process (``torchrun``): give each process its shard of the calibration batches; each layer's Gram
+matrix and position count are summed over the processes before the solve, so every process computes
+the same weights, equal to the one-process result up to float summation order. Every process must have
+at least one batch, and the forward must call the layers in the same order on every batch.
+
 Cost: one pass over the calibration batches per layer, each stopped at the layer (a hook raises once
 the layer has seen its input), so the total is about half a forward pass of the calibration set per
 layer on a chain-like network.
@@ -20,6 +25,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from prunecli.distributed import all_reduce_tensors, is_distributed
 from prunecli.errors import InputError
 from prunecli.reconstruction.hessian import GramAccumulator, supports
 from prunecli.reconstruction.obs import NM, obs_prune, selector
@@ -151,6 +157,9 @@ def _gram(
                 forward(model, batch, device)
     finally:
         handle.remove()
+    if is_distributed():  # each rank saw its shard of the batches: the one-process H is the sum
+        summed = all_reduce_tensors({"h": acc.h, "positions": torch.tensor(acc.positions)})
+        acc.h, acc.positions = summed["h"], int(summed["positions"])
     return acc
 
 
