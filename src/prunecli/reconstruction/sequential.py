@@ -158,7 +158,7 @@ def _gram(
     finally:
         handle.remove()
     if is_distributed():  # each rank saw its shard of the batches: the one-process H is the sum
-        summed = all_reduce_tensors({"h": acc.h, "positions": torch.tensor(acc.positions)})
+        summed = all_reduce_tensors({"h": acc.h, "positions": torch.tensor(acc.positions, device=acc.h.device)})
         acc.h, acc.positions = summed["h"], int(summed["positions"])
     return acc
 
