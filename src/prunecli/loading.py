@@ -154,10 +154,9 @@ def pruned_num_features(model: Any) -> int | None:
 _README = """\
 # {arch} — written by prunecli
 
-These weights have {why}. `timm.create_model('local-dir:{name}', pretrained=True)` and
-`model.load_state_dict(...)` cannot load them: {consequence}.
+These weights have {why}. {consequence}
 
-Load them through prunecli (`pip install prunecli`), which rebuilds the recorded shapes:
+Load them through prunecli (installed with `pip install -e .` from its repository), which rebuilds them:
 
 ```python
 import prunecli
@@ -200,10 +199,11 @@ def folder_notes(manifest: Manifest, model: Any = None, name: str = ".") -> tupl
         width = pruned_num_features(model) if model is not None else None
         updates["num_features"] = width  # None: dropped by the writer rather than claiming the dense width
     why = " and ".join(reasons)
+    load = f"`timm.create_model('local-dir:{name}', pretrained=True)`"
     consequence = (
-        "their tensors are narrower than the architecture timm builds"
+        f"{load} and `load_state_dict` cannot load them: their tensors are narrower than the architecture timm builds."
         if manifest.structure
-        else "timm would load the base weights without the adapter"
+        else f"{load} would load the base weights without the adapter."
     )
     readme = _README.format(arch=manifest.arch, why=why, consequence=consequence, name=name)
     return updates, readme
