@@ -705,8 +705,9 @@ class PruneRequest(ModelCommand):
 # ----------------------------------------------------------------------------------------- restore
 
 _RESTORE_METHODS_HELP = (
-    "Restoration method: lbyl (LBYL closed form, data-free; default), merge (Neuron Merging), lstsq (ridge "
-    "refit of the consumers on --data), bn (BatchNorm re-estimation on --data); join with + to chain (lbyl+bn)."
+    "Restoration method: lbyl (LBYL closed form, data-free), merge (Neuron Merging), lstsq (ridge "
+    "refit of the consumers on --data), bn (BatchNorm re-estimation on --data); join with + to chain (lbyl+bn). "
+    "Default: lstsq+bn with --data (lstsq without BatchNorms), lbyl without."
 )
 
 
@@ -715,7 +716,7 @@ class RestoreRequest(ModelCommand):
     """``prunecli restore``: training-free restoration of a channel-pruned checkpoint."""
 
     output: str = output_option()
-    method: str = option("lbyl", "--method", "-m", help=_RESTORE_METHODS_HELP)
+    method: str | None = option(None, "--method", "-m", help=_RESTORE_METHODS_HELP, show_default=False)
     dense: str | None = option(None, "--dense", help="The dense parent (default: the prune step's input in the "
                                "lineage; its sha256 must match).", show_default=False)  # fmt: skip
     data: str | None = data_option("Calibration data (split defaults to train): needed by lstsq/bn; adds "

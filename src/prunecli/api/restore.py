@@ -54,6 +54,9 @@ class RestoreReport:
         warnings: every warning emitted.
         accuracy: {"before": {...}, "after": {...}} evaluation metrics with ``val``.
         seconds: wall time per method.
+        groups: one row per pruned group (every pruned conv/linear producer is in exactly one): kind
+            (``block``, ``stream``, ``attention``), producers, consumers, and per method ``restored…`` or
+            ``skipped: why`` (``restored_by`` lists the methods that restored it).
     """
 
     methods: list[str]
@@ -64,10 +67,11 @@ class RestoreReport:
     warnings: list[str] = field(default_factory=list)
     accuracy: dict[str, dict[str, Any]] = field(default_factory=dict)
     seconds: dict[str, float] = field(default_factory=dict)
+    groups: list[dict[str, Any]] = field(default_factory=list)
 
     def metrics(self) -> dict[str, Any]:
         """Flat, JSON-able metrics for the record."""
-        rows = []
+        rows: list[dict[str, Any]] = []
         for method, layers in self.layers.items():
             for producer, info in sorted(layers.items()):
                 row = {"method": method, "producer": producer, **{k: v for k, v in info.items() if k != "method"}}
@@ -79,8 +83,9 @@ class RestoreReport:
         out: dict[str, Any] = {
             "method": "+".join(self.methods),
             "params": self.params,
-            "restored_layers": len({r["producer"] for r in rows if r["producer"] != "*"}),
+            "restored_layers": len(_restored_producers(rows)),
             "layers": rows,
+            "groups": self.groups,
             "refused": self.refused,
             "warnings": self.warnings,
             "restore_s": self.seconds,
@@ -95,6 +100,11 @@ class RestoreReport:
             out.update({k: v for k, v in after.items() if k in ("top1", "top5", "loss", "samples")})
             out.update({f"{k}_before": v for k, v in before.items() if k in ("top1", "top5", "loss")})
         return out
+
+
+def _restored_producers(rows: list[dict[str, Any]]) -> set[str]:
+    """Every producer a row restored (a stream row restores all its producers; ``*`` rows are not producers)."""
+    return {p for r in rows if r["producer"] != "*" for p in r.get("producers", [r["producer"]])}
 
 
 def _inputs_only(batches: Iterable[Any] | None, limit: int) -> list[Any]:
@@ -153,31 +163,38 @@ def restore_model(
     pruned_model.eval()
     report = RestoreReport([m.name for m in methods], {m.name: p for m, p in zip(methods, resolved, strict=True)})
     ctx = RestoreContext(pruned_model, dense_model, plan, calib=calib_list or None, device=dev)
+    # the structure also lists parameters and norms whose channels were pruned with the residual
+    # stream (a ViT's cls_token/pos_embed, LayerNorms): only conv/linear layers can be producers
+    traced = dense_model if dense_model is not None else pruned_model
+    convlin = [n for n in producers if isinstance(_module(traced, n), (torch.nn.Conv2d, torch.nn.Linear))]
+    x = example_input
+    if x is None:
+        x = calib_list[0][:1] if calib_list else _example(traced)
     if dense_model is not None:
         dense_model.eval()
         _check_dense(dense_model, producers)
-        x = example_input
-        if x is None:
-            x = calib_list[0][:1] if calib_list else _example(dense_model)
-        # the structure also lists parameters and norms whose channels were pruned with the residual
-        # stream (a ViT's cls_token/pos_embed, LayerNorms): only conv/linear layers can be producers
-        convlin = [n for n in producers if isinstance(_module(dense_model, n), (torch.nn.Conv2d, torch.nn.Linear))]
         ctx.pairs = find_pairs(dense_model, x, convlin)
         report.refused = dict(sorted(ctx.pairs.refused.items()))
+        groups = ctx.pairs.groups
+    else:  # bn alone: the groups for the record, traced on the pruned model (same graph, fewer channels)
+        groups = _groups_of(pruned_model, x, convlin)
     before = copy.deepcopy(pruned_model) if (calib_list and dense_model is not None) or val is not None else None
     for m, p in zip(methods, resolved, strict=True):
-        ctx.layers = {}
+        ctx.layers, ctx.method = {}, m.name
         start = time.perf_counter()
         m.run(ctx, p)
         report.seconds[m.name] = round(time.perf_counter() - start, 4)
         report.layers[m.name] = ctx.layers
     pruned_model.to("cpu").eval()
     report.warnings = list(ctx.warnings)
+    report.groups = _group_rows(groups, ctx, [m.name for m in methods])
     if calib_list and dense_model is not None and ctx.pairs is not None and before is not None:
-        consumers = sorted({c.name for n in producers if n in ctx.pairs.pairs for c in ctx.pairs.pairs[n].consumers})
+        consumers = {c.name for n in producers if n in ctx.pairs.pairs for c in ctx.pairs.pairs[n].consumers}
+        consumers |= {n for n, e in plan.items() if "in" in e and len(e["in"]["kept"]) < e["in"]["dense"]
+                      and isinstance(_module(dense_model, n), (torch.nn.Conv2d, torch.nn.Linear))}  # fmt: skip
         batches = calib_list[:_RECON_BATCHES]
         report.recon = reconstruction_errors(
-            dense_model, {"before": before, "after": pruned_model}, plan, consumers, batches, dev
+            dense_model, {"before": before, "after": pruned_model}, plan, sorted(consumers), batches, dev
         )
         for mod in (dense_model, before, pruned_model):
             mod.to("cpu")
@@ -192,6 +209,47 @@ def restore_model(
         before.to("cpu")
         pruned_model.to("cpu")
     return report
+
+
+def _groups_of(model: Any, x: Any, producers: list[str]) -> list[Any]:
+    """The pruned groups of ``model`` for the record; one group per producer when it cannot be traced."""
+    from prunecli.restoration.graph import Group, find_pairs
+
+    try:
+        return find_pairs(model, x, producers).groups
+    except Exception:  # the record still lists every producer; only the stream grouping is lost
+        return [Group([n]) for n in producers]
+
+
+# what a method that does not compensate channels did to every group (bn re-estimates statistics only)
+_NOT_COMPENSATING = "BatchNorm statistics re-estimated; the pruned channels themselves are not compensated"
+
+
+def _group_rows(groups: list[Any], ctx: Any, methods: list[str]) -> list[dict[str, Any]]:
+    """One row per pruned group: its producers, consumers and what each method did (or why it did not)."""
+    from prunecli.restoration import RESTORERS
+
+    pairs = ctx.pairs.pairs if ctx.pairs is not None else {}
+    rows = []
+    for g in groups:
+        done = dict(ctx.outcomes.get(g.name, {}))
+        for m in methods:
+            if m in done:
+                continue
+            if not RESTORERS.get(m).needs_dense and not RESTORERS.get(m).compensates:
+                done[m] = _NOT_COMPENSATING
+            elif g.reason is not None:
+                done[m] = f"skipped: {g.reason}"
+            else:
+                done[m] = "skipped: nothing to compensate"
+        consumers = sorted({c.name for n in g.producers if n in pairs for c in pairs[n].consumers})
+        if g.attention is not None:
+            consumers = [g.attention.proj]
+        rows.append({
+            "group": g.name, "kind": g.kind, "producers": list(g.producers), "consumers": consumers,
+            "methods": done, "restored_by": [m for m in methods if done[m].startswith("restored")],
+        })  # fmt: skip
+    return rows
 
 
 def _module(model: Any, name: str) -> Any:
@@ -262,7 +320,9 @@ def _prune_step(lineage: list[dict[str, Any]]) -> tuple[int, dict[str, Any]] | N
 def restore(req: RestoreRequest) -> Result:
     """Restores a channel-pruned checkpoint (written by ``prune --structure channel``) and writes OUT.
 
-    ``req.method`` is ``lbyl`` (default), ``merge``, ``lstsq``, ``bn``, or several joined by ``+``. The
+    ``req.method`` is ``lbyl``, ``merge``, ``lstsq``, ``bn``, or several joined by ``+``; None (the
+    default) follows from the data: ``lstsq+bn`` with ``req.data`` (``lstsq`` without BatchNorms), else
+    ``lbyl`` (:func:`prunecli.restoration.default_method`). The
     dense parent is ``req.dense`` or the lineage's prune input; its sha256 must match the lineage.
     ``req.data`` (split defaults to ``train``) is needed by ``lstsq``/``bn``; with any method it adds
     per-layer reconstruction errors to the record. ``req.val`` (split defaults to ``test``) adds top-1
@@ -277,11 +337,12 @@ def restore(req: RestoreRequest) -> Result:
     from prunecli.checkpoint.writer import check_output
     from prunecli.data import make_loader
     from prunecli.device import describe, resolve_device, seed_everything
-    from prunecli.restoration import parse_methods, resolve_params
+    from prunecli.restoration import default_method, parse_methods, resolve_params
 
     spec, out, force, opts, run = req.checkpoint, req.output, req.force, req.source, req.runtime
-    methods = parse_methods(req.method)
-    KeyValues.of(req.params).check([k for m in methods for k in m.params], req.method)
+    method = req.method or default_method(None, bool(req.data))  # refined once the model is loaded
+    methods = parse_methods(method)
+    KeyValues.of(req.params).check([k for m in methods for k in m.params], method)
     resolve_params(methods, req.params)  # convert and validate the values before any work
     needs_data = [m.name for m in methods if m.needs_data]
     if needs_data and not req.data:
@@ -293,6 +354,10 @@ def restore(req: RestoreRequest) -> Result:
     seed_everything(run.seed)
     loaded = load_checkpoint(spec, arch=opts.arch, num_classes=opts.num_classes, ema=opts.ema,
                              model_args=dict(opts.model_args), source=source)  # fmt: skip
+    if req.method is None:
+        method = default_method(loaded.model, bool(req.data))
+        methods = parse_methods(method)
+        resolve_params(methods, {k: v for k, v in req.params.items() if any(k in m.params for m in methods)})
     manifest = loaded.manifest
     structure = manifest.structure
     if not structure or not (structure.get("channels") if isinstance(structure, dict) else None):
@@ -324,11 +389,12 @@ def restore(req: RestoreRequest) -> Result:
         vs, _ = load_data(req.val, loaded, req.transforms, default_split="test")
         val_loader = make_loader(vs, **loader)
     report = restore_model(
-        loaded.model, dense_loaded.model if dense_loaded else None, structure, req.method,
-        params=req.params,
+        loaded.model, dense_loaded.model if dense_loaded else None, structure, method,
+        params={k: v for k, v in req.params.items() if any(k in m.params for m in methods)},
         calib=calib_loader, val=val_loader, device=dev,
     )  # fmt: skip
-    provenance = {"dense": dense_path, "dense_sha256": dense_sha, "resolved_params": report.params}
+    provenance = {"dense": dense_path, "dense_sha256": dense_sha, "resolved_params": report.params,
+                  "resolved_method": method}  # fmt: skip
     path, sha = save_output(out, loaded.model, loaded, command="restore", options=req.to_json(), force=force,
                             provenance=provenance)  # fmt: skip
     metrics = report.metrics()

@@ -2,7 +2,7 @@
 
 Methods are registered by name in :data:`RESTORERS`:
 
-* ``lbyl`` — LBYL closed form, data-free (default);
+* ``lbyl`` — LBYL closed form, data-free (the default without data; :func:`default_method`);
 * ``merge`` — Neuron Merging, data-free baseline;
 * ``lstsq`` — ridge least-squares refit of each consumer on calibration activations;
 * ``bn`` — BatchNorm statistics re-estimation on calibration images.
@@ -20,7 +20,7 @@ from typing import Any
 from prunecli.errors import InputError
 from prunecli.registry import Registry
 
-__all__ = ["RESTORERS", "Restorer", "parse_methods", "resolve_params"]
+__all__ = ["RESTORERS", "Restorer", "default_method", "parse_methods", "resolve_params"]
 
 
 @dataclass(frozen=True)
@@ -84,6 +84,25 @@ RESTORERS.add("lstsq", Restorer("lstsq", _lstsq, {"ridge": 1e-3, "samples": 256}
 RESTORERS.add("bn", Restorer("bn", _bn, {"samples": 2048, "scope": "downstream", "exact": True},
                              needs_dense=False, needs_data=True,
                              summary="BatchNorm statistics re-estimation on calibration data"))  # fmt: skip
+
+
+# The default chain with calibration data: on the digits study (benchmarks/restore_study.md) the refit
+# plus BatchNorm re-estimation is the best of the chains; without BatchNorms (a ViT) bn has nothing to do.
+DATA_DEFAULT, DATA_DEFAULT_NO_BN, DATA_FREE_DEFAULT = "lstsq+bn", "lstsq", "lbyl"
+
+
+def default_method(model: Any, has_data: bool) -> str:
+    """``restore``'s method when none is given: it follows from the data (docs/restoration.md).
+
+    With calibration data, the data-aware chain ``lstsq+bn`` (``lstsq`` for a model without
+    BatchNorm); without, the data-free ``lbyl``.
+    """
+    if not has_data:
+        return DATA_FREE_DEFAULT
+    from prunecli.tracing import is_batchnorm
+
+    has_bn = model is None or any(is_batchnorm(m) for m in model.modules())
+    return DATA_DEFAULT if has_bn else DATA_DEFAULT_NO_BN
 
 
 def parse_methods(method: str) -> list[Restorer]:

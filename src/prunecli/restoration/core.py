@@ -25,11 +25,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from prunecli.errors import CheckpointError
-from prunecli.restoration.graph import Pair, PairMap
+from prunecli.restoration.graph import Consumer, Group, Pair, PairMap
 
 __all__ = [
     "ProducerStats",
     "RestoreContext",
+    "Unit",
     "channel_plan",
     "pruned_producers",
     "reconstruction_errors",
@@ -124,6 +125,39 @@ class ProducerStats:
 
 
 @dataclass
+class Unit:
+    """One group the data-free methods restore: its producers' pairs and the shared kept/pruned channels.
+
+    Attributes:
+        group: the group (``block`` or ``stream``).
+        pair: the producer's pair; for a stream, one pair whose consumers are the union of its members'.
+        members: each producer's own pair (one for a ``block``).
+        kept, pruned: the dense indices of the kept and pruned channels (the same for every member).
+    """
+
+    group: Group
+    pair: Pair
+    members: list[Pair]
+    kept: list[int]
+    pruned: list[int]
+
+
+def _joint_pair(members: Sequence[Pair]) -> Pair:
+    """One pair for the whole group: the first producer's, reading into every member's consumers."""
+    if len(members) == 1:
+        return members[0]
+    consumers: dict[str, Consumer] = {}
+    for m in members:
+        for c in m.consumers:
+            consumers.setdefault(c.name, c)
+    acts = {m.activation for m in members} - {"identity"}
+    first = members[0]
+    return Pair(first.producer, None, next(iter(acts)) if len(acts) == 1 else "identity",
+                sorted({w for m in members for w in m.approximate}),
+                [consumers[k] for k in sorted(consumers)], stream=True)  # fmt: skip
+
+
+@dataclass
 class RestoreContext:
     """The models and bookkeeping one restoration run works on.
 
@@ -136,6 +170,8 @@ class RestoreContext:
         device: where data-driven methods run.
         warnings: messages for the record (also logged).
         layers: per-producer report rows, filled by the methods.
+        outcomes: group name → method → ``restored`` or ``skipped: why`` (:meth:`done`, :meth:`skip`).
+        method: the name of the method running now.
     """
 
     pruned: nn.Module
@@ -146,6 +182,8 @@ class RestoreContext:
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     warnings: list[str] = field(default_factory=list)
     layers: dict[str, dict[str, Any]] = field(default_factory=dict)
+    outcomes: dict[str, dict[str, str]] = field(default_factory=dict)
+    method: str = ""
     _warned: set[str] = field(default_factory=set)
 
     def calib_samples(self, samples: int) -> list[torch.Tensor]:
@@ -166,33 +204,86 @@ class RestoreContext:
             self.warnings.append(message)
             log.warning(message)
 
-    def restorable(self) -> list[tuple[Pair, list[int], list[int]]]:
-        """(pair, kept P, pruned J) for every pruned producer with a restorable path; warns for the rest.
+    def restorable(self, *, quiet: bool = False) -> list[Unit]:
+        """Every group the data-free methods can restore, as a :class:`Unit`; warns once per reason for the rest.
+
+        ``quiet``: no warnings about the data-free methods' limits (``lstsq`` refits those layers too).
 
         One warning per reason, naming every layer it applies to (a ViT refuses the same residual
         stream in every block). Norms and parameters pruned with the residual stream (``cls_token``) are
-        not producers; a pruned head has no consumer to compensate: neither is warned about.
+        not producers; a pruned head has no consumer to compensate: neither is warned about. Attention
+        groups are returned by :meth:`attention_units`.
         """
         assert self.pairs is not None
+        producers = pruned_producers(self.plan)
         found = []
         refused: dict[str, list[str]] = {}
         approximate: dict[str, list[str]] = {}
-        for name, (kept, dense) in pruned_producers(self.plan).items():
-            pair = self.pairs.pairs.get(name)
-            if pair is None:
-                reason = self.pairs.refused.get(name)
-                if reason is not None and "no conv/linear consumer" not in reason:
-                    refused.setdefault(reason, []).append(name)
+        for name, reason in self.pairs.refused.items():
+            if name in producers and "no conv/linear consumer" not in reason:
+                refused.setdefault(reason, []).append(name)
+        for group in self.pairs.groups:
+            if group.kind == "attention" or group.reason is not None:
                 continue
-            for why in pair.approximate:
-                approximate.setdefault(why, []).append(name)
+            members = [self.pairs.pairs[n] for n in group.producers if n in self.pairs.pairs and n in producers]
+            if not members:
+                continue
+            kept, dense = producers[members[0].producer]
+            if any(producers[m.producer] != (kept, dense) for m in members):
+                why = "the producers of this residual stream keep different channels"
+                self.skip(group, why)
+                refused.setdefault(why, []).extend(m.producer for m in members)
+                continue
+            for m in members:
+                for why in m.approximate:
+                    approximate.setdefault(why, []).append(m.producer)
+            if group.kind == "stream":
+                approximate.setdefault("a residual add", []).append(group.producers[0])
             pruned = sorted(set(range(dense)) - set(kept))
-            found.append((pair, list(kept), pruned))
+            found.append(Unit(group, _joint_pair(members), members, list(kept), pruned))
+        if quiet:
+            return found
         for reason, names in refused.items():
             self.warn(f"{_layer_list(names)}: not restored: {reason}")
         for why, names in approximate.items():
             self.warn(f"{_layer_list(names)}: restoration is approximate ({why} between it and its consumers)")
         return found
+
+    def attention_units(self) -> list[tuple[Group, list[int]]]:
+        """(group, kept ``qkv`` output indices) for every fused-qkv attention whose ``qkv`` lost outputs."""
+        if self.pairs is None:
+            return []
+        producers = pruned_producers(self.plan)
+        return [(g, producers[g.producers[0]][0]) for g in self.pairs.groups
+                if g.kind == "attention" and g.producers[0] in producers]  # fmt: skip
+
+    def done(self, group: Group, method: str, outcome: str = "restored") -> None:
+        """Records what ``method`` did to ``group`` (the record's ``groups``: no group silently left out)."""
+        self.outcomes.setdefault(group.name, {})[method] = outcome
+
+    def skip(self, group: Group, reason: str) -> None:
+        """Records that the running method left ``group`` as pruned, and why."""
+        self.outcomes.setdefault(group.name, {})[self.method] = f"skipped: {reason}"
+
+    def stream_stats(self, unit: Unit) -> ProducerStats:
+        """The stream's channels as one regression problem: each producer's post-norm affine map, stacked.
+
+        Producer ``p`` writes ``n_k = ŵ_k·x_p + b̂_k`` into the stream (``ŵ = γ/σ·w``,
+        ``b̂ = β − γ/σ·(μ − b)`` with its BatchNorm; ``w``, ``b`` without). The stream channel is a sum
+        of such terms, so coefficients ``s`` with ``[ŵ_j; b̂_j] = Σ_i s_i [ŵ_i; b̂_i]`` for *every*
+        producer make channel ``j`` the same combination of the kept channels everywhere along the
+        stream (docs/restoration.md). Returned without BatchNorm (bias zero): the ridge form of LBYL.
+        """
+        parts = []
+        for pair in unit.members:
+            st = self.producer_stats(pair)
+            if st.has_bn:
+                scale = st.gamma / torch.sqrt(st.var + st.eps)
+                parts += [st.weight * scale[:, None], (st.beta - scale * st.mean)[:, None]]
+            else:
+                parts += [st.weight, st.bias[:, None]]
+        w = torch.cat(parts, dim=1)
+        return ProducerStats(w, torch.zeros(len(w), dtype=torch.float64))
 
     def producer_stats(self, pair: Pair) -> ProducerStats:
         """Dense filters, bias and BN of ``pair.producer`` in float64."""

@@ -11,8 +11,14 @@ the operations on the way:
 * BatchNorm right after the producer → the producer's BN (folded into the LBYL algebra);
 * ReLU-like activations, average pooling, Flatten/reshape → exact for LBYL's theory;
 * other activations (GELU, SiLU, …) and max pooling → allowed, marked approximate;
-* anything that mixes channels or adds a second input (residual add, concat, LayerNorm, a BN after
-  the activation, grouped/depthwise convs as consumers) → the producer is refused with a reason.
+* a residual add → the walk goes on: the channels are a *residual stream*, and every producer whose
+  walk meets the same add node is in the same stream :class:`Group` (a ResNet stage: the stem or the
+  downsample conv and every block's last conv), restored jointly into the union of their consumers;
+* anything that mixes channels (concat, LayerNorm, a BN after the activation, grouped/depthwise convs
+  as consumers) → the producer is refused with a reason; a stream with one refused member is refused
+  as a whole (its coefficients must be shared by every producer that writes it);
+* the fused ``qkv`` Linear of a timm attention module (``qkv``, ``proj``, ``num_heads``) is not walked:
+  its value dimensions are restored per head into ``proj`` (:mod:`prunecli.restoration.attention`).
 """
 
 from __future__ import annotations
@@ -23,7 +29,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-__all__ = ["Consumer", "Pair", "PairMap", "find_pairs"]
+__all__ = ["AttentionSpec", "Consumer", "Group", "Pair", "PairMap", "find_pairs"]
 
 log = logging.getLogger(__name__)
 
@@ -83,6 +89,7 @@ class Pair:
             activation: the identity is exact), or the name of an approximate one (``gelu``…).
         approximate: reasons why restoration is only approximate (non-ReLU activation, max pooling).
         consumers: every layer that reads the channels.
+        stream: the channels reach a residual add (they are part of a residual stream).
     """
 
     producer: str
@@ -90,6 +97,49 @@ class Pair:
     activation: str = "identity"
     approximate: list[str] = field(default_factory=list)
     consumers: list[Consumer] = field(default_factory=list)
+    stream: bool = False
+
+
+@dataclass(frozen=True)
+class AttentionSpec:
+    """A timm attention module with a fused ``qkv`` Linear (ViT, DeiT, EVA, BEiT, …).
+
+    Attributes:
+        module: the attention module's name.
+        qkv, proj: names of its fused query/key/value Linear and its output projection.
+        num_heads: heads; ``qkv`` has ``3 · num_heads · head_dim`` outputs (q, k, v, head-major each).
+        head_dim: the dense per-head width.
+    """
+
+    module: str
+    qkv: str
+    proj: str
+    num_heads: int
+    head_dim: int
+
+
+@dataclass
+class Group:
+    """Producers whose pruned channels are one axis: a single producer, or a residual stream.
+
+    Attributes:
+        producers: the conv/linear layers writing the channels (forward/definition order).
+        kind: ``block`` (one producer, consumers right behind it), ``stream`` (a residual stream) or
+            ``attention`` (a fused ``qkv``: its value dimensions, restored into ``proj``).
+        reason: why it cannot be restored by the data-free methods (None when it can).
+        attention: the attention module (``kind == "attention"``).
+    """
+
+    producers: list[str]
+    kind: str = "block"
+    reason: str | None = None
+    attention: AttentionSpec | None = None
+
+    @property
+    def name(self) -> str:
+        """The group's name in records: its first producer (``+N`` more for a stream)."""
+        more = len(self.producers) - 1
+        return self.producers[0] + (f" (+{more} stream producers)" if more > 0 else "")
 
 
 @dataclass
@@ -102,12 +152,16 @@ class PairMap:
         norm_after: conv/linear name → the BatchNorm directly after it (to fold constant bias shifts
             into ``running_mean`` when a consumer has no bias; :func:`prunecli.tracing.norms_after`).
         order: conv/linear module names in definition order (a topological proxy for timm models).
+        groups: every producer asked about, in exactly one group (refused ones too).
+        attention: ``qkv`` name → its attention module, for every fused-qkv attention of the model.
     """
 
     pairs: dict[str, Pair]
     refused: dict[str, str]
     norm_after: dict[str, str]
     order: list[str]
+    groups: list[Group] = field(default_factory=list)
+    attention: dict[str, AttentionSpec] = field(default_factory=dict)
 
 
 class _Refuse(Exception):
@@ -147,12 +201,17 @@ def find_pairs(
         model.train(was_training)
     layers = {n: m for n, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))}
     norm_after = norms_after(model, layers, example_inputs)  # the tracer's one rule, as bias compensation's
+    attention = attention_modules(model)
     pairs: dict[str, Pair] = {}
     refused: dict[str, str] = {}
-    for name in producers if producers is not None else list(layers):
+    joins: dict[str, set[int]] = {}  # producer → the residual add nodes its channels reach
+    asked = producers if producers is not None else list(layers)
+    for name in asked:
         mod = layers.get(name)
         if mod is None:
             refused[name] = "not a Conv2d or Linear layer"
+            continue
+        if name in attention:  # restored per head into proj (restoration/attention.py), not walked
             continue
         node = graph.module2node.get(mod)
         if node is None:
@@ -161,20 +220,90 @@ def find_pairs(
         if isinstance(mod, nn.Conv2d) and mod.groups != 1:
             refused[name] = f"grouped/depthwise conv (groups={mod.groups}) as producer: filters see different inputs"
             continue
+        joins[name] = set()
         try:
-            pairs[name] = _walk(name, mod, node, names)
+            pairs[name] = _walk(name, mod, node, names, joins[name])
         except _Refuse as why:
             refused[name] = str(why)
-    return PairMap(pairs, refused, norm_after, list(layers))
+    groups = _group(asked, pairs, refused, joins, attention, list(layers))
+    return PairMap(pairs, refused, norm_after, list(layers), groups, attention)
 
 
-def _walk(name: str, producer: nn.Module, start: object, names: dict[nn.Module, str]) -> Pair:
+def attention_modules(model: nn.Module) -> dict[str, AttentionSpec]:
+    """``qkv`` name → :class:`AttentionSpec` for every timm-style attention with a fused ``qkv`` Linear.
+
+    Recognised by shape, not class: a module with ``qkv`` and ``proj`` Linears and an integer
+    ``num_heads`` where ``qkv`` makes ``3 × proj.in_features`` outputs (timm's ``Attention``, EVA's and
+    BEiT's attention, …). A ``qkv`` whose q, k and v widths differ is not this layout.
+    """
+    found: dict[str, AttentionSpec] = {}
+    for name, mod in model.named_modules():
+        qkv, proj, heads = getattr(mod, "qkv", None), getattr(mod, "proj", None), getattr(mod, "num_heads", None)
+        if not (isinstance(qkv, nn.Linear) and isinstance(proj, nn.Linear) and isinstance(heads, int) and heads > 0):
+            continue
+        width = proj.in_features
+        if qkv.out_features != 3 * width or width % heads:
+            continue
+        prefix = f"{name}." if name else ""
+        found[f"{prefix}qkv"] = AttentionSpec(name, f"{prefix}qkv", f"{prefix}proj", heads, width // heads)
+    return found
+
+
+def _group(
+    asked: list[str],
+    pairs: dict[str, Pair],
+    refused: dict[str, str],
+    joins: dict[str, set[int]],
+    attention: dict[str, AttentionSpec],
+    order: list[str],
+) -> list[Group]:
+    """Every asked producer in one group: producers meeting at a residual add are one stream (union-find)."""
+    parent = {n: n for n in asked}
+
+    def root(n: str) -> str:
+        while parent[n] != n:
+            parent[n] = parent[parent[n]]
+            n = parent[n]
+        return n
+
+    by_node: dict[int, str] = {}
+    for name, nodes in joins.items():
+        for node in nodes:
+            other = by_node.setdefault(node, name)
+            parent[root(name)] = root(other)
+    members: dict[str, list[str]] = {}
+    for name in asked:
+        members.setdefault(root(name), []).append(name)
+    pos = {n: i for i, n in enumerate(order)}
+    groups = []
+    for names in members.values():
+        names = sorted(names, key=lambda n: (pos.get(n, len(pos)), n))
+        if names[0] in attention:
+            groups.append(Group(names, "attention", attention=attention[names[0]]))
+            continue
+        stream = any(joins.get(n) for n in names)
+        bad = [n for n in names if n in refused]
+        reason = None
+        if bad:
+            reason = refused[bad[0]]
+            if len(names) > 1:
+                if len({refused[n] for n in bad}) > 1 or len(bad) < len(names):
+                    reason = f"{bad[0]}: {reason}"
+                for n in names:  # the stream's coefficients are shared: one refused writer refuses them all
+                    refused.setdefault(n, f"shares its residual stream with {bad[0]}, which is not restorable")
+                    pairs.pop(n, None)
+        groups.append(Group(names, "stream" if stream else "block", reason))
+    return sorted(groups, key=lambda g: (pos.get(g.producers[0], len(pos)), g.producers[0]))
+
+
+def _walk(name: str, producer: nn.Module, start: object, names: dict[nn.Module, str], joins: set[int]) -> Pair:
     channels = producer.out_channels if isinstance(producer, nn.Conv2d) else producer.out_features
     pair = Pair(producer=name)
     consumers: dict[str, Consumer] = {}
     acts: set[str] = set()
     stack = [(out, True) for out in start.outputs]  # (node, still directly after the producer)
     seen: set[int] = set()
+    late: str | None = None  # a refusal found on the stream, raised once the stream's adds are all joined
     while stack:
         node, first = stack.pop()
         if id(node) in seen:
@@ -197,13 +326,21 @@ def _walk(name: str, producer: nn.Module, start: object, names: dict[nn.Module, 
             stack.extend((out, True) for out in node.outputs)
             continue
         if isinstance(mod, nn.Module) and mod in names:  # LayerNorm, GroupNorm, attention, embeddings …
+            if pair.stream:  # refused, but the walk goes on along the stream to find every producer of it
+                late = late or (f"its channels are a residual stream read through a {type(mod).__name__}, which "
+                                "mixes channels: only lstsq refits the layers that read it")  # fmt: skip
+                continue
             raise _Refuse(f"{type(mod).__name__} {names[mod]} mixes channels")
+        op = _grad_fn_name(node)
+        if op.startswith("Add") and _op_kind(node) == "refuse" and is_add(node):
+            pair.stream = True  # a residual add: the channels go on, summed with the other branch's
+            joins.add(id(node))
+            stack.extend((out, False) for out in node.outputs)
+            continue
         kind = _op_kind(node)
         if kind == "refuse":
-            op = _grad_fn_name(node)  # autograd's name: Torch-Pruning's node names are internal
             if op.startswith(("Add", "Sub")):
-                raise _Refuse("its channels are added to another branch (a residual connection): residual-stream "
-                              "channels are not restorable")  # fmt: skip
+                raise _Refuse("its channels are added to another branch in a way restoration does not follow")
             raise _Refuse(f"its channels reach {_OP_WORDS.get(op, 'an operation restoration does not support')}")
         if kind == "relu":
             acts.add("relu")
@@ -215,6 +352,8 @@ def _walk(name: str, producer: nn.Module, start: object, names: dict[nn.Module, 
             if f"{kind} activation" not in pair.approximate:
                 pair.approximate.append(f"{kind} activation")
         stack.extend((out, False) for out in node.outputs)
+    if late is not None:
+        raise _Refuse(late)
     if not consumers:
         raise _Refuse("no conv/linear consumer found (the channels feed the output)")
     if len(acts) > 1:
@@ -222,6 +361,11 @@ def _walk(name: str, producer: nn.Module, start: object, names: dict[nn.Module, 
     pair.activation = next(iter(acts)) if acts else "identity"
     pair.consumers = [consumers[k] for k in sorted(consumers)]
     return pair
+
+
+def is_add(node: object) -> bool:
+    """True for a two-input element-wise add (a residual connection), not an add of a constant or bias."""
+    return len(getattr(node, "inputs", ())) >= 2
 
 
 # refused operations in the words of a warning (by autograd name)

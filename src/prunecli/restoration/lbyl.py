@@ -159,21 +159,31 @@ def lbyl_coefficients(
 
 
 def restore_lbyl(ctx: RestoreContext, params: dict[str, Any]) -> None:
-    """Restores every restorable producer of ``ctx`` with LBYL (registered as ``lbyl``)."""
+    """Restores every restorable group of ``ctx`` with LBYL (registered as ``lbyl``).
+
+    A block's producer is solved as in the paper; a residual stream jointly over its producers'
+    post-norm affine maps (:meth:`RestoreContext.stream_stats`, ridge form); a fused attention per
+    head into ``proj`` (:mod:`prunecli.restoration.attention`).
+    """
+    from prunecli.restoration.attention import compensate_attention
+
     lambda1, lambda2, mode = float(params["lambda1"]), float(params["lambda2"]), str(params["mode"])
     if lambda1 < 0 or lambda2 < 0:
         raise InputError("lbyl: lambda1 and lambda2 must be >= 0")
     if mode not in MODES:
         raise InputError(f"unknown lbyl mode {mode!r}; choose from {', '.join(MODES)}")
-    for pair, kept, pruned in ctx.restorable():
-        stats = ctx.producer_stats(pair)
-        constants = ctx.constant_channels(stats, pruned)
+    for unit in ctx.restorable():
+        pair, kept, pruned = unit.pair, unit.kept, unit.pruned
+        stream = unit.group.kind == "stream"
+        stats = ctx.stream_stats(unit) if stream else ctx.producer_stats(pair)
+        constants = {} if stream else ctx.constant_channels(stats, pruned)
         regress = [j for j in pruned if j not in constants]
         s_sub, fallbacks = lbyl_coefficients(stats, kept, regress, lambda1=lambda1, lambda2=lambda2, mode=mode)
         s_prime = torch.zeros(len(pruned), len(kept), dtype=torch.float64)
         if regress:
             s_prime[[pruned.index(j) for j in regress]] = s_sub
         consumers = ctx.compensate(pair, kept, pruned, s_prime, constants)
+        ctx.done(unit.group, "lbyl")
         ctx.layers[pair.producer] = {
             "method": "lbyl",
             "consumers": consumers,
@@ -181,7 +191,13 @@ def restore_lbyl(ctx: RestoreContext, params: dict[str, Any]) -> None:
             "pruned": len(pruned),
             "activation": pair.activation,
             "bn": pair.norm is not None,
-            "exact_theory": not pair.approximate,
+            "exact_theory": not pair.approximate and not stream,
             "constant_channels": len(constants),
             "solve_fallbacks": fallbacks,
+            **({"kind": "stream", "producers": unit.group.producers} if stream else {}),
         }
+
+    def per_head(stats: ProducerStats, kept: Sequence[int], pruned: Sequence[int]) -> tuple[torch.Tensor, int]:
+        return lbyl_coefficients(stats, kept, pruned, lambda1=lambda1, lambda2=lambda2, mode=mode)
+
+    compensate_attention(ctx, per_head, "lbyl", "solve_fallbacks")

@@ -1,5 +1,12 @@
 """Data-aware restoration: refit each consumer of pruned channels by ridge least squares.
 
+The consumers are every conv/linear layer that lost input channels — inside a block, the layers
+reading a residual stream (the next blocks' first convs, the downsample convs, the head after pooling;
+a transformer's ``qkv``/``fc1``/head behind their LayerNorms) and attention's ``proj`` — plus the
+``qkv`` of every attention whose dimensions were pruned, whose kept rows are refit only where that
+lowers the error of the attention output. This needs no dataflow graph: the channel structure says
+which layers lost inputs, and a layer is fit on whatever reaches it.
+
 On calibration images, the consumer's *pre-activation* output in the dense model (at its kept output
 rows) is the target; its input in the pruned model is the regressor. Consumers are refit in forward
 order, each on the inputs of the already-refit pruned model, so later layers also absorb the error
@@ -118,37 +125,111 @@ def refit_consumer(ctx: RestoreContext, name: str, batches: list[torch.Tensor], 
     return {"samples": n, "ridge_lambda": lam}
 
 
+def _reads_pruned(ctx: RestoreContext) -> list[str]:
+    """Conv/linear layers of the pruned model that lost input channels (the structure's ``in`` entries)."""
+    out = []
+    for name, entry in ctx.plan.items():
+        inp = entry.get("in")
+        if inp is None or len(inp["kept"]) >= inp["dense"]:
+            continue
+        try:
+            mod = ctx.pruned.get_submodule(name)
+        except AttributeError:
+            continue
+        if isinstance(mod, (nn.Conv2d, nn.Linear)):
+            out.append(name)
+    return out
+
+
+@torch.no_grad()
+def _attention_error(ctx: RestoreContext, proj: str, cols: list[int], batches: list[torch.Tensor]) -> float:
+    """Squared error of the attention output (``proj``'s input) against the dense one at the kept dimensions."""
+    assert ctx.dense is not None
+    err = 0.0
+    for xb in batches:
+        xb = xb.to(ctx.device)
+        got = _capture(ctx.pruned, proj, xb, want="input").to(torch.float64)
+        ref = _capture(ctx.dense, proj, xb, want="input").to(torch.float64)[..., cols]
+        err += float(((got - ref) ** 2).sum())
+    return err
+
+
 def restore_lstsq(ctx: RestoreContext, params: dict[str, Any]) -> None:
-    """Refits every consumer of a restorable pruned producer (registered as ``lstsq``)."""
+    """Refits every layer reading pruned channels, in forward order (registered as ``lstsq``)."""
     ridge, samples = float(params["ridge"]), int(params["samples"])
     if ridge < 0:
         raise InputError("lstsq: ridge must be >= 0")
     if not ctx.calib:
         raise InputError("lstsq needs calibration data", hint="pass --data SPEC (e.g. --data digits:train)")
     batches = ctx.calib_samples(samples)
-    assert ctx.pairs is not None
-    owner: dict[str, str] = {}
-    for pair, kept, pruned in ctx.restorable():
-        for cons in pair.consumers:
-            owner.setdefault(cons.name, pair.producer)
-        ctx.layers[pair.producer] = {
-            "method": "lstsq",
-            "consumers": [c.name for c in pair.consumers],
-            "kept": len(kept),
-            "pruned": len(pruned),
-            "activation": pair.activation,
-        }
+    assert ctx.pairs is not None and ctx.dense is not None
+    units = ctx.restorable(quiet=True)
+    attention = {g.attention.qkv: (g, kept) for g, kept in ctx.attention_units() if g.attention is not None}
+    targets = set(_reads_pruned(ctx)) | set(attention)
     order = {n: i for i, n in enumerate(ctx.pairs.order)}
     ctx.pruned.eval().to(ctx.device)
     ctx.dense.eval().to(ctx.device)
+    fits: dict[str, dict[str, Any]] = {}
+    failed: dict[str, str] = {}
     try:
-        for name in sorted(owner, key=lambda n: order.get(n, len(order))):
+        for name in sorted(targets, key=lambda n: (order.get(n, len(order)), n)):
             why = _supported(ctx.pruned.get_submodule(name))
             if why:
                 ctx.warn(f"{name}: not refit by lstsq ({why})")
+                failed[name] = why
                 continue
+            if name not in attention:
+                fits[name] = refit_consumer(ctx, name, batches, ridge=ridge)
+                continue
+            spec = attention[name][0].attention
+            cols = ctx.plan.get(spec.proj, {}).get("in", {}).get("kept") or list(range(spec.num_heads * spec.head_dim))
+            mod = ctx.pruned.get_submodule(name)
+            saved = [t.detach().clone() for t in (mod.weight, mod.bias) if t is not None]
+            before = _attention_error(ctx, spec.proj, cols, batches)
             info = refit_consumer(ctx, name, batches, ridge=ridge)
-            ctx.layers[owner[name]].setdefault("fit", {})[name] = info
+            after = _attention_error(ctx, spec.proj, cols, batches)
+            info = {**info, "attention_error_before": before, "attention_error_after": after}
+            info["kept_fit"] = after < before
+            if not after < before:  # the q/k rows act through a softmax: a better fit of qkv can be worse
+                for t, old in zip((t for t in (mod.weight, mod.bias) if t is not None), saved, strict=True):
+                    t.copy_(old)
+            fits[name] = info
     finally:
         ctx.pruned.to("cpu")
         ctx.dense.to("cpu")
+    for unit in units:
+        names = [c.name for c in unit.pair.consumers]
+        bad = [n for n in names if n in failed]
+        if bad:
+            ctx.skip(unit.group, f"consumer {bad[0]} not refit ({failed[bad[0]]})")
+            continue
+        ctx.done(unit.group, "lstsq")
+        ctx.layers[unit.pair.producer] = {"method": "lstsq", "consumers": names, "kept": len(unit.kept),
+                                          "pruned": len(unit.pruned), "activation": unit.pair.activation,
+                                          "producers": unit.group.producers,
+                                          "fit": {n: fits[n] for n in names if n in fits}}  # fmt: skip
+    covered = {n for u in units for n in u.group.producers}
+    for group in ctx.pairs.groups:
+        if group.producers[0] in covered:
+            continue
+        if group.kind == "attention" and group.attention is not None:
+            spec = group.attention
+            bad = [n for n in (spec.qkv, spec.proj) if n in failed]
+            if bad:
+                ctx.skip(group, f"{bad[0]} not refit ({failed[bad[0]]})")
+                continue
+            if group.producers[0] in attention:
+                ctx.done(group, "lstsq")
+                ctx.layers[spec.qkv] = {"method": "lstsq", "kind": "attention", "consumers": [spec.proj],
+                                        "fit": {n: fits[n] for n in (spec.qkv, spec.proj) if n in fits}}  # fmt: skip
+            continue
+        if group.reason is not None and "no conv/linear consumer" in group.reason:
+            continue  # nothing reads the channels (a pruned head): the caller records it as such
+        if group.reason is not None and failed:
+            ctx.skip(group, f"some layer reading pruned channels was not refit ({next(iter(failed))})")
+            continue
+        if group.reason is not None:  # e.g. a transformer's stream: its readers are refit all the same
+            ctx.done(group, "lstsq", "restored: every layer reading pruned channels refit")
+    extra = sorted(set(fits) - {c for row in ctx.layers.values() for c in row.get("fit", {})})
+    if extra:
+        ctx.layers["*"] = {"method": "lstsq", "consumers": extra, "fit": {n: fits[n] for n in extra}}

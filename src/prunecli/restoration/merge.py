@@ -74,24 +74,35 @@ def merge_coefficients(
 
 
 def restore_merge(ctx: RestoreContext, params: dict[str, Any]) -> None:
-    """Restores every restorable producer of ``ctx`` with Neuron Merging (registered as ``merge``)."""
+    """Restores every restorable group of ``ctx`` with Neuron Merging (registered as ``merge``).
+
+    A residual stream is matched on its producers' stacked post-norm affine maps
+    (:meth:`RestoreContext.stream_stats`), a fused attention per head (only within a head).
+    """
+    from prunecli.restoration.attention import compensate_attention
+
     mode, lam = str(params["mode"]), float(params["lambda"])
     if mode not in MODES:
         raise InputError(f"unknown merge mode {mode!r}; choose from {', '.join(MODES)}")
     if not 0.0 <= lam <= 1.0:
         raise InputError(f"merge: lambda must lie in [0, 1], got {lam}")
-    for pair, kept, pruned in ctx.restorable():
-        stats = ctx.producer_stats(pair)
-        # NM's defaults: t = 0.1 for conv+BN, 0.45 for FC layers with biases (scripts/*.sh)
-        t = params["threshold"]
-        threshold = float(t) if t is not None else (0.1 if stats.has_bn else 0.45)
-        constants = ctx.constant_channels(stats, pruned)
+    t = params["threshold"]
+    for unit in ctx.restorable():
+        pair, kept, pruned = unit.pair, unit.kept, unit.pruned
+        stream = unit.group.kind == "stream"
+        stats = ctx.stream_stats(unit) if stream else ctx.producer_stats(pair)
+        # NM's defaults: t = 0.1 for conv+BN, 0.45 for FC layers with biases (scripts/*.sh); a stream of
+        # BN-normalised producers is compared on its post-norm maps, as conv+BN
+        with_bn = stats.has_bn or (stream and any(m.norm is not None for m in unit.members))
+        threshold = float(t) if t is not None else (0.1 if with_bn else 0.45)
+        constants = {} if stream else ctx.constant_channels(stats, pruned)
         regress = [j for j in pruned if j not in constants]
         s_sub, merged = merge_coefficients(stats, kept, regress, threshold=threshold, lam=lam, mode=mode)
         s_prime = torch.zeros(len(pruned), len(kept), dtype=torch.float64)
         if regress:
             s_prime[[pruned.index(j) for j in regress]] = s_sub
         consumers = ctx.compensate(pair, kept, pruned, s_prime, constants)
+        ctx.done(unit.group, "merge")
         ctx.layers[pair.producer] = {
             "method": "merge",
             "consumers": consumers,
@@ -101,6 +112,13 @@ def restore_merge(ctx: RestoreContext, params: dict[str, Any]) -> None:
             "threshold": threshold,
             "activation": pair.activation,
             "bn": pair.norm is not None,
-            "exact_theory": not pair.approximate,
+            "exact_theory": not pair.approximate and not stream,
             "constant_channels": len(constants),
+            **({"kind": "stream", "producers": unit.group.producers} if stream else {}),
         }
+    threshold = float(t) if t is not None else 0.45  # the value path has no BN: NM's FC default
+
+    def per_head(stats: ProducerStats, kept: Sequence[int], pruned: Sequence[int]) -> tuple[torch.Tensor, int]:
+        return merge_coefficients(stats, kept, pruned, threshold=threshold, lam=lam, mode=mode)
+
+    compensate_attention(ctx, per_head, "merge", "merged")
