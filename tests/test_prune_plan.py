@@ -8,6 +8,7 @@ pool), 1 for the two Linear layers. All counts are integers: they are compared e
 
 from __future__ import annotations
 
+import copy
 import importlib
 import json
 from pathlib import Path
@@ -194,13 +195,17 @@ def test_channel_plan_leaves_the_model_untouched() -> None:
     from prunecli.pruning.channel import apply_channels, plan_channels
 
     model = _model(1)
+    twin = copy.deepcopy(model)  # the same dense model in other tensors: apply rebuilds the graph for it
     x = torch.randn(1, 3, 32, 32)
     dense = {k: v.clone() for k, v in model.state_dict().items()}
     plan = plan_channels(model, example_input=x, ratio=0.4)
     state = model.state_dict()
     assert set(state) == set(dense) and all(torch.equal(state[k], dense[k]) for k in dense)
     assert json.loads(plan.to_json()) == json.loads(plan.to_json())
-    apply_channels(model, plan, example_input=x)
+    structure = apply_channels(model, plan, example_input=x)  # swaps the planning trial's result in
+    assert apply_channels(twin, plan, example_input=x) == structure  # prunes the plan's groups anew
+    pruned, rebuilt = model.state_dict(), twin.state_dict()
+    assert set(pruned) == set(rebuilt) and all(torch.equal(pruned[k], rebuilt[k]) for k in pruned)
     checked = 0
     for g in plan.groups:  # the plan's kept positions are the dense filters that survive
         for member in g.members:

@@ -54,6 +54,7 @@ __all__ = [
     "norms_after",
     "trace_followers",
     "trace_layers",
+    "trace_run",
 ]
 
 _LOG = logging.getLogger("prunecli")
@@ -249,6 +250,19 @@ def trace_layers(model: nn.Module, input_size: Sequence[int], *, cpu_fallback: b
         device = "cpu"
     trace = _layer_trace(calls, layers, watched)
     trace.device = device
+    return trace
+
+
+def trace_run(model: nn.Module, run: Callable[[], Any]) -> LayerTrace:
+    """The layer trace of the forward pass(es) that ``run()`` makes — one the caller runs anyway.
+
+    Channel pruning's safety net runs the pruned model once; tracing that pass gives the output
+    positions (unchanged by channel pruning, so they count the dense MACs too) at no extra forward.
+    """
+    layers = prunable_layers(model)
+    watched = {**layers, **{n: m for n, m in model.named_modules() if is_batchnorm(m) and n not in layers}}
+    trace = _layer_trace(_record_calls(watched, run), layers, watched)
+    trace.device = "cpu"
     return trace
 
 

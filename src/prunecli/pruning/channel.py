@@ -34,8 +34,9 @@ How it works — one module per step:
 
 Planning therefore prunes the model once as a trial (the only way to know that the forward still
 works), measures the result (widths, params, MACs) and reverts it (tensors are swapped back, nothing
-is copied). :func:`apply_channels` rebuilds the graph and prunes exactly the plan's groups with their
-indices, so a plan and the model it was made on give the same pruned model every time.
+is copied; the plan keeps references to the trial's pruned tensors). :func:`apply_channels` swaps the
+trial's result back in when the model is still the one planned on, and otherwise rebuilds the graph
+and prunes exactly the plan's groups with their recorded indices.
 
 The structure (see :mod:`prunecli.surgery`) records, for every module that changed, the new tensor
 shapes and changed number-valued attributes, plus ``channels``: for every pruned module
@@ -45,6 +46,7 @@ which ``restore`` uses to find the pruned filters in the dense parent.
 
 from __future__ import annotations
 
+import copy
 import logging
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -56,7 +58,7 @@ from torch import nn
 from prunecli import surgery
 from prunecli.errors import InputError
 from prunecli.prunable import classifier_modules, match_any
-from prunecli.pruning.apply import apply_groups, fix_attention
+from prunecli.pruning.apply import Applied, apply_groups, fix_attention
 from prunecli.pruning.counts import keep_counts, top
 from prunecli.pruning.groups import GroupSearch, attention_modules, graph_error
 from prunecli.pruning.importance import (
@@ -122,13 +124,13 @@ def _layer_widths(model: nn.Module) -> dict[str, int]:
     }
 
 
-def _macs(model: nn.Module, example_input: torch.Tensor) -> int:
-    """Dense-convention MACs (:mod:`prunecli.tracing`) for one sample of the example input's shape."""
-    from prunecli.tracing import count_macs, trace_layers
+def _macs(model: nn.Module, trace: Any, numel: Mapping[str, int] | None = None) -> int:
+    """MACs (:mod:`prunecli.tracing` convention) of the prunable layers, with weight sizes ``numel`` if given."""
+    from prunecli.prunable import prunable_layers
 
-    trace = trace_layers(model, tuple(example_input.shape[1:]))
-    assert trace is not None  # trace_layers falls back to a CPU pass
-    return count_macs(model, trace)["macs"]
+    layers = prunable_layers(model)
+    sizes = numel if numel is not None else {n: m.weight.numel() for n, m in layers.items()}
+    return sum(trace.positions.get(n, 0) * sizes[n] for n in layers)
 
 
 def _build(model: nn.Module, example_input: torch.Tensor, hook: Any = None) -> Any:
@@ -188,16 +190,20 @@ def plan_channels(
     for p in unmatched:
         log.warning("--exclude %r matches no module", p)
 
+    from prunecli.prunable import prunable_layers
+    from prunecli.tracing import trace_run
+
     params_before = sum(p.numel() for p in model.parameters())
     widths_before = _layer_widths(model)
-    macs_before = _macs(model, example_input)
+    numel_before = {n: m.weight.numel() for n, m in prunable_layers(model).items()}
     search = GroupSearch(model, scores, ratio, scope, layer_ratios, excluded)
     dense_out: list[Any] = []  # the dense model's output shape, seen while Torch-Pruning first traces it
+    traces: list[Any] = []  # layer positions, from the safety net's forward of the pruned model
 
     def remember(_mod: nn.Module, _args: Any, out: Any) -> None:
         dense_out.append(output_shape(out))
 
-    def attempt(retries: Retries) -> tuple[list[ChannelGroup], int, dict[str, int]]:
+    def attempt(retries: Retries) -> tuple[Applied, int, dict[str, int]]:
         dg = _build(model, example_input, None if dense_out else remember)
         found = search.candidates(dg, retries.frozen_modules(model))
         keeps = keep_counts(found.candidates, ratio, round_to, min_channels)
@@ -208,22 +214,24 @@ def plan_channels(
         ]
         applied = apply_groups(dg, model, groups, skip=retries.bad_roots)
         fix_attention(search.attn)
-        run_checked(model, example_input, dense_out[0] if dense_out else None)
+        traces.append(trace_run(model, lambda: run_checked(model, example_input, dense_out[0] if dense_out else None)))
         stats = {
             "groups_planned": len(found.candidates),
             "groups_unscored": found.unscored,
             "groups_skipped": found.skipped,
             "groups_unmappable": applied.unmappable,
         }
-        return applied.pruned, sum(p.numel() for p in model.parameters()), stats
+        return applied, sum(p.numel() for p in model.parameters()), stats
 
     snap = surgery.snapshot(model)
-    (groups, params_after, stats), retries = with_safety_net(model, attempt, max_retries)
+    (applied, params_after, stats), retries = with_safety_net(model, attempt, max_retries)
     widths_after = _layer_widths(model)
-    macs_after = _macs(model, example_input)
+    # channel pruning keeps every layer's output positions: one trace counts the MACs before and after
+    macs_before, macs_after = _macs(model, traces[-1], numel_before), _macs(model, traces[-1])
+    trial = _Trial(snap, surgery.snapshot(model), _structure(model, snap, applied))
     surgery.revert(model, snap)
     return ChannelPlan(
-        groups=tuple(groups),
+        groups=tuple(applied.pruned),
         widths_before=widths_before,
         widths_after={n: widths_after.get(n, w) for n, w in widths_before.items()},
         frozen=tuple(sorted(t.__name__ for t in retries.frozen_types)),
@@ -242,26 +250,66 @@ def plan_channels(
             "exclude": sorted(excluded),
             "exclude_unmatched": unmatched,
         },
+        trial=trial,
     )
 
 
 def apply_channels(model: nn.Module, plan: ChannelPlan, *, example_input: torch.Tensor) -> dict[str, Any]:
-    """Prunes ``model`` (the model the plan was made on, unchanged since) in place; returns its structure.
+    """Prunes ``model`` in place as ``plan`` says; returns its structure (``manifest.structure``).
+
+    When ``model`` still holds exactly the tensors it had when the plan was made, the planning trial's
+    result is swapped back in (:class:`_Trial`: no second graph, no second pruning). Otherwise — another
+    copy of the same dense model — the graph is rebuilt and the plan's groups are pruned with their
+    recorded indices.
 
     Raises:
         InputError: Torch-Pruning cannot build the model's dependency graph.
         RuntimeError: a planned group does not map onto this model (it is not the planned one).
     """
-    from prunecli.depgraph import ENGINE
-
     model.eval()
+    trial = plan.trial
+    if isinstance(trial, _Trial) and _holds(model, trial.dense):
+        surgery.revert(model, trial.pruned)
+        _narrow_num_features(model)
+        return copy.deepcopy(trial.structure)
     attn, _ = attention_modules(model)
     snap = surgery.snapshot(model)
     dg = _build(model, example_input)
     applied = apply_groups(dg, model, plan.groups, strict=True)
     fix_attention(attn)
-    modules = surgery.diff_structure(model, snap)
+    structure = _structure(model, snap, applied)
     _narrow_num_features(model)
+    return structure
+
+
+@dataclass(frozen=True)
+class _Trial:
+    """The planning trial: the dense and the pruned model's tensors (references, no copies) and the structure."""
+
+    dense: surgery.Snapshot
+    pruned: surgery.Snapshot
+    structure: dict[str, Any]
+
+
+def _holds(model: nn.Module, snap: surgery.Snapshot) -> bool:
+    """``model`` holds exactly the tensor objects and attribute values of ``snap``."""
+    modules = dict(model.named_modules())
+    if set(modules) != set(snap.tensors):
+        return False
+    now = surgery.snapshot(model)
+    for name, tensors in snap.tensors.items():
+        current = now.tensors[name]
+        if set(current) != set(tensors) or any(current[k][1] is not t for k, (_, t) in tensors.items()):
+            return False
+        if now.attrs[name] != snap.attrs[name]:
+            return False
+    return True
+
+
+def _structure(model: nn.Module, snap: surgery.Snapshot, applied: Applied) -> dict[str, Any]:
+    """The structure of the pruned ``model``: shapes and attributes changed since ``snap``, and kept indices."""
+    from prunecli.depgraph import ENGINE
+
     channels: dict[str, dict[str, Any]] = {}
     for (name, kind), kept in sorted(applied.channels.items()):
         size = applied.dense[(name, kind)]
@@ -271,7 +319,7 @@ def apply_channels(model: nn.Module, plan: ChannelPlan, *, example_input: torch.
         "format": surgery.STRUCTURE_FORMAT,
         "kind": "channel",
         "engine": ENGINE,
-        "modules": modules,
+        "modules": surgery.diff_structure(model, snap),
         "channels": channels,
     }
 

@@ -187,6 +187,8 @@ class ChannelPlan(_Json):
             counts of a real run come from the written tensors).
         notes: report-only facts of the planning (target ratio, scope, score reduction, attention
             modules fixed or kept, the modules excluded and the exclude globs that matched nothing).
+        trial: the planning trial's pruned tensors (references), which :func:`apply_channels` swaps in
+            when the model is unchanged; not part of the JSON.
     """
 
     groups: tuple[ChannelGroup, ...]
@@ -200,6 +202,7 @@ class ChannelPlan(_Json):
     macs_before: int = 0
     macs_after: int = 0
     notes: Mapping[str, Any] = field(default_factory=dict)
+    trial: Any = field(default=None, compare=False, repr=False, metadata={"json": False})
 
     def summary(self) -> dict[str, Any]:
         """The plan as ``prune --dry-run`` reports it (``metrics.plan``)."""
