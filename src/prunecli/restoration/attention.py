@@ -3,10 +3,13 @@
 In timm's attention (ViT, DeiT, EVA, BEiT, …) head ``h`` outputs ``o_h = A_h V_h`` with ``V_h = X W_vh + b_vh``
 and ``proj`` reads the heads' outputs concatenated. For *fixed* attention weights ``A_h`` the value path
 is linear, and ``A_h`` mixes tokens, never dimensions: if a pruned value dimension ``j`` of head ``h``
-is a combination of the head's kept ones, ``[w_j; b_j] = Σ_i s_i [w_i; b_i]`` (``i`` in the same head),
-then ``o_hj = Σ_i s_i o_hi`` for every token, and adding ``s_i`` times ``proj``'s column ``j`` to its
-column ``i`` gives back the dense ``proj`` output exactly. So each head is one ridge regression of the
-no-BatchNorm LBYL form (or a Neuron-Merging match), with the head's own kept dimensions as regressors.
+is a combination of the head's kept ones, ``w_j = Σ_i s_i w_i`` (``i`` in the same head), then
+``o_hj − b_j = Σ_i s_i (o_hi − b_i)`` for every token, and adding ``s_i`` times ``proj``'s column ``j`` to
+its column ``i`` gives back the dense ``proj`` output up to a constant. The constant is exact too: each
+row of ``A_h`` sums to one, so a value bias reaches ``proj`` unchanged, and ``(b_j − Σ_i s_i b_i)`` times
+column ``j`` is added to ``proj``'s bias. So each head is one ridge regression of the value *weights*
+(LBYL's form without BatchNorm, or a Neuron-Merging match) on the head's own kept dimensions; with
+isotropic inputs the error left is ``‖w_j − Σ s_i w_i‖²·tr(A_hᵀA_h)``, never more than pruning's.
 
 What this cannot compensate: the pruned *query/key* dimensions (channel pruning removes the same
 dimensions from q, k and v) drop terms of the attention logits ``q·k``, which changes ``A_h`` itself,
@@ -57,7 +60,9 @@ def compensate_values(ctx: RestoreContext, group: Group, kept_qkv: Sequence[int]
     width = spec.num_heads * spec.head_dim
     w = qkv.weight.detach().to(torch.float64).cpu()[2 * width :]
     b = qkv.bias.detach().to(torch.float64).cpu()[2 * width :] if qkv.bias is not None else torch.zeros(width)
-    stats = ProducerStats(w, b.to(torch.float64))
+    # the regression is on the weights only: the value bias reaches proj unchanged (softmax rows sum to
+    # one, so A·(b·1) = b·1), and what the kept dims do not carry of it is folded into proj's bias exactly
+    stats = ProducerStats(w, torch.zeros(width, dtype=torch.float64))
     s_prime = torch.zeros(len(pruned_v), len(kept_v), dtype=torch.float64)
     count = 0
     for h in range(spec.num_heads):
@@ -71,6 +76,13 @@ def compensate_values(ctx: RestoreContext, group: Group, kept_qkv: Sequence[int]
         count += n
     pair = Pair(spec.qkv, consumers=[Consumer(spec.proj, 1)])
     consumers = ctx.compensate(pair, kept_v, pruned_v, s_prime) if pruned_v else []
+    if pruned_v:
+        residual = b.to(torch.float64)[pruned_v] - s_prime @ b.to(torch.float64)[kept_v]  # per pruned dim
+        proj = ctx.dense.get_submodule(spec.proj)
+        rows = ctx.plan.get(spec.proj, {}).get("out", {}).get("kept") or list(range(proj.out_features))
+        shift = proj.weight.detach().to(torch.float64).cpu()[rows][:, pruned_v] @ residual
+        with torch.no_grad():
+            ctx.add_bias(spec.proj, ctx.pruned.get_submodule(spec.proj), shift)
     ctx.done(group, method)
     return {"method": method, "consumers": consumers, "kept": len(kept_v), "pruned": len(pruned_v),
             "heads": spec.num_heads, "kind": "attention", count_key: count,

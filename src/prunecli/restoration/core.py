@@ -351,7 +351,7 @@ class RestoreContext:
                     act = _ACT_FN.get(pair.activation, _ACT_FN["identity"])
                     vals = act(torch.tensor(list(constants.values()), dtype=torch.float64))
                     shift = torch.einsum("ojbk,j->o", wd3[:, list(constants)], vals)
-                    self._add_bias(cons.name, pmod, shift)
+                    self.add_bias(cons.name, pmod, shift)
             done.append(cons.name)
         return done
 
@@ -375,7 +375,8 @@ class RestoreContext:
             raise CheckpointError(f"{name}: input column {missing[0]} of a kept producer channel is not kept")
         return [pos[d] for d in wanted]
 
-    def _add_bias(self, name: str, mod: nn.Module, shift: torch.Tensor) -> None:
+    def add_bias(self, name: str, mod: nn.Module, shift: torch.Tensor) -> None:
+        """Adds ``shift`` to ``mod``'s bias, or subtracts it from the running mean of the BatchNorm after it."""
         if getattr(mod, "bias", None) is not None:
             mod.bias.add_(shift.to(mod.bias.dtype).to(mod.bias.device))
             return

@@ -191,8 +191,9 @@ def restore_lstsq(ctx: RestoreContext, params: dict[str, Any]) -> None:
             info = {**info, "attention_error_before": before, "attention_error_after": after}
             info["kept_fit"] = after < before
             if not after < before:  # the q/k rows act through a softmax: a better fit of qkv can be worse
-                for t, old in zip((t for t in (mod.weight, mod.bias) if t is not None), saved, strict=True):
-                    t.copy_(old)
+                with torch.no_grad():
+                    for t, old in zip((t for t in (mod.weight, mod.bias) if t is not None), saved, strict=True):
+                        t.copy_(old)
             fits[name] = info
     finally:
         ctx.pruned.to("cpu")
