@@ -432,6 +432,7 @@ def test_sequential_uses_the_reconstructed_prefix_and_warns_on_unreached() -> No
     w2 = dense.fc2.weight.detach()
     expect = float(row_errors(w2, model.fc2.weight.detach(), h2).sum())
     assert report.layers["fc2.weight"].error_obs == pytest.approx(expect, rel=1e-9)
+    assert report.layers["fc2.weight"].signal == pytest.approx(float((x2 @ w2.T).pow(2).sum()), rel=1e-9)
     assert report.layers["fc2.weight"].positions == 96
 
 

@@ -68,6 +68,7 @@ class ObsResult:
         error_mask: ``Σ_rows (w − w⊙keep) H (w − w⊙keep)ᵀ`` — the plain mask's error on the undamped H.
         error_obs: the same for the returned weight.
         fallback_rows: rows where the OBS update was worse than the plain mask and was not applied.
+        signal: ``Σ_rows w H wᵀ = ‖W X‖²``, the scale for relative errors.
     """
 
     weight: torch.Tensor
@@ -75,6 +76,7 @@ class ObsResult:
     error_mask: float
     error_obs: float
     fallback_rows: int
+    signal: float = 0.0
 
 
 def dampen(h: torch.Tensor, damp: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -285,4 +287,5 @@ def obs_prune(
         error_mask=float(err_mask.sum()),
         error_obs=float(err_obs.sum()),
         fallback_rows=int(worse.sum()),
+        signal=float(row_errors(w64, torch.zeros_like(w64), h64).sum()),
     )

@@ -27,6 +27,7 @@ from torch import nn
 
 from prunecli.distributed import all_reduce_tensors, is_distributed
 from prunecli.errors import InputError
+from prunecli.progress import progress
 from prunecli.reconstruction.hessian import GramAccumulator, supports
 from prunecli.reconstruction.obs import NM, obs_prune, selector
 
@@ -51,6 +52,7 @@ class LayerResult:
         sparsity: fraction of exact zeros in the weight afterwards.
         fallback_rows: rows (over all groups) left at the plain mask because the update was worse.
         note: why a layer was skipped.
+        signal: ``‖W X‖²`` on the same inputs: ``error / signal`` is the relative error.
     """
 
     name: str
@@ -61,6 +63,7 @@ class LayerResult:
     sparsity: float = 0.0
     fallback_rows: int = 0
     note: str = ""
+    signal: float = 0.0
 
 
 @dataclass
@@ -173,7 +176,7 @@ def _solve_layer(
     rows = w2.shape[0] // groups
     keep = (target != 0).reshape(w2.shape) if isinstance(target, torch.Tensor) else None
     out = torch.empty_like(w2)
-    err_mask = err_obs = 0.0
+    err_mask = err_obs = signal = 0.0
     fallback = 0
     for g in range(groups):
         sl = slice(g * rows, (g + 1) * rows)
@@ -183,10 +186,11 @@ def _solve_layer(
         err_mask += res.error_mask
         err_obs += res.error_obs
         fallback += res.fallback_rows
+        signal += res.signal
     with torch.no_grad():
         mod.weight.copy_(out.view_as(mod.weight))
     sparsity = float((out == 0).sum()) / max(1, out.numel())
-    return LayerResult(name, "reconstructed", err_mask, err_obs, acc.positions, sparsity, fallback)
+    return LayerResult(name, "reconstructed", err_mask, err_obs, acc.positions, sparsity, fallback, signal=signal)
 
 
 def reconstruct(
@@ -253,7 +257,7 @@ def reconstruct(
     try:
         with torch.no_grad():
             calls = _first_calls(model, todo, first, forward, device)
-            for name in calls:
+            for name in progress(list(calls), total=len(calls), description="obs reconstruction"):
                 acc = _gram(model, todo[name], calls[name], calib, forward, device)
                 report.layers[name] = _solve_layer(
                     name, todo[name], layers[name], acc, damp=damp, blocksize=blocksize, guard=guard
