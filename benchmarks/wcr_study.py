@@ -29,9 +29,9 @@ import torch
 from torch import nn
 from torch.nn.utils import prune
 
-from prunecli.api._common import load_data, load_input
+from prunecli.api._common import load_input
 from prunecli.api.finetune import finetune
-from prunecli.data import make_loader
+from prunecli.data import load_data, make_loader
 from prunecli.evaluation import evaluate_model
 from prunecli.prunable import prunable_layers
 from prunecli.requests import FinetuneRequest

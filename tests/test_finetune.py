@@ -22,7 +22,8 @@ def _manifest(path):
 
 def _accuracy(path, data: str = "digits:test") -> float:
     """Top-1 by a plain loop (independent of prunecli.evaluation)."""
-    from prunecli.api._common import load_data, load_input
+    from prunecli.api._common import load_input
+    from prunecli.data import load_data
 
     loaded = load_input(str(path))
     ds, _ = load_data(data, loaded)

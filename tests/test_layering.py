@@ -62,8 +62,6 @@ MODULES = _module_names()
 KNOWN: dict[tuple[str, str], str] = {
     # cycle checkpoint.loaders -> models -> loading -> checkpoint.loaders
     ("prunecli.models", "prunecli.loading"): "move pruned_num_features into prunecli.models; loading imports it",
-    # scoring sits below the api
-    ("prunecli.scoring", "prunecli.api._common"): "move load_data (api/_common.py) down into prunecli.data",
 }
 PACKAGES = {name for name, path in MODULES.items() if path.name == "__init__.py"}
 

@@ -385,8 +385,8 @@ def test_cli_merge_none_adapter_loads_with_peft_to_the_same_logits_as_eval(
 ) -> None:
     from peft import PeftModel
 
-    from prunecli.api._common import load_data, load_input
-    from prunecli.data import make_loader
+    from prunecli.api._common import load_input
+    from prunecli.data import load_data, make_loader
 
     out = tmp_path / "kept.safetensors"
     r = cli("finetune-lora", pruned_mlp, "--merge", "none", "--max-steps", "3", "--lr", "1e-2", "--device", "cpu",

@@ -31,6 +31,7 @@ __all__ = [
     "check_num_classes",
     "data_config",
     "eval_transform",
+    "load_data",
     "make_loader",
     "parse_data_spec",
     "train_transform",
@@ -329,6 +330,41 @@ def check_num_classes(data: LoadedData, model_classes: int | None) -> None:
             hint="use matching data, or a checkpoint trained for these classes (finetune from arch:NAME "
             "with --num-classes)",
         )
+
+
+def load_data(
+    spec: str,
+    loaded: Any,
+    opts: Any = None,
+    *,
+    default_split: str = "test",
+    train: bool = False,
+    augment: bool = True,
+):
+    """Builds ``spec`` with the checkpoint's transforms (``opts`` overrides them); refuses a class-count mismatch.
+
+    ``loaded`` is a :class:`prunecli.checkpoint.loaders.Loaded` (its manifest's pretrained_cfg and its
+    model's head width are read).
+    """
+    from prunecli.requests import Transforms
+
+    opts = opts or Transforms()
+    cfg = data_config(loaded.manifest.pretrained_cfg, input_size=opts.input_size, mean=opts.mean, std=opts.std)
+    data = build_dataset(
+        spec,
+        cfg,
+        default_split=default_split,
+        train=train,
+        augment=augment,
+        num_classes=loaded.manifest.num_classes,
+    )
+    check_num_classes(data, _head_classes(loaded.model) or loaded.manifest.num_classes)
+    return data, cfg
+
+
+def _head_classes(model: Any) -> int | None:
+    n = getattr(model, "num_classes", None)
+    return int(n) if isinstance(n, int) and n > 0 else None
 
 
 def make_loader(

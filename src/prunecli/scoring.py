@@ -273,8 +273,7 @@ def _calibration(
     batches of a one-process run.
     """
     from prunecli import distributed as D
-    from prunecli.api._common import load_data
-    from prunecli.data import make_loader
+    from prunecli.data import load_data, make_loader
     from prunecli.progress import progress
 
     world, rank = D.world_size(), D.rank()

@@ -8,7 +8,7 @@ from typing import Any
 
 from prunecli.requests import ModelSource, Transforms
 
-__all__ = ["DataOptions", "InputOptions", "load_data", "load_input", "save_output"]
+__all__ = ["DataOptions", "InputOptions", "load_input", "save_output"]
 
 
 # The shared pieces of every request (:mod:`prunecli.requests`), under the names the api has used.
@@ -24,37 +24,6 @@ def load_input(spec: str, opts: InputOptions | None = None):  # -> Loaded (torch
     return load_checkpoint(
         spec, arch=opts.arch, num_classes=opts.num_classes, ema=opts.ema, model_args=dict(opts.model_args)
     )
-
-
-def load_data(
-    spec: str,
-    loaded: Any,
-    opts: DataOptions | None = None,
-    *,
-    default_split: str = "test",
-    train: bool = False,
-    augment: bool = True,
-):
-    """Builds ``spec`` with the checkpoint's transforms; refuses a class-count mismatch."""
-    from prunecli.data import build_dataset, check_num_classes, data_config
-
-    opts = opts or DataOptions()
-    cfg = data_config(loaded.manifest.pretrained_cfg, input_size=opts.input_size, mean=opts.mean, std=opts.std)
-    data = build_dataset(
-        spec,
-        cfg,
-        default_split=default_split,
-        train=train,
-        augment=augment,
-        num_classes=loaded.manifest.num_classes,
-    )
-    check_num_classes(data, _head_classes(loaded.model) or loaded.manifest.num_classes)
-    return data, cfg
-
-
-def _head_classes(model: Any) -> int | None:
-    n = getattr(model, "num_classes", None)
-    return int(n) if isinstance(n, int) and n > 0 else None
 
 
 def save_output(

@@ -7,7 +7,8 @@ import logging
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from prunecli.api._common import load_data, load_input
+from prunecli.api._common import load_input
+from prunecli.data import load_data
 from prunecli.errors import InputError
 from prunecli.record import Result
 from prunecli.requests import EvalRequest

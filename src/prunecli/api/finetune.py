@@ -13,7 +13,8 @@ import math
 import time
 from typing import Any
 
-from prunecli.api._common import InputOptions, load_data, save_output
+from prunecli.api._common import InputOptions, save_output
+from prunecli.data import load_data
 from prunecli.errors import InputError
 from prunecli.record import Result
 from prunecli.requests import FinetuneRequest

@@ -27,7 +27,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from prunecli.api._common import load_data
+from prunecli.data import load_data
 from prunecli.errors import InputError
 from prunecli.record import Result
 from prunecli.registry import Registry

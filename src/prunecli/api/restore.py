@@ -30,7 +30,8 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from prunecli.api._common import InputOptions, load_data, save_output
+from prunecli.api._common import InputOptions, save_output
+from prunecli.data import load_data
 from prunecli.errors import CheckpointError, InputError
 from prunecli.record import Result
 from prunecli.requests import KeyValues, RestoreRequest
