@@ -30,7 +30,7 @@ if TYPE_CHECKING:
 
     from prunecli.checkpoint.manifest import Manifest
 
-__all__ = ["LoadedModel", "create_transform", "data_config", "folder_notes", "load_model", "pruned_num_features"]
+__all__ = ["LoadedModel", "create_transform", "data_config", "folder_notes", "load_model"]
 
 
 @dataclass
@@ -87,6 +87,7 @@ def load_model(
     """
     from prunecli.checkpoint.loaders import load_checkpoint
     from prunecli.device import resolve_device
+    from prunecli.models import pruned_num_features
 
     loaded = load_checkpoint(str(path), arch=arch, num_classes=num_classes, ema=ema)
     model = loaded.model
@@ -129,26 +130,6 @@ def create_transform(model_or_cfg: Any, *, training: bool = False) -> Callable[[
 
     cfg = data_config(model_or_cfg)
     return train_transform(cfg, augment="crop") if training else eval_transform(cfg)
-
-
-def pruned_num_features(model: Any) -> int | None:
-    """The width the classifier reads: ``in_features`` of a Linear head (``in_channels`` of a 1×1 conv head).
-
-    timm sets ``model.num_features`` once, at construction; channel pruning narrows the head's input
-    without touching it. None when the model has no single Linear/Conv classifier (or no ``get_classifier``).
-    """
-    from torch import nn
-
-    get = getattr(model, "get_classifier", None)
-    try:
-        head = get() if callable(get) else None
-    except Exception:  # a few timm heads raise when asked for a classifier they do not have
-        return None
-    if isinstance(head, nn.Linear):
-        return int(head.in_features)
-    if isinstance(head, nn.Conv2d):
-        return int(head.in_channels)
-    return None
 
 
 _README = """\
@@ -196,6 +177,8 @@ def folder_notes(manifest: Manifest, model: Any = None, name: str = ".") -> tupl
         }
     }
     if manifest.structure:
+        from prunecli.models import pruned_num_features
+
         width = pruned_num_features(model) if model is not None else None
         updates["num_features"] = width  # None: dropped by the writer rather than claiming the dense width
     why = " and ".join(reasons)

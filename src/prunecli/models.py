@@ -20,7 +20,7 @@ import prunecli.archs  # noqa: F401  (registers improved_cnn and fc_mlp with tim
 from prunecli.checkpoint.manifest import Manifest
 from prunecli.errors import CheckpointError, UnknownNameError
 
-__all__ = ["build_model", "create_fresh", "default_pretrained_cfg", "split_arch"]
+__all__ = ["build_model", "create_fresh", "default_pretrained_cfg", "pruned_num_features", "split_arch"]
 
 log = logging.getLogger(__name__)
 
@@ -73,8 +73,6 @@ def _create(manifest: Manifest, *, meta: bool) -> nn.Module:
         from prunecli.surgery import apply_structure  # only structurally pruned checkpoints need it
 
         apply_structure(model, manifest.structure)
-        from prunecli.loading import pruned_num_features
-
         width = pruned_num_features(model)
         if width is not None and isinstance(getattr(model, "num_features", None), int):
             model.num_features = width  # timm set the dense width at construction; the head reads fewer
@@ -139,3 +137,23 @@ def _load(model: nn.Module, state_dict: Mapping[str, torch.Tensor], manifest: Ma
                 hint="check --arch/--num-classes, or the model_args the weights were trained with",
             )
     model.load_state_dict(state_dict, strict=True, assign=assign)
+
+
+def pruned_num_features(model: Any) -> int | None:
+    """The width the classifier reads: ``in_features`` of a Linear head (``in_channels`` of a 1×1 conv head).
+
+    timm sets ``model.num_features`` once, at construction; channel pruning narrows the head's input
+    without touching it. None when the model has no single Linear/Conv classifier (or no ``get_classifier``).
+    """
+    from torch import nn
+
+    get = getattr(model, "get_classifier", None)
+    try:
+        head = get() if callable(get) else None
+    except Exception:  # a few timm heads raise when asked for a classifier they do not have
+        return None
+    if isinstance(head, nn.Linear):
+        return int(head.in_features)
+    if isinstance(head, nn.Conv2d):
+        return int(head.in_channels)
+    return None

@@ -332,7 +332,7 @@ def _narrow_num_features(model: nn.Module) -> None:
     memory (and the layer table saved from it) must say the same. Not part of the structure: the
     rebuild derives it.
     """
-    from prunecli.loading import pruned_num_features
+    from prunecli.models import pruned_num_features
 
     width = pruned_num_features(model)
     if width is not None and isinstance(getattr(model, "num_features", None), int):
