@@ -24,6 +24,13 @@ N:M read the file once into a buffer and prune it in place; both hash the input 
 a worker thread without a second pass over either. timm is not imported. The output — checkpoint
 bytes and metrics — is the one the model path writes (tests compare them); ``PRUNECLI_FAST_PRUNE=0``
 forces the model path.
+
+Shape of a run: load → score → plan → apply → save. The fast path and the model path are the two
+implementations of :class:`PruneTarget` (weights, trace, params, state, what to save); each structure
+is an engine (:data:`_ENGINES`) that first computes a plan — plain data from
+:mod:`prunecli.pruning.plan`, serialisable with ``to_json()`` — and then applies it. A dry run
+(``PruneRequest.dry_run``) applies the plan in memory only, to report the same metrics plus
+``metrics["plan"]``, and writes nothing.
 """
 
 from __future__ import annotations
@@ -333,15 +340,15 @@ def _fast_input(
         return None
     if (inputs is not None and inputs.model_args) or (dopts is not None and dopts.input_size):
         return None
-    from prunecli.checkpoint.manifest import METADATA_KEY, Manifest
     from prunecli.checkpoint.sources import SourceKind, resolve_source
+    from prunecli.checkpoint.validate import manifest_from_header
     from prunecli.layertable import LayerTable
 
     source = resolve_source(spec)
     header = source.header
     if source.kind is not SourceKind.PRUNECLI or header is None:
         return None
-    manifest = Manifest.from_json(header.metadata[METADATA_KEY], where=source.spec)
+    manifest = manifest_from_header(header, where=source.spec)  # metadata checked against the tensors
     table = LayerTable.parse(manifest.layer_table)
     if table is None or manifest.adapters or not table.fits({t.name: t.shape for t in header.tensors}):
         return None
@@ -706,9 +713,8 @@ def _restore(job: _Job, dense: Any, structure: Any, example: Any) -> dict[str, A
 
     Calibration data for ``lstsq``/``bn`` (and the reconstruction errors) come from ``--data`` (train split).
     """
-    from prunecli.api._common import load_data
     from prunecli.api.restore import restore_model
-    from prunecli.data import make_loader
+    from prunecli.data import load_data, make_loader
     from prunecli.device import resolve_device
 
     req, run, model = job.req, job.req.runtime, job.target.loaded.model
