@@ -103,3 +103,11 @@ def test_default_method_follows_the_data(cli, ckpts: dict[str, Path], tag: str, 
     assert r.exit_code == 0, r.stderr
     assert r.record["metrics"]["method"] == expected
     assert all(sorted(g["methods"]) == sorted(expected.split("+")) for g in r.record["metrics"]["groups"])
+
+
+def test_default_lbyl_counts_as_restored_in_the_lineage(cli, ckpts: dict[str, Path]) -> None:
+    """A default (lbyl) restore is recorded with its resolved method, so folding again is refused."""
+    out = ckpts["tmp"] / "resnet_default_once.safetensors"
+    assert cli("restore", ckpts["resnet"], "-o", out, "--force").exit_code == 0
+    again = cli("restore", out, "--method", "lbyl", "-o", ckpts["tmp"] / "twice.safetensors")
+    assert again.exit_code == 1 and "already restored" in again.stderr

@@ -370,7 +370,7 @@ def restore(req: RestoreRequest) -> Result:
     found = _prune_step(lineage)
     if any(m.compensates for m in methods) and found is not None:
         for step in lineage[found[0] + 1 :]:
-            prev = str((step.get("options") or {}).get("method", ""))
+            prev = str(step.get("resolved_method") or (step.get("options") or {}).get("method") or "")
             if step.get("command") == "restore" and any(p in ("lbyl", "merge", "nm") for p in prev.split("+")):
                 raise InputError(
                     f"{spec} was already restored with {prev}: folding the pruned channels again would double them",
