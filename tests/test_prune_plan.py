@@ -152,6 +152,9 @@ def test_channel_dry_run_is_what_the_real_run_writes(
     assert plan["params_nonzero"] == sum(int(t.count_nonzero()) for t in params.values())
     assert plan["macs_before"] == sum(p * dense[f"{n}.weight"].numel() for n, p in POSITIONS.items())
     assert plan["macs"] == sum(p * written[f"{n}.weight"].numel() for n, p in POSITIONS.items())
+    assert (real.metrics["macs_before"], real.metrics["macs"]) == (plan["macs_before"], plan["macs"])
+    nnz_macs = sum(p * int(written[f"{n}.weight"].count_nonzero()) for n, p in POSITIONS.items())
+    assert plan["macs_nonzero"] == real.metrics["macs_nonzero"] == nnz_macs
     for g in plan["groups"]:
         assert 0 < g["kept"] < g["width"]
     summary = {k: v for k, v in dry.metrics.items() if k != "plan"}

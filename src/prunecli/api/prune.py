@@ -685,7 +685,8 @@ class _Channel:
         dense = copy.deepcopy(model) if job.req.restore and restore else None  # restore needs the dense filters
         structure = apply_channels(model, plan, example_input=example)
         restored = _restore(job, dense, structure, example) if dense is not None else None
-        after = sum(p.numel() for p in prunable_params(model).values())
+        weights = prunable_params(model)
+        after = sum(p.numel() for p in weights.values())
         state = model.state_dict()
         nnz = _nonzero(state)
         manifest = dataclasses.replace(job.target.loaded.manifest, structure=structure)
@@ -698,6 +699,9 @@ class _Channel:
             **channel_metrics(plan, model),
             "sparsity": 1.0 - after / max(before, 1),
             **_param_counts(model, nnz),
+            "macs_before": plan.macs_before,
+            "macs": sum(plan.positions.get(n.removesuffix(".weight"), 0) * w.numel() for n, w in weights.items()),
+            "macs_nonzero": sum(plan.positions.get(n.removesuffix(".weight"), 0) * nnz[n] for n in weights),
             **_storage(state, nnz, set(job.target.loaded.manifest.masked)),
         }
         if restored is not None:
@@ -705,7 +709,7 @@ class _Channel:
         return metrics, manifest
 
     def report(self, plan: Any, before: Mapping[str, int] | None, metrics: Mapping[str, Any]) -> dict[str, Any]:
-        return {**plan.summary(), "params_nonzero": metrics["params_nonzero"]}
+        return {**plan.summary(), **{k: metrics[k] for k in ("params_nonzero", "macs_nonzero")}}
 
 
 def _restore(job: _Job, dense: Any, structure: Any, example: Any) -> dict[str, Any]:

@@ -241,6 +241,7 @@ def plan_channels(
         params_after=params_after,
         macs_before=macs_before,
         macs_after=macs_after,
+        positions=dict(traces[-1].positions),
         notes={
             "target_ratio": ratio,
             "scope": scope,

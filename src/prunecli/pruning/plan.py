@@ -185,6 +185,8 @@ class ChannelPlan(_Json):
         params_before, params_after, macs_before, macs_after: of the dense and the pruned model (the
             pruned model's zeros are the dense model's zeros in the kept weights, so the ``*_nonzero``
             counts of a real run come from the written tensors).
+        positions: prunable module → output positions per channel for one sample (MACs = Σ positions ·
+            weight size; channel pruning does not change them).
         notes: report-only facts of the planning (target ratio, scope, score reduction, attention
             modules fixed or kept, the modules excluded and the exclude globs that matched nothing).
         trial: the planning trial's pruned tensors (references), which :func:`apply_channels` swaps in
@@ -201,6 +203,7 @@ class ChannelPlan(_Json):
     params_after: int = 0
     macs_before: int = 0
     macs_after: int = 0
+    positions: Mapping[str, int] = field(default_factory=dict)
     notes: Mapping[str, Any] = field(default_factory=dict)
     trial: Any = field(default=None, compare=False, repr=False, metadata={"json": False})
 
