@@ -10,6 +10,7 @@ images with a fixed stratified 80/20 split; ``imagefolder:PATH``; ``cifar10:``, 
 from __future__ import annotations
 
 import functools
+import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,6 +24,7 @@ from prunecli.registry import Registry
 
 __all__ = [
     "AUGMENTATIONS",
+    "AUGMENTATION_CHOICES",
     "DATA_SOURCES",
     "DataSpec",
     "LoadedData",
@@ -30,11 +32,16 @@ __all__ = [
     "build_dataset",
     "check_num_classes",
     "data_config",
+    "default_workers",
     "eval_transform",
     "load_data",
+    "loader_info",
     "make_loader",
     "parse_data_spec",
+    "resolve_augment",
+    "resolve_workers",
     "train_transform",
+    "usable_cpus",
 ]
 
 SPLITS = ("train", "test")
@@ -143,42 +150,95 @@ def eval_transform(cfg: dict[str, Any]) -> Callable[[Any], torch.Tensor]:
     return T.Compose([_ToMode(_mode(cfg)), tf])
 
 
-AUGMENTATIONS: dict[str, tuple[bool, bool]] = {
-    # name: (random crop with padding 4, horizontal flip)
-    "crop-flip": (True, True),  # paper A (CIFAR-style), the from-scratch recipe
-    "crop": (True, False),  # fine-tuning: a flip the network was not trained with is a distribution shift
-    "none": (False, False),
-}
+AugmentFn = Callable[[dict[str, Any]], Callable[[Any], torch.Tensor]]
+AUGMENTATIONS: Registry[AugmentFn] = Registry("augmentation")
+TIMM_AUGMENT_MIN_PX = 64  # inputs at least this large are ImageNet-style: timm's transform; smaller: CIFAR-style
 
 
-def augmentation_name(augment: bool | str) -> str:
-    """``True`` → ``crop-flip`` (paper A), ``False`` → ``none``; names are checked against :data:`AUGMENTATIONS`."""
-    if isinstance(augment, bool):
-        return "crop-flip" if augment else "none"
-    if augment not in AUGMENTATIONS:
-        raise DataError(f"unknown augmentation {augment!r}; choose from {', '.join(AUGMENTATIONS)}")
-    return augment
-
-
-def train_transform(cfg: dict[str, Any], *, augment: bool | str = True) -> Callable[[Any], torch.Tensor]:
-    """Training transform: paper A's random crop with padding 4 and horizontal flip, or a lighter variant.
-
-    ``augment`` is a name in :data:`AUGMENTATIONS` (or True = ``crop-flip``, False = ``none``). Images
-    are first resized to the model's input size, so the augmentation works the same on digits' 32×32
-    images and on larger image folders.
-    """
+def _padded_crop(cfg: dict[str, Any], *, flip: bool) -> Callable[[Any], torch.Tensor]:
+    """Paper A's CIFAR-style augmentation: resize to the input size, random crop with padding 4, [flip]."""
     from torchvision import transforms as T
 
-    crop, flip = AUGMENTATIONS[augmentation_name(augment)]
-    if not crop and not flip:
-        return eval_transform(cfg)
     _, h, w = cfg["input_size"]
-    steps: list[Any] = [_ToMode(_mode(cfg)), T.Resize((h, w))]
-    if crop:
-        steps.append(T.RandomCrop((h, w), padding=4))
+    steps: list[Any] = [_ToMode(_mode(cfg)), T.Resize((h, w)), T.RandomCrop((h, w), padding=4)]
     if flip:
         steps.append(T.RandomHorizontalFlip())
     return T.Compose([*steps, T.ToTensor(), T.Normalize(cfg["mean"], cfg["std"])])
+
+
+@AUGMENTATIONS.register("timm")
+def _timm_augment(cfg: dict[str, Any]) -> Callable[[Any], torch.Tensor]:
+    """timm's own training transform for the data config: random resized crop (scale 0.08–1), horizontal
+    flip, colour jitter 0.4, then the config's interpolation, mean and std (``create_transform(is_training=True)``
+    with timm's defaults, as timm's ``train.py`` builds it)."""
+    from timm.data import create_transform
+    from torchvision import transforms as T
+
+    tf = create_transform(
+        input_size=cfg["input_size"],
+        is_training=True,
+        interpolation=cfg.get("interpolation", "bilinear"),
+        mean=cfg["mean"],
+        std=cfg["std"],
+    )
+    return T.Compose([_ToMode(_mode(cfg)), tf])
+
+
+@AUGMENTATIONS.register("crop-flip", aliases=("cifar",))
+def _crop_flip(cfg: dict[str, Any]) -> Callable[[Any], torch.Tensor]:
+    """Paper A (CIFAR-style), the from-scratch recipe on small inputs: random crop (padding 4) + flip."""
+    return _padded_crop(cfg, flip=True)
+
+
+@AUGMENTATIONS.register("crop")
+def _crop(cfg: dict[str, Any]) -> Callable[[Any], torch.Tensor]:
+    """Fine-tuning on small inputs: a flip the network was not trained with (digits) is a distribution shift."""
+    return _padded_crop(cfg, flip=False)
+
+
+@AUGMENTATIONS.register("none")
+def _no_augment(cfg: dict[str, Any]) -> Callable[[Any], torch.Tensor]:
+    """The eval transform (deterministic)."""
+    return eval_transform(cfg)
+
+
+def augmentation_name(augment: bool | str) -> str:
+    """``True`` → ``crop-flip`` (paper A), ``False`` → ``none``; names (and ``cifar``) → the canonical name."""
+    if isinstance(augment, bool):
+        return "crop-flip" if augment else "none"
+    if augment not in AUGMENTATIONS:
+        raise DataError(f"unknown augmentation {augment!r}; choose from {', '.join(AUGMENTATION_CHOICES)}")
+    return AUGMENTATIONS.canonical(augment)
+
+
+AUGMENTATION_CHOICES = ("timm", "crop-flip", "cifar", "crop", "none")
+
+
+def resolve_augment(augment: bool | str, cfg: dict[str, Any], *, explicit: bool) -> tuple[str, str]:
+    """The augmentation a training run uses, and why.
+
+    An explicit ``--augment`` is used as given. Otherwise the recipe's choice holds for small inputs
+    (below :data:`TIMM_AUGMENT_MIN_PX` on the shorter side: paper A's CIFAR-style crop[-flip]), and
+    ImageNet-style inputs get ``timm``: a checkpoint trained on 224-px images was trained with random
+    resized crops, which a padding-4 crop of the whole image does not resemble.
+    """
+    name = augmentation_name(augment)
+    if explicit:
+        return name, "requested"
+    side = min(int(s) for s in cfg["input_size"][1:])
+    if side >= TIMM_AUGMENT_MIN_PX and name != "none":
+        return "timm", f"input {side} px >= {TIMM_AUGMENT_MIN_PX}: ImageNet-style, timm's training transform"
+    return name, f"input {side} px < {TIMM_AUGMENT_MIN_PX}: the recipe's CIFAR-style augmentation"
+
+
+def train_transform(cfg: dict[str, Any], *, augment: bool | str = True) -> Callable[[Any], torch.Tensor]:
+    """The training transform of augmentation ``augment`` (a name in :data:`AUGMENTATIONS`, ``cifar``, or
+    True = ``crop-flip``, False = ``none``) for data config ``cfg``.
+
+    The CIFAR-style augmentations first resize images to the model's input size, so they work the same
+    on digits' 32×32 images and on larger image folders; ``timm`` crops a random region and resizes it.
+    """
+    return AUGMENTATIONS.get(augmentation_name(augment))(cfg)
 
 
 class _ImageList(Dataset):
@@ -367,19 +427,84 @@ def _head_classes(model: Any) -> int | None:
     return int(n) if isinstance(n, int) and n > 0 else None
 
 
+MAX_DEFAULT_WORKERS = 8  # past this, one process's JPEG decoding outruns what one model consumes (timm's recipes)
+
+
+def usable_cpus() -> int:
+    """CPUs this process may run on (its affinity mask, which containers and ``taskset`` narrow)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):  # macOS/Windows have no affinity mask
+        return os.cpu_count() or 1
+
+
+def default_workers(cpus: int | None = None, local_processes: int | None = None) -> int:
+    """The worker count of ``--workers`` left unset: ``min(8, usable CPUs ÷ processes on this node)``.
+
+    Decoding runs in worker processes so the model's process never waits on JPEGs (timm's ``train.py``
+    and ``validate.py`` use 4 workers by default, whatever the machine; this rule uses what the machine
+    has, up to 8). Under torchrun the node's CPUs are shared by its ``LOCAL_WORLD_SIZE`` processes.
+    Fewer than 2 CPUs per process gives 0: a single worker on a single core only adds a copy.
+    """
+    cpus = usable_cpus() if cpus is None else cpus
+    local = local_processes if local_processes is not None else int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1)
+    per_process = cpus // max(local, 1)
+    return min(MAX_DEFAULT_WORKERS, per_process) if per_process >= 2 else 0
+
+
+def resolve_workers(workers: int | None, batches: int | None = None) -> int:
+    """``workers`` as given, or :func:`default_workers` (never more workers than the loader has batches)."""
+    if workers is not None:
+        if workers < 0:
+            raise DataError(f"--workers must be >= 0, got {workers}")
+        return int(workers)
+    n = default_workers()
+    return min(n, batches) if batches is not None else n
+
+
+def _seed_worker(worker_id: int) -> None:
+    """Seeds python's and numpy's RNGs in a worker from the seed torch gave it.
+
+    torch derives each worker's seed from the loader's seeded generator (base seed + worker id), so a
+    transform that draws from ``random``/``numpy``/``torch`` draws the same numbers on every run with
+    the same ``--seed`` and worker count; batch order is the sampler's, whatever the worker count.
+    """
+    import random
+
+    seed = torch.initial_seed() % 2**32
+    random.seed(seed)
+    try:
+        import numpy as np
+
+        np.random.seed(seed)
+    except ImportError:  # numpy is a dependency; seeding must never be the thing that fails
+        pass
+
+
 def make_loader(
     data: LoadedData,
     *,
     batch_size: int,
-    workers: int = 0,
+    workers: int | None = 0,
     shuffle: bool = False,
     seed: int = 0,
     drop_last: bool = False,
     sampler: Any = None,
+    device: torch.device | str | None = None,
 ) -> DataLoader:
-    """A deterministic DataLoader (seeded shuffling, fixed worker seeds)."""
+    """A deterministic DataLoader set up like timm's ``create_loader``.
+
+    Seeded shuffling and seeded workers (:func:`_seed_worker`); ``workers=None`` picks
+    :func:`default_workers` (capped at the number of batches); with workers, they persist across
+    epochs (one pool per command, not one per epoch); on CUDA, batches come in pinned memory so the
+    copy to the GPU can be ``non_blocking``. Build it once per command and iterate it every epoch.
+    """
     if batch_size <= 0:
         raise DataError(f"--batch-size must be positive, got {batch_size}")
+    n = len(sampler) if sampler is not None else len(data.dataset)  # type: ignore[arg-type]
+    batches = (n // batch_size) if drop_last else -(-n // batch_size)
+    workers = resolve_workers(workers, max(batches, 1))
+    cuda = torch.device(device).type == "cuda" if device is not None else False
     g = torch.Generator().manual_seed(seed)
     return DataLoader(
         data.dataset,
@@ -389,5 +514,12 @@ def make_loader(
         num_workers=workers,
         generator=g,
         drop_last=drop_last,
-        persistent_workers=False,
+        pin_memory=cuda,
+        persistent_workers=workers > 0,
+        worker_init_fn=_seed_worker if workers > 0 else None,
     )
+
+
+def loader_info(loader: DataLoader) -> dict[str, Any]:
+    """What the record says about a loader: worker count and pinned memory."""
+    return {"workers": int(loader.num_workers), "pin_memory": bool(loader.pin_memory)}

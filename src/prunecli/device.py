@@ -2,14 +2,28 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import random
+from typing import Any
 
 import torch
 
 from prunecli.errors import InputError
 
-__all__ = ["describe", "resolve_device", "seed_everything"]
+__all__ = [
+    "PRECISIONS",
+    "autocast",
+    "check_precision",
+    "describe",
+    "input_to",
+    "model_to",
+    "resolve_device",
+    "seed_everything",
+]
+
+# --precision → the autocast dtype (None: no autocast, exact float32).
+PRECISIONS: dict[str, torch.dtype | None] = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def resolve_device(spec: str = "auto") -> torch.device:
@@ -54,3 +68,44 @@ def seed_everything(seed: int) -> torch.Generator:
     except ImportError:  # numpy is a dependency, but seeding must never be the thing that fails
         pass
     return torch.Generator().manual_seed(seed)
+
+
+def check_precision(precision: str, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype of ``--precision`` on ``device``; refuses what cannot run well.
+
+    fp16 on CPU is refused: CPU kernels gain nothing from it (bf16 is the CPU's reduced precision)
+    and its narrow range needs loss scaling; bf16 on a GPU without bf16 support is refused too.
+    """
+    if precision not in PRECISIONS:
+        raise InputError(f"--precision {precision!r}: choose from {', '.join(PRECISIONS)}")
+    dtype = PRECISIONS[precision]
+    if dtype is torch.float16 and device.type != "cuda":
+        raise InputError("--precision fp16 runs on CUDA only", hint="use --precision bf16 on CPU (or fp32)")
+    if dtype is torch.bfloat16 and device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        raise InputError(f"--precision bf16: {describe(device)} has no bfloat16 support", hint="use fp16 or fp32")
+    return dtype
+
+
+def autocast(device: torch.device, precision: str = "fp32") -> Any:
+    """``torch.autocast`` for ``--precision`` (a no-op context for fp32): matmuls and convolutions run in
+    the reduced dtype, reductions and losses stay float32 (torch's autocast op lists)."""
+    dtype = check_precision(precision, device)
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=dtype)
+
+
+def model_to(model: torch.nn.Module, device: torch.device, *, channels_last: bool = False) -> torch.nn.Module:
+    """Moves ``model`` to ``device``; ``channels_last`` stores its 4-D weights NHWC (timm's ``--channels-last``)."""
+    model.to(device)
+    if channels_last:
+        model.to(memory_format=torch.channels_last)
+    return model
+
+
+def input_to(x: torch.Tensor, device: torch.device, *, channels_last: bool = False) -> torch.Tensor:
+    """Copies a batch to ``device`` (non-blocking: from pinned memory it overlaps the GPU's work), NHWC if asked."""
+    x = x.to(device, non_blocking=True)
+    if channels_last and x.dim() == 4:
+        x = x.contiguous(memory_format=torch.channels_last)
+    return x

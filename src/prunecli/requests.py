@@ -456,8 +456,17 @@ class Runtime(Request):
                          check=_device_check, record=False)  # fmt: skip
     batch_size: int = option(128, "--batch-size", "-b", help="Batch size (global: split over torchrun processes).",
                              panel=_RUN, cli_type=int, check=at_least(1))  # fmt: skip
-    workers: int = option(0, "--workers", "-j", help="DataLoader worker processes.", panel=_RUN, cli_type=int,
-                          check=at_least(0), record=False)  # fmt: skip
+    workers: int | None = option(None, "--workers", "-j", help="DataLoader worker processes. Default: min(8, usable "
+                                 "CPUs ÷ torchrun processes on the node), 0 below 2 CPUs per process, never more "
+                                 "than the batches: decoding in workers keeps the model fed, as timm's loaders do. "
+                                 "0 decodes in the main process.", panel=_RUN, cli_type=int, check=at_least(0),
+                                 record=False, show_default=False)  # fmt: skip
+    precision: str = option("fp32", "--precision", help="Forward passes under autocast: fp32 (exact, the default), "
+                            "bf16 or fp16 (CUDA only). Losses, gradients, accumulators and weights stay float32/64.",
+                            panel=_RUN, check=one_of("fp32", "bf16", "fp16"))  # fmt: skip
+    channels_last: bool = option(False, "--channels-last", help="NHWC memory format for 4-D weights and inputs "
+                                 "(faster convolutions on GPUs; same results up to summation order).", panel=_RUN,
+                                 cli_type=bool)  # fmt: skip
     seed: int = option(0, "--seed", help="Random seed (sampling, initialisation, shuffling).", panel=_RUN,
                        cli_type=int)  # fmt: skip
 
@@ -789,16 +798,22 @@ class Training(Request):
         + _from_recipe("warmup"), panel=_TRAIN, cli_type=float,
         check=lambda v: None if v is None or 0 <= v < 1 else f"{v!r} is outside [0, 1)", show_default=False,
     )  # fmt: skip
-    augment: str | None = option(None, "--augment", help="Training augmentation: crop-flip (random crop with "
-                                 "padding 4 + horizontal flip, paper A), crop, or none." + _from_recipe("augment"),
-                                 panel=_TRAIN, show_default=False)  # fmt: skip
+    augment: str | None = option(
+        None, "--augment", help="Training augmentation: timm (timm's training transform from the checkpoint's data "
+        "config: random resized crop, flip, colour jitter, its interpolation/mean/std), crop-flip or its alias cifar "
+        "(random crop with padding 4 + flip, paper A), crop (no flip), or none. Inputs of 64 px or more "
+        "(ImageNet-style) default to timm; smaller ones to the recipe's CIFAR-style choice"
+        + _from_recipe("augment").removeprefix(" Default: the recipe's"), panel=_TRAIN,
+        show_default=False,
+    )  # fmt: skip
     label_smoothing: float = option(
         0.0, "--label-smoothing", help="Cross-entropy label smoothing, in [0, 1).", panel=_TRAIN, cli_type=float,
         check=lambda v: None if 0 <= v < 1 else f"{v!r} is outside [0, 1)",
     )  # fmt: skip
     clip_grad: float | None = option(None, "--clip-grad", help="Clip the gradient L2 norm to this value.",
                                      panel=_TRAIN, cli_type=float, check=at_least(0))  # fmt: skip
-    amp: bool = option(True, "--amp/--no-amp", help="Mixed precision on CUDA (never on CPU).", panel=_TRAIN,
+    amp: bool = option(False, "--amp/--no-amp", help="Same as --precision bf16 on CUDA (fp16 without bf16 "
+                       "support); ignored on CPU and when --precision is set.", panel=_TRAIN,
                        cli_type=bool)  # fmt: skip
     max_steps: int | None = option(None, "--max-steps", help="Stop after this many optimizer steps.", panel=_TRAIN,
                                    cli_type=int, check=at_least(1))  # fmt: skip

@@ -5,8 +5,11 @@ calibration samples (``--batches N`` of a seeded shuffled loader, or ``--fractio
 class-balanced subset, paper D App. E), puts the model in eval mode (docs/criteria.md; ``score_mode='train'``
 for paper reproduction), runs the forward passes and, for gradient criteria, one ``autograd.grad`` per
 objective w.r.t. exactly the tensors the criterion asks for (so e.g. biascomp never pays for weight
-gradients it does not use). Parameters are never updated. No AMP: half-precision gradients would
-change the statistics the criteria accumulate (float32 products, float32/float64 accumulators).
+gradients it does not use). Parameters are never updated. ``precision`` bf16/fp16 runs the forward
+passes under autocast only for the criteria in :data:`REDUCED_PRECISION_OK`, whose statistics are parameter
+gradients (float32: autocast casts copies of the float32 weights, the gradient reaches the weights in
+float32) or activations they upcast first; their accumulators stay float32/float64. Every other criterion
+runs in fp32 and the scores file says so.
 ``prune --method M`` calls :func:`compute_scores` directly.
 """
 
@@ -26,17 +29,35 @@ from prunecli.prunable import prunable_layers
 from prunecli.scores import ScoresFile
 
 __all__ = [
+    "REDUCED_PRECISION_OK",
     "SCORE_MODES",
     "balanced_indices",
     "compute_scores",
     "layer_stats",
     "run_criterion",
+    "scoring_precision",
     "zero_score_warning",
 ]
 
 _LOG = logging.getLogger("prunecli")
 SCORE_MODES = ("eval", "train")
 ZERO_SCORE_WARN_FRACTION = 0.5  # "most": above this share of live weights scored exactly 0, ranking is moot
+
+# Criteria that may score under autocast, and why their statistics survive it.
+REDUCED_PRECISION_OK: dict[str, str] = {
+    "taylor": "(w·g)² from float32 parameter gradients, float32/float64 accumulators",
+    "snip": "|w·g| from float32 parameter gradients, float32 accumulator",
+    "wanda": "activations upcast to float32 before the float64 sums of squares",
+}
+
+
+def scoring_precision(method: str, precision: str) -> str:
+    """The precision a criterion scores in: ``precision`` where :data:`REDUCED_PRECISION_OK` allows, else fp32."""
+    if precision == "fp32" or method in REDUCED_PRECISION_OK:
+        return precision
+    _LOG.warning("%s scores in fp32 (--precision %s applies to %s only): its per-sample activations and output "
+                 "gradients would lose precision", method, precision, ", ".join(REDUCED_PRECISION_OK))  # fmt: skip
+    return "fp32"
 
 
 def balanced_indices(targets: list[int] | None, n: int, fraction: float, seed: int) -> list[int]:
@@ -89,6 +110,8 @@ def run_criterion(
     seed: int = 0,
     example: torch.Tensor | None = None,
     score_mode: str = "eval",
+    precision: str = "fp32",
+    channels_last: bool = False,
 ) -> tuple[CriterionOutput, int, int]:
     """Drives one criterion over ``batches`` (ignored for data-free criteria).
 
@@ -100,10 +123,16 @@ def run_criterion(
         seed: for the random criterion and Hutchinson probes.
         example: one input batch for structure tracing; defaults to the first calibration batch.
         score_mode: ``eval`` (docs/criteria.md) or ``train``.
+        precision: forward passes under autocast (``bf16``/``fp16``); the caller checks the criterion allows it
+            (:func:`scoring_precision`).
+        channels_last: NHWC weights and inputs.
 
     Returns:
         The criterion's output, the number of samples and the number of batches used.
     """
+    from prunecli.device import autocast, input_to, model_to
+
+    model_to(model, device, channels_last=channels_last)
     needs_data = "data" in criterion.requires
     needs_grads = "grads" in criterion.requires
     was_training = model.training
@@ -140,11 +169,13 @@ def run_criterion(
         criterion.begin(ctx)
         if first is not None:
             for x, y in _chain(first, it):
-                x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+                x, y = input_to(x, device, channels_last=channels_last), y.to(device, non_blocking=True)
                 n = int(x.shape[0])
                 ctx.batch_rows = round(D.all_reduce_sums({"n": n})["n"]) if sharded else n
                 with torch.set_grad_enabled(needs_grads):
-                    logits = model(x)
+                    with autocast(device, precision):
+                        logits = model(x)
+                    logits = logits.float()  # the objectives (losses) in float32, as timm's AMP loop does
                     if needs_grads:
                         objectives = list(criterion.objectives(logits, y))
                         if sharded and criterion.objective_reduction == "mean":
@@ -262,8 +293,9 @@ def _calibration(
     fraction: float | None,
     default_batches: int | None,
     batch_size: int,
-    workers: int,
+    workers: int | None,
     seed: int,
+    device: torch.device | None = None,
 ) -> tuple[Iterable[tuple[torch.Tensor, torch.Tensor]], int]:
     """This process's calibration batches and the number of global batches.
 
@@ -301,7 +333,8 @@ def _calibration(
     if not order:
         raise InputError("the calibration data holds no samples")
     total = math.ceil(len(order) / batch_size)
-    loader = make_loader(ds, batch_size=batch_size // world, workers=workers, seed=seed, sampler=order[rank::world])
+    loader = make_loader(ds, batch_size=batch_size // world, workers=workers, seed=seed, sampler=order[rank::world],
+                         device=device)  # fmt: skip
     return progress(loader, total=total, description="scoring"), total
 
 
@@ -329,9 +362,11 @@ def compute_scores(
     params: Mapping[str, Any] | None = None,
     device: str = "auto",
     batch_size: int = 64,
-    workers: int = 0,
+    workers: int | None = 0,
     seed: int = 0,
     score_mode: str = "eval",
+    precision: str = "fp32",
+    channels_last: bool = False,
 ) -> ScoresFile:
     """Scores every prunable parameter of ``loaded.model`` with criterion ``method``.
 
@@ -345,9 +380,12 @@ def compute_scores(
         params: ``-p`` options (strings or Python values), checked against the criterion's options.
         device: ``auto``, ``cpu``, ``cuda[:i]``.
         batch_size: calibration batch size.
-        workers: DataLoader workers.
+        workers: DataLoader workers (None: :func:`prunecli.data.default_workers`).
         seed: sampling, shuffling, random scores, Hutchinson probes.
         score_mode: ``eval`` (default, docs/criteria.md) or ``train`` (BN batch statistics, dropout on).
+        precision: ``fp32``/``bf16``/``fp16`` forward passes for the criteria of :data:`REDUCED_PRECISION_OK`
+            (others fall back to fp32 with a warning); ``options["precision"]`` says which was used.
+        channels_last: NHWC weights and inputs.
 
     Returns:
         The scores with their metadata (method, granularity, options, data, samples, checkpoint sha256,
@@ -369,27 +407,33 @@ def compute_scores(
         _LOG.warning("method %r is data-free; --data is ignored", criterion.name)
         data = None
     dev = resolve_device(device)
+    from prunecli.device import check_precision
+
+    check_precision(precision, dev)
+    precision = scoring_precision(criterion.name, precision) if data is not None else "fp32"
     seed_everything(seed)
     model = loaded.model.to(dev)
     example = None
     if data is not None:
         it, _ = _calibration(
             loaded, data, data_options, batches=batches, fraction=fraction,
-            default_batches=criterion.default_batches, batch_size=batch_size, workers=workers, seed=seed,
+            default_batches=criterion.default_batches, batch_size=batch_size, workers=workers, seed=seed, device=dev,
         )  # fmt: skip
     else:
         it, example = [], _example_from_config(loaded, data_options)
     _LOG.debug("scoring with %s on %s", criterion.name, describe(dev))
     out, samples, n_batches = run_criterion(
-        model, criterion, it, device=dev, seed=seed, example=example, score_mode=score_mode
-    )
+        model, criterion, it, device=dev, seed=seed, example=example, score_mode=score_mode, precision=precision,
+        channels_last=channels_last,
+    )  # fmt: skip
     params = {f"{n}.weight": m.weight for n, m in prunable_layers(model).items()}
     if warning := zero_score_warning(criterion, out.scores, params, model):
         _LOG.warning("%s", warning)
     stats = layer_stats(out.scores, out.notes)
     options = options_dict(criterion.options)
     if data is not None:
-        options.update({"batches": n_batches, "batch_size": batch_size, "score_mode": score_mode})
+        options.update({"batches": n_batches, "batch_size": batch_size, "score_mode": score_mode,
+                        "precision": precision})  # fmt: skip
         if fraction is not None:
             options["fraction"] = fraction
     options["seed"] = seed

@@ -7,8 +7,8 @@ API in one screen::
     result = train(
         model,                          # any nn.Module mapping images → logits
         loader,                         # iterable of (x, y) batches (a DataLoader; shuffled by the caller)
-        device,                         # torch.device; AMP is used only on CUDA
-        TrainConfig(epochs=10, optimizer="adam", lr=1e-3, schedule="cosine"),
+        device,                         # torch.device
+        TrainConfig(epochs=10, optimizer="adam", lr=1e-3, schedule="cosine", precision="fp32"),
         trainable=lambda name, p: ...,  # optional: which parameters train (others frozen for the run)
         extra_loss=wcr,                 # optional: zero-arg callable → scalar added to the loss (float32)
         masks=masks,                    # optional: prunecli.masks.Masks kept exactly through every step
@@ -16,9 +16,10 @@ API in one screen::
     )
     result.metrics()                    # {"train_loss": [...per epoch], "train_acc": final, "val_top1": [...], ...}
 
-Per step: forward (under autocast on CUDA) → cross-entropy with label smoothing → ``+ extra_loss()``
-(outside autocast, so e.g. WCR stays float32) → backward → unscale → ``masks.mask_grads()`` →
-gradient clipping → optimizer step → ``masks.apply()`` → per-step LR schedule. Loss and accuracy are
+Per step: forward (under autocast with ``precision`` bf16/fp16; fp32 by default) → cross-entropy with
+label smoothing → ``+ extra_loss()`` (outside autocast, so e.g. WCR stays float32) → backward
+(loss-scaled for fp16) → unscale → ``masks.mask_grads()`` → gradient clipping → optimizer step →
+``masks.apply()`` → per-step LR schedule. Loss and accuracy are
 accumulated on the device and read once per epoch, so there is no per-step host sync.
 
 Optimizers (``adam``, ``adamw``, ``sgd`` with momentum) and LR schedules (``cosine``, ``step``,
@@ -43,13 +44,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from prunecli.device import PRECISIONS, autocast, check_precision, input_to, model_to
 from prunecli.errors import InputError
 from prunecli.evaluation import evaluate_model
 from prunecli.masks import Masks
 from prunecli.progress import progress
 from prunecli.registry import Registry
 
-__all__ = ["OPTIMIZERS", "SCHEDULES", "EpochStats", "TrainConfig", "TrainResult", "lr_factor", "train"]
+__all__ = ["OPTIMIZERS", "SCHEDULES", "EpochStats", "TrainConfig", "TrainResult", "lr_factor", "run_precision", "train"]
 
 log = logging.getLogger(__name__)
 
@@ -73,7 +75,10 @@ class TrainConfig:
         schedule: name in :data:`SCHEDULES`, stepped after every optimizer step.
         label_smoothing: cross-entropy label smoothing in [0, 1).
         clip_grad: clip the global gradient L2 norm to this value (None: no clipping).
-        amp: use autocast (bfloat16 where supported, else float16 with a GradScaler) on CUDA; never on CPU.
+        precision: ``fp32`` (exact, the default), ``bf16`` or ``fp16`` (CUDA only, with a GradScaler): the
+            forward pass runs under autocast; the loss, gradients, optimizer state and weights stay float32.
+        channels_last: NHWC weights and inputs (faster convolutions on tensor cores; same numbers up to
+            summation order).
         max_steps: stop after this many optimizer steps (None: ``epochs`` full passes).
         warmup_steps: linear warm-up from ``lr/(warmup_steps+1)`` to ``lr`` over the first steps, then
             ``schedule`` over the rest. Fine-tuning a trained network needs it: Adam's first updates have
@@ -89,7 +94,8 @@ class TrainConfig:
     schedule: str = "cosine"
     label_smoothing: float = 0.0
     clip_grad: float | None = None
-    amp: bool = True
+    precision: str = "fp32"
+    channels_last: bool = False
     max_steps: int | None = None
     warmup_steps: int = 0
 
@@ -111,6 +117,8 @@ class TrainConfig:
             raise InputError(f"max_steps must be positive, got {self.max_steps}")
         if not isinstance(self.warmup_steps, int) or self.warmup_steps < 0:
             raise InputError(f"--warmup-steps must be a non-negative integer, got {self.warmup_steps}")
+        if self.precision not in PRECISIONS:
+            raise InputError(f"--precision {self.precision!r}: choose from {', '.join(PRECISIONS)}")
         OPTIMIZERS.canonical(self.optimizer)
         SCHEDULES.canonical(self.schedule)
 
@@ -139,7 +147,8 @@ class TrainResult:
 
     epochs: list[EpochStats] = field(default_factory=list)
     steps: int = 0
-    amp: str | None = None
+    precision: str = "fp32"
+    channels_last: bool = False
 
     def metrics(self) -> dict[str, Any]:
         """The record's training metrics: per-epoch lists plus final values."""
@@ -150,7 +159,8 @@ class TrainResult:
             "train_acc": self.epochs[-1].train_acc if self.epochs else float("nan"),
             "train_acc_per_epoch": [e.train_acc for e in self.epochs],
             "lr": [e.lr for e in self.epochs],  # the LR at the start of each epoch
-            "amp": self.amp,
+            "precision": self.precision,
+            "channels_last": self.channels_last,
         }
         if any(e.extra_loss is not None for e in self.epochs):
             out["extra_loss"] = [e.extra_loss for e in self.epochs]
@@ -211,6 +221,13 @@ def lr_factor(schedule: str, total: int, warmup: int = 0) -> Callable[[int], flo
     return lambda step: (step + 1) / (warmup + 1) if step < warmup else after(step - warmup)
 
 
+def run_precision(precision: str, amp: bool, device: torch.device) -> str:
+    """``--precision``, or with the older ``--amp`` on CUDA (and ``--precision`` left at fp32) bf16, else fp16."""
+    if not amp or precision != "fp32" or device.type != "cuda":
+        return precision
+    return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+
+
 # ---- the loop ------------------------------------------------------------------------------------
 
 
@@ -219,12 +236,6 @@ def _param_groups(params: list[tuple[str, nn.Parameter]], weight_decay: float) -
     no_decay = [p for _, p in params if p.ndim <= 1]
     groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     return [g for g in groups if g["params"]]
-
-
-def _amp_dtype(device: torch.device, enabled: bool) -> torch.dtype | None:
-    if not enabled or device.type != "cuda":
-        return None
-    return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
 
 
 def train(
@@ -289,7 +300,7 @@ def _run(
     val_loader: Iterable[tuple[torch.Tensor, torch.Tensor]] | None,
     on_epoch: Callable[[EpochStats], None] | None,
 ) -> TrainResult:
-    model.to(device)
+    model_to(model, device, channels_last=config.channels_last)
     if masks:
         masks.to(device).apply()
     optimizer = OPTIMIZERS.get(config.optimizer)(_param_groups(params, config.weight_decay), config)
@@ -298,10 +309,10 @@ def _run(
     if config.max_steps is not None:
         total = min(total, config.max_steps)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor(config.schedule, total, config.warmup_steps))
-    amp_dtype = _amp_dtype(device, config.amp)
+    amp_dtype = check_precision(config.precision, device)
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype is torch.float16)
     trainable = [p for _, p in params]
-    result = TrainResult(amp=str(amp_dtype).removeprefix("torch.") if amp_dtype else None)
+    result = TrainResult(precision=config.precision, channels_last=config.channels_last)
 
     for epoch in range(1, config.epochs + 1):
         model.train()
@@ -312,9 +323,9 @@ def _run(
         seen = steps = 0
         lr = optimizer.param_groups[0]["lr"]
         for x, y in progress(loader, total=per_epoch, description=f"epoch {epoch}/{config.epochs}"):
-            x = x.to(device, non_blocking=True)
+            x = input_to(x, device, channels_last=config.channels_last)
             y = torch.as_tensor(y).to(device, non_blocking=True)
-            with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
+            with autocast(device, config.precision):
                 logits = model(x)
             loss = F.cross_entropy(logits.float(), y, label_smoothing=config.label_smoothing)
             total_loss = loss
@@ -358,7 +369,8 @@ def _run(
             extra_loss=float(extra_sum) / seen if extra_loss is not None else None,
         )
         if val_loader is not None:
-            stats.val = evaluate_model(model, val_loader, device)
+            stats.val = evaluate_model(model, val_loader, device, precision=config.precision,
+                                       channels_last=config.channels_last)  # fmt: skip
         result.epochs.append(stats)
         _log_epoch(stats, config.epochs)
         if on_epoch is not None:

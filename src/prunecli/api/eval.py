@@ -32,8 +32,9 @@ def evaluate(req: EvalRequest) -> Result:
         >>> evaluate(EvalRequest(checkpoint="p50.safetensors", data="digits:test")).metrics["top1"]
     """
     from prunecli import distributed as D
-    from prunecli.device import describe, resolve_device, seed_everything
-    from prunecli.evaluation import benchmark_model, evaluate_sharded
+    from prunecli.data import loader_info
+    from prunecli.device import check_precision, describe, resolve_device, seed_everything
+    from prunecli.evaluation import benchmark_model, eval_loader, evaluate_sharded
 
     run = req.runtime
     dev = resolve_device(run.device)
@@ -42,15 +43,17 @@ def evaluate(req: EvalRequest) -> Result:
     data = req.data or _data_from_lineage(loaded.manifest.lineage)
     ds, cfg = load_data(data, loaded, req.transforms)
     ref_model = load_input(req.reference, dataclasses.replace(req.source, ema=False)).model if req.reference else None
+    check_precision(run.precision, dev)
     D.init(dev)  # under torchrun: each rank evaluates its shard, the sums are joined
-    metrics = evaluate_sharded(
-        loaded.model, ds, dev, batch_size=run.batch_size, workers=run.workers, reference=ref_model
-    )
+    loader = eval_loader(ds, dev, batch_size=run.batch_size, workers=run.workers)
+    fast = {"precision": run.precision, "channels_last": run.channels_last}
+    metrics = evaluate_sharded(loaded.model, ds, dev, loader=loader, reference=ref_model, **fast)
     if D.world_size() > 1:
         metrics["world_size"] = D.world_size()
     metrics["data"] = data
+    metrics.update(fast, loader=loader_info(loader))
     if req.benchmark:
-        metrics.update(benchmark_model(loaded.model, tuple(cfg["input_size"]), dev, batch_size=run.batch_size))
+        metrics.update(benchmark_model(loaded.model, tuple(cfg["input_size"]), dev, batch_size=run.batch_size, **fast))
     metrics["arch"] = loaded.manifest.arch
     return Result(checkpoint=None, sha256=None, metrics=metrics, device=describe(dev))
 

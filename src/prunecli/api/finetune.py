@@ -68,12 +68,12 @@ def finetune(req: FinetuneRequest) -> Result:
     from prunecli import distributed as D
     from prunecli.checkpoint.sources import SourceKind, resolve_source
     from prunecli.checkpoint.writer import check_output
-    from prunecli.data import augmentation_name, make_loader
+    from prunecli.data import augmentation_name, data_config, loader_info, make_loader, resolve_augment
     from prunecli.device import describe, resolve_device, seed_everything
     from prunecli.masks import Masks, sparsity
     from prunecli.prunable import prunable_params
     from prunecli.recipes import resolve_recipe, warmup_steps
-    from prunecli.training import TrainConfig, train
+    from prunecli.training import TrainConfig, run_precision, train
     from prunecli.wcr import WCR
 
     source = resolve_source(req.checkpoint)
@@ -81,17 +81,22 @@ def finetune(req: FinetuneRequest) -> Result:
     given = {"optimizer": t.optimizer, "lr": t.lr, "schedule": t.schedule, "warmup": t.warmup, "augment": t.augment}
     chosen, recipe_report = resolve_recipe(t.recipe, fresh=source.kind is SourceKind.ARCH, given=given)
     optimizer, lr, schedule, augment = chosen["optimizer"], chosen["lr"], chosen["schedule"], chosen["augment"]
-    augment = recipe_report["augment"] = augmentation_name(augment)
+    augment = augmentation_name(augment)
+    dev = resolve_device(run.device)
     config = TrainConfig(
         epochs=t.epochs, optimizer=optimizer, lr=lr, weight_decay=t.weight_decay, momentum=t.momentum,
-        schedule=schedule, label_smoothing=t.label_smoothing, clip_grad=t.clip_grad, amp=t.amp, max_steps=t.max_steps,
+        schedule=schedule, label_smoothing=t.label_smoothing, clip_grad=t.clip_grad, max_steps=t.max_steps,
+        precision=run_precision(run.precision, t.amp, dev), channels_last=run.channels_last,
     )  # fmt: skip
     config.validate()
     _check_wcr(req.wcr.wcr, req.wcr.wcr_eps, req.wcr.wcr_delta)
     check_output(req.output, force=req.force, inputs=[source.path, source.weights])  # fail before any work
-    dev = resolve_device(run.device)
     seed_everything(run.seed)  # before load_input: an arch: model is initialised there
     loaded = _load(req.checkpoint, source, req.source)
+    tf = req.transforms
+    cfg = data_config(loaded.manifest.pretrained_cfg, input_size=tf.input_size, mean=tf.mean, std=tf.std)
+    augment, recipe_report["augment_because"] = resolve_augment(augment, cfg, explicit=t.augment is not None)
+    recipe_report["augment"] = augment
     train_ds, _ = load_data(req.data, loaded, req.transforms, default_split="train", train=True, augment=augment)
     val_ds = load_data(req.val, loaded, req.transforms, default_split="test")[0] if req.val else None
 
@@ -111,8 +116,11 @@ def finetune(req: FinetuneRequest) -> Result:
         n, shuffle=True, seed=run.seed, rank=ctx.rank, world_size=ctx.world_size, global_batch=run.batch_size,
         drop_last=n > run.batch_size,  # equal shards per step; no size-1 BatchNorm batches (timm's train.py drops too)
     )  # fmt: skip
-    loader = make_loader(train_ds, batch_size=run.batch_size // ctx.world_size, workers=run.workers, sampler=sampler)
-    val_loader = make_loader(val_ds, batch_size=max(run.batch_size, 256), workers=run.workers) if val_ds else None
+    loader = make_loader(train_ds, batch_size=run.batch_size // ctx.world_size, workers=run.workers, sampler=sampler,
+                         device=dev)  # fmt: skip
+    val_loader = (
+        make_loader(val_ds, batch_size=max(run.batch_size, 256), workers=run.workers, device=dev) if val_ds else None
+    )
     total_steps = min(len(loader) * t.epochs, t.max_steps or len(loader) * t.epochs)
     config = dataclasses.replace(config, warmup_steps=warmup_steps(chosen["warmup"], total_steps))
     recipe_report["warmup_steps"] = config.warmup_steps
@@ -146,6 +154,7 @@ def finetune(req: FinetuneRequest) -> Result:
             "masked_sparsity_before": masked_before,
             "masked_sparsity_after": masks.sparsity() if masks else None,
             "recipe": recipe_report,
+            "loader": loader_info(loader),
         }
     )
     if req.wcr.wcr > 0:  # the block (λ, R, per-layer variances) only describes a run that used the regulariser

@@ -151,12 +151,12 @@ def finetune_lora(req: FinetuneLoraRequest) -> Result:
     from prunecli.checkpoint.sources import SourceKind, resolve_source
     from prunecli.checkpoint.writer import check_output
     from prunecli.counting import count_model
-    from prunecli.data import augmentation_name, make_loader
+    from prunecli.data import augmentation_name, data_config, loader_info, make_loader, resolve_augment
     from prunecli.device import describe, resolve_device, seed_everything
-    from prunecli.evaluation import evaluate_sharded
+    from prunecli.evaluation import eval_loader, evaluate_sharded
     from prunecli.prunable import prunable_params
     from prunecli.recipes import resolve_recipe, warmup_steps
-    from prunecli.training import TrainConfig, train
+    from prunecli.training import TrainConfig, run_precision, train
     from prunecli.wcr import WCR
 
     t, lo, run = req.training, req.lora, req.runtime
@@ -166,10 +166,12 @@ def finetune_lora(req: FinetuneLoraRequest) -> Result:
         t.recipe, fresh=source.kind is SourceKind.ARCH, adapters=True, given=given
     )
     optimizer, lr, schedule = chosen_recipe["optimizer"], chosen_recipe["lr"], chosen_recipe["schedule"]
-    augment = recipe_report["augment"] = augmentation_name(chosen_recipe["augment"])
+    augment = augmentation_name(chosen_recipe["augment"])
+    dev = resolve_device(run.device)
     config = TrainConfig(
         epochs=t.epochs, optimizer=optimizer, lr=lr, weight_decay=t.weight_decay, momentum=t.momentum,
-        schedule=schedule, label_smoothing=t.label_smoothing, clip_grad=t.clip_grad, amp=t.amp, max_steps=t.max_steps,
+        schedule=schedule, label_smoothing=t.label_smoothing, clip_grad=t.clip_grad, max_steps=t.max_steps,
+        precision=run_precision(run.precision, t.amp, dev), channels_last=run.channels_last,
     )  # fmt: skip
     config.validate()
     _check(req.wcr.wcr, req.wcr.wcr_eps, req.wcr.wcr_delta, run.batch_size)
@@ -193,7 +195,6 @@ def finetune_lora(req: FinetuneLoraRequest) -> Result:
     adapter_dir = lora.adapter_dir_for(req.output) if merge == "none" else None
     if adapter_dir is not None and adapter_dir.exists() and not req.force:
         raise InputError(f"adapter folder {str(adapter_dir)!r} exists", hint="pass --force to overwrite it")
-    dev = resolve_device(run.device)
     ctx = D.init(dev)
     if run.batch_size % ctx.world_size:
         raise InputError(f"--batch-size {run.batch_size} is not divisible by the {ctx.world_size} torchrun processes")
@@ -209,13 +210,20 @@ def finetune_lora(req: FinetuneLoraRequest) -> Result:
     masks = lora.masks_of(model, loaded.manifest.masked)
     sparsity_before = count_model(model).sparsity  # the one counting convention (prunecli.counting)
     masked_before = _prunable_sparsity(model, sorted(masks))
+    tf = req.transforms
+    cfg = data_config(loaded.manifest.pretrained_cfg, input_size=tf.input_size, mean=tf.mean, std=tf.std)
+    augment, recipe_report["augment_because"] = resolve_augment(augment, cfg, explicit=t.augment is not None)
+    recipe_report["augment"] = augment
     train_ds, _ = load_data(req.data, loaded, req.transforms, default_split="train", train=True, augment=augment)
     val_ds = load_data(req.val, loaded, req.transforms, default_split="test")[0] if req.val else None
     eval_bs = max(run.batch_size, 256)
+    # one validation loader for the three evaluations (its workers persist)
+    val_loader = eval_loader(val_ds, dev, batch_size=eval_bs, workers=run.workers) if val_ds is not None else None
+    fast = {"precision": config.precision, "channels_last": run.channels_last, "loader": val_loader}
 
     metrics: dict[str, Any] = {}
     if val_ds is not None:
-        before = evaluate_sharded(model, val_ds, dev, batch_size=eval_bs, workers=run.workers)
+        before = evaluate_sharded(model, val_ds, dev, **fast)
         metrics.update(top1_before=before["top1"], loss_before=before["loss"])
 
     pruned_layers = _pruned_layers(model, loaded.manifest)
@@ -231,7 +239,8 @@ def finetune_lora(req: FinetuneLoraRequest) -> Result:
         n, shuffle=True, seed=run.seed, rank=ctx.rank, world_size=ctx.world_size, global_batch=run.batch_size,
         drop_last=n > run.batch_size,  # equal shards per step (DDP == one process); no size-1 BatchNorm batches
     )  # fmt: skip
-    loader = make_loader(train_ds, batch_size=run.batch_size // ctx.world_size, workers=run.workers, sampler=sampler)
+    loader = make_loader(train_ds, batch_size=run.batch_size // ctx.world_size, workers=run.workers, sampler=sampler,
+                         device=dev)  # fmt: skip
     total_steps = min(len(loader) * t.epochs, t.max_steps or len(loader) * t.epochs)
     config = dataclasses.replace(config, warmup_steps=warmup_steps(chosen_recipe["warmup"], total_steps))
     recipe_report["warmup_steps"] = config.warmup_steps
@@ -255,7 +264,7 @@ def finetune_lora(req: FinetuneLoraRequest) -> Result:
         metrics["wcr"] = {k: stats[k] for k in ("lambda", "eps", "delta", "R", "value", "layers", "var_abs")}
 
     if val_ds is not None:
-        unmerged = evaluate_sharded(peft_model, val_ds, dev, batch_size=eval_bs, workers=run.workers)
+        unmerged = evaluate_sharded(peft_model, val_ds, dev, **fast)
         metrics["top1_unmerged"] = unmerged["top1"]
     peft_model.to("cpu")
     outcome = merge_fn(peft_model, {k: v.cpu() for k, v in masks.items()})
@@ -272,7 +281,7 @@ def finetune_lora(req: FinetuneLoraRequest) -> Result:
         metrics["sparsity_effective"] = _effective_sparsity(final, prunable, eff)
     if val_ds is not None:
         if outcome.adapter_state is None:
-            after = evaluate_sharded(final, val_ds, dev, batch_size=eval_bs, workers=run.workers)["top1"]
+            after = evaluate_sharded(final, val_ds, dev, **fast)["top1"]
         else:
             after = metrics["top1_unmerged"]  # the written checkpoint evaluates with its adapter attached
         metrics.update(top1_after=after, lora_improvement=after - metrics["top1_before"])
@@ -287,6 +296,7 @@ def finetune_lora(req: FinetuneLoraRequest) -> Result:
             "target_preset": preset,
             "pruned_layers": pruned_layers,
             "recipe": recipe_report,
+            "loader": loader_info(loader),
             "rank": lo.rank,
             "alpha": lo.alpha,
             "scale": opts.scale,

@@ -382,7 +382,7 @@ def restore(req: RestoreRequest) -> Result:
         dense_path = str(dense_loaded.source.path or dense_loaded.source.spec)
         dense_sha = dense_loaded.sha256
     calib_loader = val_loader = None
-    loader = {"batch_size": run.batch_size, "workers": run.workers, "seed": run.seed}
+    loader = {"batch_size": run.batch_size, "workers": run.workers, "seed": run.seed, "device": dev}
     if req.data:
         ds, _ = load_data(req.data, loaded, req.transforms, default_split="train")
         calib_loader = make_loader(ds, shuffle=True, **loader)

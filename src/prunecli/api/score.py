@@ -84,7 +84,7 @@ def _score(req: ScoreRequest) -> Result:
     sf = compute_scores(
         loaded, method, data=req.data, data_options=req.transforms, batches=req.batches, fraction=req.fraction,
         params=req.params, device=str(dev), batch_size=run.batch_size, workers=run.workers, seed=run.seed,
-        score_mode=req.score_mode,
+        score_mode=req.score_mode, precision=run.precision, channels_last=run.channels_last,
     )  # fmt: skip
     written = D.broadcast_object(save_scores(path, sf, force=req.force) if D.is_main() else None)
     metrics = {
@@ -97,6 +97,8 @@ def _score(req: ScoreRequest) -> Result:
         "layers": sf.stats,
         "scored_params": sum(int(v["count"]) for v in sf.stats.values()),
         "arch": loaded.manifest.arch,
+        "precision": sf.options.get("precision", "fp32"),
+        "channels_last": run.channels_last,
     }
     return Result(checkpoint=None, sha256=None, metrics=metrics, device=describe(dev), extra={"scores": written})
 
