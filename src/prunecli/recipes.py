@@ -8,6 +8,12 @@ from-scratch recipe took a ResNet-18 trained on digits from 0.994 to 0.853 top-1
 recipe here (lower peak LR, linear warm-up, crop without flip) keeps it (docs/finetuning.md has the
 measurement).
 
+Each recipe's ``augment`` is its choice for small (CIFAR/digits-sized) inputs. Left unset, the run
+uses timm's training transform instead for inputs of 64 px or more
+(:func:`prunecli.data.resolve_augment`): an ImageNet checkpoint was trained with random resized
+crops, not a padding-4 crop of the whole image. The record's ``recipe.augment`` and
+``recipe.augment_because`` say which applied.
+
 ``recipe="auto"`` picks ``scratch`` for ``arch:`` sources and ``finetune`` (``lora`` for adapters)
 otherwise; every option the caller leaves at ``None`` is taken from the recipe, and
 :func:`resolve_recipe` reports which came from where, for the record's ``metrics.recipe``.
@@ -37,7 +43,8 @@ class Recipe:
         lr: peak learning rate.
         schedule: name in :data:`prunecli.training.SCHEDULES` (after the warm-up).
         warmup: fraction of the run's optimizer steps spent on a linear warm-up (0 = none).
-        augment: training augmentation, a name in :data:`prunecli.data.AUGMENTATIONS`.
+        augment: training augmentation for small inputs, a name in :data:`prunecli.data.AUGMENTATIONS`
+            (ImageNet-style inputs get ``timm`` unless the user chooses).
         why: one line for people (``--help``, the record).
     """
 
