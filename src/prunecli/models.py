@@ -56,7 +56,11 @@ def default_pretrained_cfg(name: str) -> dict[str, Any]:
 
 
 def _create(manifest: Manifest, *, meta: bool) -> nn.Module:
-    kwargs = dict(manifest.model_args)
+    from prunecli.checkpoint.validate import filter_model_args  # loader options and paths never reach timm
+
+    kwargs, dropped = filter_model_args(manifest.model_args, where=manifest.arch)
+    for line in dropped:
+        logging.getLogger("prunecli").warning(line)
     if manifest.num_classes is not None:
         kwargs["num_classes"] = manifest.num_classes
     try:

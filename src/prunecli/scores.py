@@ -68,6 +68,7 @@ class ScoresFile:
 
 def save_scores(path: str | Path, scores: ScoresFile, *, force: bool = False) -> str:
     """Writes ``scores`` atomically; returns the absolute path."""
+    from prunecli.checkpoint import transaction
     from prunecli.checkpoint.permissions import publish_file
     from prunecli.checkpoint.safetensors_io import write_safetensors
 
@@ -91,14 +92,14 @@ def save_scores(path: str | Path, scores: ScoresFile, *, force: bool = False) ->
         "stats": scores.stats,
         "versions": {"prunecli": __version__, "torch": torch.__version__.split("+")[0]},
     }
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    fd, tmp = transaction.temporary(lambda: tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
     os.close(fd)
     try:
         write_safetensors(tmp, tensors, {"format": "pt", SCORES_KEY: dumps(meta)})  # byte-deterministic
         publish_file(tmp)  # mkstemp made it 0600: the umask's mode, as for checkpoints
-        os.replace(tmp, path)
+        transaction.publish(tmp, path)  # atomic rename; undone if the run fails later
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        transaction.discard(tmp)
         raise
     return str(path)
 
@@ -114,6 +115,7 @@ def load_scores(path: str | Path) -> ScoresFile:
         meta = json.loads(header.metadata[SCORES_KEY])
     except json.JSONDecodeError:
         raise CheckpointError(f"{path}: scores metadata is not valid JSON") from None
+    _check_scores_meta(meta, path)
     tensors = load_file(str(path), device="cpu")
     scores: dict[str, torch.Tensor] = {}
     extras: dict[str, dict[str, torch.Tensor]] = {}
@@ -134,3 +136,30 @@ def load_scores(path: str | Path) -> ScoresFile:
         checkpoint_sha256=meta.get("checkpoint_sha256"),
         stats=meta.get("stats") or {},
     )
+
+
+# Scores metadata field → (accepted JSON types, what it must be): a file that breaks one is refused by name.
+_META_FIELDS: dict[str, tuple[tuple[type, ...], str]] = {
+    "method": ((str,), "the criterion's name"),
+    "granularity": ((str,), "'weight' or 'channel'"),
+    "options": ((dict, type(None)), "an object"),
+    "data": ((str, type(None)), "a data spec or null"),
+    "samples": ((int, type(None)), "a count"),
+    "checkpoint_sha256": ((str, type(None)), "a sha256 digest or null"),
+    "stats": ((dict, type(None)), "an object"),
+}
+_REQUIRED = ("method", "granularity")
+
+
+def _check_scores_meta(meta: Any, path: str | Path) -> None:
+    """Refuses scores metadata that lacks a required field or holds a field of the wrong kind, naming it."""
+    if not isinstance(meta, dict):
+        raise CheckpointError(f"{path}: scores metadata is not a JSON object")
+    for name in _REQUIRED:
+        if name not in meta:
+            raise CheckpointError(f"{path}: scores metadata has no {name!r} ({_META_FIELDS[name][1]})")
+    for name, (types, what) in _META_FIELDS.items():
+        if name in meta and (not isinstance(meta[name], types) or isinstance(meta[name], bool)):
+            raise CheckpointError(f"{path}: scores metadata {name!r} must be {what}, not {meta[name]!r}")
+    if meta["granularity"] not in ("weight", "channel"):
+        raise CheckpointError(f"{path}: scores metadata 'granularity' must be 'weight' or 'channel'")

@@ -9,13 +9,15 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from pathlib import Path
 from typing import Any
 
 from prunecli.checkpoint.header import SafetensorsHeader, TensorInfo
-from prunecli.checkpoint.manifest import METADATA_KEY, Manifest
 from prunecli.checkpoint.sources import SourceKind, resolve_source
+from prunecli.checkpoint.validate import manifest_from_header
 from prunecli.counting import TensorCount, count_model, count_tensors, is_buffer
+from prunecli.errors import CheckpointError
 from prunecli.record import Result
 from prunecli.requests import InspectRequest
 
@@ -34,17 +36,35 @@ def _is_param(name: str) -> bool:
     return not is_buffer(name)
 
 
-def _zeros(header: SafetensorsHeader, t: TensorInfo, buf: Any) -> int | None:
+_CHUNK_BYTES = 8 << 20  # zeros are counted 8 MiB at a time, read into one reused buffer: memory stays bounded
+
+
+def _zeros(header: SafetensorsHeader, t: TensorInfo, fd: int, chunk: bytearray) -> int | None:
+    """Zero elements of ``t``, read chunk by chunk into ``chunk`` (never the whole tensor in memory).
+
+    ``os.preadv`` into a reused buffer rather than a memory map: mapped pages of a large file count
+    towards the process's resident memory, a reused buffer does not grow with the tensor.
+    """
     import numpy as np
 
     view = _ZERO_VIEWS.get(t.dtype)
     if view is None or t.numel == 0:
         return None if view is None else 0
     dt, mask = view
-    arr = np.frombuffer(buf, dtype=dt, count=t.numel, offset=header.data_start + t.begin)
-    if mask is not None:
-        arr = arr & np.array(mask, dtype=dt)
-    return int(t.numel - np.count_nonzero(arr))
+    itemsize = np.dtype(dt).itemsize
+    total, done, nonzero = t.numel * itemsize, 0, 0
+    base = header.data_start + t.begin
+    while done < total:
+        want = min(len(chunk), total - done)
+        got = os.preadv(fd, [memoryview(chunk)[:want]], base + done)
+        if got <= 0 or got % itemsize:
+            raise CheckpointError(f"{header.path}: the file ended inside tensor {t.name!r} (it changed while read)")
+        arr = np.frombuffer(chunk, dtype=dt, count=got // itemsize)
+        if mask is not None:
+            arr = arr & np.array(mask, dtype=dt)  # a chunk-sized copy without the sign bit (-0.0 is a zero)
+        nonzero += int(np.count_nonzero(arr))
+        done += got
+    return t.numel - nonzero
 
 
 def _from_header(header: SafetensorsHeader, layers: bool) -> dict[str, Any]:
@@ -56,12 +76,11 @@ def _from_header(header: SafetensorsHeader, layers: bool) -> dict[str, Any]:
         "dtypes": sorted({t.dtype for t in header.tensors}),
     }
     if layers:
-        import mmap
-
         rows, counted = [], []
-        with header.path.open("rb") as fh, mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) as buf:
+        chunk = bytearray(_CHUNK_BYTES)
+        with header.path.open("rb") as fh:
             for t in sorted(params, key=lambda t: t.name):
-                z = _zeros(header, t, buf)
+                z = _zeros(header, t, fh.fileno(), chunk)
                 rows.append(
                     {"name": t.name, "shape": list(t.shape), "params": t.numel, "dtype": t.dtype,
                      "sparsity": (z / t.numel) if (z is not None and t.numel) else (0.0 if z == 0 else None)}
@@ -134,7 +153,7 @@ def inspect(req: InspectRequest) -> Result:
     source = resolve_source(spec)
     if source.header is not None:
         header = source.header
-        manifest = Manifest.from_json(header.metadata[METADATA_KEY]) if source.kind is SourceKind.PRUNECLI else None
+        manifest = manifest_from_header(header, where=spec) if source.kind is SourceKind.PRUNECLI else None
         config = _folder_config(source.folder)
         metrics = _from_header(header, layers)
         metrics["arch"] = manifest.arch if manifest else (arch or config.get("architecture"))

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import json
 import math
+import stat
 import struct
 from dataclasses import dataclass
 from pathlib import Path
@@ -153,7 +154,12 @@ def read_header(path: str | Path) -> SafetensorsHeader:
     """
     path = Path(path)
     try:
-        size = path.stat().st_size
+        st = path.stat()
+        if stat.S_ISDIR(st.st_mode):
+            raise IsADirectoryError(path)
+        if not stat.S_ISREG(st.st_mode):  # a FIFO blocks the first read forever; /dev/zero never ends
+            raise CheckpointError(f"{path}: not a regular file (a device, FIFO or socket cannot be a safetensors file)")
+        size = st.st_size
         with path.open("rb") as fh:
             head = fh.read(8)
             if len(head) < 8:
@@ -172,6 +178,8 @@ def read_header(path: str | Path) -> SafetensorsHeader:
         raise CheckpointError(f"{path}: no such file") from None
     except IsADirectoryError:
         raise CheckpointError(f"{path}: is a directory, expected a .safetensors file") from None
+    except PermissionError:
+        raise CheckpointError(f"{path}: permission denied") from None
     tensors, metadata = parse_header(raw, size - 8 - n, where=str(path))
     return SafetensorsHeader(path, tensors, metadata, 8 + n, size)
 

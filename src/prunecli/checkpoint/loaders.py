@@ -26,9 +26,10 @@ from torch import nn
 
 from prunecli.checkpoint.hashing import file_sha256
 from prunecli.checkpoint.hf_cache import hf_repo_folder, hf_snapshot
-from prunecli.checkpoint.manifest import METADATA_KEY, Manifest
+from prunecli.checkpoint.manifest import Manifest
 from prunecli.checkpoint.safetensors_io import read_safetensors
 from prunecli.checkpoint.sources import Source, SourceKind, resolve_source
+from prunecli.checkpoint.validate import manifest_from_header
 from prunecli.errors import CheckpointError
 
 __all__ = ["LOADERS", "STATE_LOADERS", "Loaded", "check_finite", "load_checkpoint", "load_state_dict"]
@@ -140,7 +141,7 @@ StateLoader = Callable[[Source, LoadOptions], tuple[dict[str, torch.Tensor], Man
 def _prunecli_state(source: Source, opts: LoadOptions) -> tuple[dict[str, torch.Tensor], Manifest]:
     """A self-describing prunecli safetensors: the manifest is in its header."""
     assert source.header is not None and source.weights is not None
-    manifest = Manifest.from_json(source.header.metadata[METADATA_KEY], where=source.spec)
+    manifest = manifest_from_header(source.header, where=source.spec)  # its fields checked against the tensors
     return read_safetensors(source.weights), manifest
 
 

@@ -104,7 +104,9 @@ def resolve_source(spec: str, *, stdin: TextIO | None = None) -> Source:
         ckpt = record.get("checkpoint")
         if not ckpt:
             raise InputError(f"the record on stdin (command {record.get('command')!r}) names no checkpoint")
-        return resolve_source(str(ckpt))
+        if not isinstance(ckpt, str):
+            raise InputError(f"the record on stdin has a 'checkpoint' that is not a path ({ckpt!r})")
+        return resolve_source(ckpt)
     for prefix, kind in (("timm:", SourceKind.TIMM), ("arch:", SourceKind.ARCH)):
         if spec.startswith(prefix):
             name = spec[len(prefix) :]
@@ -116,6 +118,8 @@ def resolve_source(spec: str, *, stdin: TextIO | None = None) -> Source:
         raise CheckpointError(f"{spec}: no such file or directory")
     if path.is_dir():
         return _folder_source(spec, path)
+    if not path.is_file():  # a FIFO would block the first read forever, a device never ends
+        raise CheckpointError(f"{spec}: not a regular file (a device, FIFO or socket cannot be a checkpoint)")
     if path.suffix == ".safetensors":
         header = read_header(path)
         kind = SourceKind.PRUNECLI if METADATA_KEY in header.metadata else SourceKind.SAFETENSORS

@@ -11,7 +11,6 @@ import contextlib
 import dataclasses
 import json
 import os
-import shutil
 import tempfile
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -21,6 +20,7 @@ import torch
 from torch import nn
 
 from prunecli import __version__
+from prunecli.checkpoint import transaction
 from prunecli.checkpoint.hashing import remember_sha256
 from prunecli.checkpoint.manifest import METADATA_KEY, Manifest
 from prunecli.checkpoint.permissions import publish_file, publish_tree
@@ -138,20 +138,20 @@ def save_checkpoint(
     parent = path.parent
     _drop_cached_pages(path / "model.safetensors" if folder else path)
     if not folder:
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=parent)
+        fd, tmp = transaction.temporary(lambda: tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=parent))
         os.close(fd)
         try:
             sha = write_safetensors(tmp, tensors, metadata, **extra)
             _fsync(Path(tmp))
             publish_file(tmp)  # mkstemp made it 0600: give it the umask's mode before it appears
-            os.replace(tmp, path)
+            transaction.publish(tmp, path)  # atomic rename; undone if the run fails later
         except BaseException:
-            Path(tmp).unlink(missing_ok=True)
+            transaction.discard(tmp)
             raise
         _fsync_dir(parent)
         remember_sha256(path, sha)
         return str(path), sha
-    tmpdir = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=parent))
+    tmpdir = Path(transaction.temporary(lambda: tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=parent)))
     try:
         sha = write_safetensors(tmpdir / "model.safetensors", tensors, metadata, **extra)
         config = {
@@ -174,15 +174,9 @@ def save_checkpoint(
         for f in tmpdir.iterdir():
             _fsync(f)
         publish_tree(tmpdir)  # mkdtemp made it 0700: the umask's modes, as mkdir and open give
-        if path.exists():
-            trash = Path(tempfile.mkdtemp(prefix=f".{path.name}.old.", dir=parent))
-            os.replace(path, trash / "old")
-            os.replace(tmpdir, path)
-            shutil.rmtree(trash, ignore_errors=True)
-        else:
-            os.replace(tmpdir, path)
+        transaction.publish(tmpdir, path)  # the old folder (--force) is moved aside until the run commits
     except BaseException:
-        shutil.rmtree(tmpdir, ignore_errors=True)
+        transaction.discard(tmpdir)
         raise
     _fsync_dir(parent)
     remember_sha256(path / "model.safetensors", sha)

@@ -24,7 +24,7 @@ from typing import Annotated, Any, Optional
 import typer
 
 from prunecli.cli._output import error, run_command
-from prunecli.errors import PrunecliError
+from prunecli.errors import InputError, PrunecliError
 from prunecli.requests import Request, RequestError, Spec, leaves
 
 __all__ = ["epilog", "register_command"]
@@ -136,7 +136,7 @@ def _run(name: str, request: Any, api: str, summary: Callable[[Any], None] | Non
     quiet = bool(reporting.quiet) if reporting else False
     checkpoint = getattr(request, "checkpoint", None) if getattr(request, "mode", "score") == "score" else None
     try:
-        _preflight(checkpoint)
+        _preflight(checkpoint, metrics)
     except PrunecliError as exc:
         if os.environ.get("PRUNECLI_DEBUG") == "1":
             raise
@@ -160,10 +160,18 @@ def _run(name: str, request: Any, api: str, summary: Callable[[Any], None] | Non
         go(main)
 
 
-def _preflight(checkpoint: str | None) -> None:
-    """Torch-free checks of the input before the api call: a missing file fails in milliseconds, not seconds."""
-    if checkpoint is None:
-        return
-    from prunecli.checkpoint.sources import resolve_source
+def _preflight(checkpoint: str | None, metrics: Any = None) -> None:
+    """Torch-free checks before the api call: a missing file fails in milliseconds, not seconds, and an
+    unwritable ``--metrics`` file fails before any work (it is held open until the record is appended)."""
+    if checkpoint is not None:
+        from prunecli.checkpoint.sources import resolve_source
 
-    resolve_source(checkpoint)
+        resolve_source(checkpoint)
+    if metrics is not None:
+        from prunecli.checkpoint.transaction import open_metrics
+
+        try:
+            open_metrics(metrics)
+        except OSError as exc:
+            raise InputError(f"--metrics {metrics}: cannot append to it ({exc.strerror or exc})",
+                             hint="name a writable file in an existing folder") from None  # fmt: skip

@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import re
 import sys
 import time
 from collections.abc import Callable, Mapping
@@ -17,6 +18,7 @@ from typing import Any
 
 import typer
 
+from prunecli.checkpoint import transaction
 from prunecli.errors import PrunecliError
 from prunecli.record import Result, dumps, make_record
 
@@ -77,17 +79,23 @@ def setup_stderr(quiet: bool) -> None:
 
 
 def emit(record: Mapping[str, Any], metrics_file: Path | None) -> None:
-    """Prints the record as one JSON line on stdout; appends it to ``metrics_file`` too."""
+    """Prints the record as one JSON line on stdout; appends it to ``metrics_file`` too; commits the run.
+
+    Signals wait until the record is out (then the run has finished: exit 0); a write that fails
+    raises ``OSError`` before the commit, so the caller undoes the run (the metrics file is cut back).
+    """
     line = dumps(record)
-    if metrics_file is not None:
-        with Path(metrics_file).open("a") as fh:
-            fh.write(line + "\n")
-    try:
-        sys.stdout.write(line + "\n")
-        sys.stdout.flush()
-    except BrokenPipeError:  # `| head`: exit quietly
-        devnull = os.open(os.devnull, os.O_WRONLY)
-        os.dup2(devnull, sys.stdout.fileno())
+    with transaction.deferred():
+        transaction.check()  # a signal that library code swallowed ends the run before anything is final
+        if metrics_file is not None:
+            transaction.append_metrics(Path(metrics_file), line)
+        try:
+            sys.stdout.write(line + "\n")
+            sys.stdout.flush()
+        except BrokenPipeError:  # `| head`: exit quietly
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, sys.stdout.fileno())
+        transaction.commit()
 
 
 def run_command(
@@ -102,23 +110,32 @@ def run_command(
 ) -> None:
     """Runs one subcommand's library call and prints its record; maps errors to exit codes."""
     setup_stderr(quiet)
+    transaction.begin()  # outputs stay undoable until emit() commits: a failure anywhere below removes them
     start = time.perf_counter()
     try:
         result = work()
     except PrunecliError as exc:
+        transaction.rollback()
         if os.environ.get("PRUNECLI_DEBUG") == "1":
             raise
         error(exc.message, exc.hint)
         raise typer.Exit(1) from None
-    except KeyboardInterrupt:
-        _plain("Interrupted.")
-        raise typer.Exit(130) from None
+    except (KeyboardInterrupt, transaction.Interrupted) as exc:
+        _interrupted(exc)
     except MemoryError:
+        transaction.rollback()
         error("out of memory", "lower --batch-size, or run on a machine with more memory")
         raise typer.Exit(1) from None
     except Exception as exc:
+        transaction.rollback()
+        if transaction.interrupted() is not None:  # a swallowed signal surfaced as another error
+            _interrupted(transaction.interrupted())
         if os.environ.get("PRUNECLI_DEBUG") == "1":
             raise
+        described = _describe(exc)
+        if described is not None:
+            error(f"{command} failed: {described}")
+            raise typer.Exit(1) from None
         text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
         error(f"{command} failed: {exc.__class__.__name__}: {text[:300]}", "rerun with PRUNECLI_DEBUG=1 for details")
         raise typer.Exit(1) from None
@@ -132,4 +149,46 @@ def run_command(
     if summary is not None and not quiet:
         with contextlib.suppress(Exception):  # a failed pretty table must never fail the run
             summary(result)
-    emit(record, metrics_file)
+    try:
+        emit(record, metrics_file)
+    except transaction.Interrupted as exc:
+        _interrupted(exc)
+    except OSError as exc:  # the --metrics file or stdout could not take the record: nothing is kept
+        transaction.rollback()
+        where = f"--metrics {metrics_file}" if metrics_file is not None else "stdout"
+        error(f"cannot write the record to {where}: {exc.strerror or exc}", "the run's output was removed")
+        raise typer.Exit(1) from None
+
+
+# Exceptions that third-party code (PIL inside a DataLoader worker, an empty dataset's average) raises about
+# the input before any prunecli check could: class name → what is wrong with the input, in words.
+_DESCRIBE: dict[str, str] = {
+    "UnidentifiedImageError": "a file of the data is not a readable image",
+    "DecompressionBombError": "an image of the data is too large to decode safely",
+    "ZeroDivisionError": "the data holds no usable samples (an empty folder or split, or zero-size data)",
+}
+
+
+def _describe(exc: BaseException) -> str | None:
+    """The input problem behind ``exc`` (also when a DataLoader worker re-raised it), or None."""
+    text = str(exc).strip()
+    name = exc.__class__.__name__
+    if text.startswith("Caught ") and " in DataLoader worker" in text:  # the worker's own last line says which file
+        text = text.splitlines()[-1].strip()
+        name = text.partition(":")[0].rpartition(".")[2] or name
+        text = text.partition(":")[2].strip()
+    what = _DESCRIBE.get(name)
+    if what is None:
+        return None
+    detail = text.splitlines()[0][:300] if text and name != "ZeroDivisionError" else ""
+    detail = re.sub(r"<_io\.\w+ name='([^']*)'>", r"'\1'", detail)  # PIL names the open file object
+    return f"{what} ({detail})" if detail else what
+
+
+def _interrupted(exc: BaseException | None) -> None:
+    """Undoes the run and exits 130 (SIGINT, Ctrl-C) or 143 (SIGTERM) with one line."""
+    transaction.rollback()
+    signum = exc.signum if isinstance(exc, transaction.Interrupted) else 2
+    code, line = transaction.SIGNALS.get(signum, (130, "Interrupted."))
+    _plain(line)
+    raise typer.Exit(code) from None

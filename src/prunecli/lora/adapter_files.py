@@ -8,13 +8,13 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import tempfile
 from pathlib import Path
 from typing import Any
 
 from torch import nn
 
+from prunecli.checkpoint import transaction
 from prunecli.checkpoint.adapters import ADAPTER_NAME
 from prunecli.checkpoint.hashing import file_sha256
 from prunecli.checkpoint.permissions import publish_tree
@@ -38,13 +38,13 @@ def stage_adapter(peft_model: nn.Module, near: Path) -> tuple[Path, dict[str, An
     checkpoint is written by replacing the whole folder; :func:`commit_adapter` moves it in place
     afterwards. Returns (temporary folder, the metadata for ``Manifest.adapters`` without ``path``).
     """
-    tmp = Path(tempfile.mkdtemp(prefix=".adapter.", suffix=".tmp", dir=near))
+    tmp = Path(transaction.temporary(lambda: tempfile.mkdtemp(prefix=".adapter.", suffix=".tmp", dir=near)))
     try:
         peft_model.save_pretrained(str(tmp), safe_serialization=True)
         config = json.loads((tmp / "adapter_config.json").read_text())
         publish_tree(tmp)  # mkdtemp made it 0700, safetensors writes 0600: the umask's modes instead
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        transaction.discard(tmp)
         raise
     meta = {
         "format": "peft",
@@ -60,6 +60,4 @@ def stage_adapter(peft_model: nn.Module, near: Path) -> tuple[Path, dict[str, An
 
 def commit_adapter(tmp: Path, folder: Path) -> None:
     """Moves a staged adapter folder to ``folder``, replacing an older one."""
-    if folder.exists():
-        shutil.rmtree(folder)
-    os.replace(tmp, folder)
+    transaction.publish(tmp, folder)  # replaces an older one; undone if the run fails later
