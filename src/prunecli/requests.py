@@ -461,12 +461,14 @@ class Runtime(Request):
                                  "than the batches: decoding in workers keeps the model fed, as timm's loaders do. "
                                  "0 decodes in the main process.", panel=_RUN, cli_type=int, check=at_least(0),
                                  record=False, show_default=False)  # fmt: skip
-    precision: str = option("fp32", "--precision", help="Forward passes under autocast: fp32 (exact, the default), "
-                            "bf16 or fp16 (CUDA only). Losses, gradients, accumulators and weights stay float32/64.",
-                            panel=_RUN, check=one_of("fp32", "bf16", "fp16"))  # fmt: skip
-    channels_last: bool = option(False, "--channels-last", help="NHWC memory format for 4-D weights and inputs "
-                                 "(faster convolutions on GPUs; same results up to summation order).", panel=_RUN,
-                                 cli_type=bool)  # fmt: skip
+    precision: str = option("fp32", "--precision", help="Forward passes of eval, score (taylor, snip, wanda; "
+                            "prune --method too), finetune and finetune-lora under autocast: fp32 (exact, the "
+                            "default), bf16, or fp16 (CUDA only). Losses, gradients, accumulators and weights stay "
+                            "float32/64; other steps run fp32.", panel=_RUN,
+                            check=one_of("fp32", "bf16", "fp16"))  # fmt: skip
+    channels_last: bool = option(False, "--channels-last", help="NHWC memory format for 4-D weights and inputs in "
+                                 "eval, score, finetune and finetune-lora (faster convolutions on GPUs; same results "
+                                 "up to summation order).", panel=_RUN, cli_type=bool)  # fmt: skip
     seed: int = option(0, "--seed", help="Random seed (sampling, initialisation, shuffling).", panel=_RUN,
                        cli_type=int)  # fmt: skip
 

@@ -519,8 +519,10 @@ def _score(req: PruneRequest, job: _Job) -> None:
         params=dict(req.params),
         device=run.device,
         batch_size=run.batch_size,
+        workers=run.workers,
         seed=run.seed,
         score_mode=req.score_mode,
+        precision=run.precision,
     )
     _check_granularity(sf, req.kind)
     job.target.to_cpu()
