@@ -15,6 +15,8 @@ Usage::
 
     python benchmarks/outputs_identity.py --save before.json [--src /path/to/other/checkout/src]
     python benchmarks/outputs_identity.py --compare before.json
+    python benchmarks/outputs_identity.py --save b.json --src OLD/src --keep /tmp/b   # then, elsewhere:
+    python benchmarks/outputs_identity.py --compare b.json --base /tmp/b   # same base model, later steps compared
 
 ``--src DIR`` runs ``PYTHONPATH=DIR python -m prunecli`` (a checkout other than the installed one,
 e.g. a ``git worktree`` of an older commit); without it the installed ``prunecli`` of this venv runs.
@@ -27,6 +29,7 @@ import argparse
 import hashlib
 import json
 import os
+import shutil
 import struct
 import subprocess
 import sys
@@ -134,8 +137,13 @@ def _read_safetensors(path: Path, tmp: str) -> dict[str, Any]:
     }
 
 
-def run_all(src: str | None) -> dict[str, Any]:
-    """Runs every step in a fresh temp dir; returns the manifest."""
+def run_all(src: str | None, keep: Path | None = None, base: Path | None = None) -> dict[str, Any]:
+    """Runs every step in a fresh temp dir; returns the manifest.
+
+    ``keep``: copy every output file there. ``base``: take ``base.safetensors`` from that directory (a
+    ``keep`` of another run) instead of training it, so that a change of training elsewhere does not
+    hide what the later steps do with the same input.
+    """
     if src:
         check = subprocess.run(
             [*_command(src)[:1], "-c", "import prunecli; print(prunecli.__file__)"],
@@ -151,6 +159,11 @@ def run_all(src: str | None) -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix="prunecli-identity-") as tmp:
         for name, args, outputs, extra in _STEPS:
             t0 = time.perf_counter()
+            if base is not None and outputs == ["base.safetensors"]:
+                shutil.copyfile(base / "base.safetensors", Path(tmp) / "base.safetensors")
+                files = {"base.safetensors": _read_safetensors(Path(tmp) / "base.safetensors", tmp)}
+                manifest["steps"][name] = {"args": args, "env": extra, "record": None, "files": files}
+                continue
             proc = subprocess.run(
                 [*_command(src), *args, "--device", "cpu"],
                 cwd=tmp,
@@ -164,6 +177,11 @@ def run_all(src: str | None) -> dict[str, Any]:
             files = {f: _read_safetensors(Path(tmp) / f, tmp) for f in outputs}
             manifest["steps"][name] = {"args": args, "env": extra, "record": record, "files": files}
             print(f"{name}: {time.perf_counter() - t0:.1f}s", file=sys.stderr)
+        if keep is not None:
+            keep.mkdir(parents=True, exist_ok=True)
+            for _, _, outputs, _ in _STEPS:
+                for f in outputs:
+                    shutil.copyfile(Path(tmp) / f, keep / f)
     return manifest
 
 
@@ -196,6 +214,8 @@ def compare(before: dict[str, Any], after: dict[str, Any]) -> bool:
             all_same = False
             continue
         lines: list[str] = []
+        if new["record"] is None:
+            lines.append("  (not run: base.safetensors reused with --base)")
         for f, of in old["files"].items():
             nf = new["files"].get(f)
             if nf is None:
@@ -209,9 +229,9 @@ def compare(before: dict[str, Any], after: dict[str, Any]) -> bool:
             lines.append(f"  {f}: file differs; tensors {'IDENTICAL' if not bad else 'DIFFER: ' + ', '.join(bad)}")
             for key in _diff(of["header"], nf["header"]):
                 lines.append(f"    header key differs: {key}")
-        rec = _diff(old["record"], new["record"])
+        rec = _diff(old["record"], new["record"]) if new["record"] is not None else []
         lines.append("  record: equal (except timings)" if not rec else "  record keys differ: " + ", ".join(rec))
-        same = all("byte-identical" in ln or "equal" in ln for ln in lines)
+        same = all("byte-identical" in ln or "equal" in ln or "not run" in ln for ln in lines)
         all_same &= same
         print(f"{name}: {'SAME' if same else 'DIFFERS'}")
         print("\n".join(lines))
@@ -225,8 +245,11 @@ def main() -> None:
     mode.add_argument("--save", metavar="FILE", help="write the manifest of this run")
     mode.add_argument("--compare", metavar="FILE", help="rerun and compare with a saved manifest")
     parser.add_argument("--src", help="run prunecli from this src dir (PYTHONPATH) instead of the installed one")
+    parser.add_argument("--keep", type=Path, metavar="DIR", help="also copy every output file into DIR")
+    parser.add_argument("--base", type=Path, metavar="DIR",
+                        help="reuse DIR/base.safetensors (from --keep) instead of training the base model")  # fmt: skip
     args = parser.parse_args()
-    manifest = run_all(args.src)
+    manifest = run_all(args.src, args.keep, args.base)
     if args.save:
         Path(args.save).write_text(json.dumps(manifest, indent=1, sort_keys=True))
         print(f"wrote {args.save}", file=sys.stderr)
