@@ -92,15 +92,18 @@ def save_scores(path: str | Path, scores: ScoresFile, *, force: bool = False) ->
         "stats": scores.stats,
         "versions": {"prunecli": __version__, "torch": torch.__version__.split("+")[0]},
     }
-    fd, tmp = transaction.temporary(lambda: tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
-    os.close(fd)
-    try:
-        write_safetensors(tmp, tensors, {"format": "pt", SCORES_KEY: dumps(meta)})  # byte-deterministic
-        publish_file(tmp)  # mkstemp made it 0600: the umask's mode, as for checkpoints
-        transaction.publish(tmp, path)  # atomic rename; undone if the run fails later
-    except BaseException:
-        transaction.discard(tmp)
-        raise
+    with transaction.output_errors(path):  # a full disk or a vanished folder: one line, nothing left behind
+        fd, tmp = transaction.temporary(
+            lambda: tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        )
+        os.close(fd)
+        try:
+            write_safetensors(tmp, tensors, {"format": "pt", SCORES_KEY: dumps(meta)})  # byte-deterministic
+            publish_file(tmp)  # mkstemp made it 0600: the umask's mode, as for checkpoints
+            transaction.publish(tmp, path)  # atomic rename; undone if the run fails later
+        except BaseException:
+            transaction.discard(tmp)
+            raise
     return str(path)
 
 

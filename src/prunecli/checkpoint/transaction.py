@@ -22,6 +22,7 @@ replaces the old file at once, as a plain atomic rename does.
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import shutil
 import signal
@@ -30,6 +31,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from prunecli.errors import InputError
 
 __all__ = [
     "Interrupted",
@@ -41,6 +44,7 @@ __all__ = [
     "install_signal_handlers",
     "interrupted",
     "open_metrics",
+    "output_errors",
     "publish",
     "resume",
     "rollback",
@@ -278,3 +282,27 @@ def _remove(path: Path) -> None:
     else:
         with contextlib.suppress(FileNotFoundError, NotADirectoryError):
             path.unlink()
+
+
+# errno of a failed write → the hint of its one-line error (the message names the path and the OS's words).
+_WRITE_HINTS: dict[int, str] = {
+    errno.ENOSPC: "free space on that disk, or write the output elsewhere",
+    errno.EDQUOT: "free space in your quota, or write the output elsewhere",
+    errno.EROFS: "the folder is on a read-only file system: write the output elsewhere",
+    errno.EACCES: "write the output to a folder you may write to",
+    errno.EPERM: "write the output to a folder you may write to",
+    errno.ENOENT: "the output folder disappeared during the run; create it and run again",
+    errno.ENOTDIR: "a part of the output path is a file, not a folder",
+    errno.EISDIR: "the output path is a folder",
+}
+
+
+@contextlib.contextmanager
+def output_errors(path: str | Path) -> Iterator[None]:
+    """Turns an ``OSError`` while writing the output ``path`` into one line naming it (full disk, read-only
+    or vanished folder…); whatever was half-written is removed by the writer before this runs."""
+    try:
+        yield
+    except OSError as exc:
+        words = (exc.strerror or str(exc)).rstrip(".")
+        raise InputError(f"cannot write {str(path)!r}: {words}", hint=_WRITE_HINTS.get(exc.errno or 0)) from None

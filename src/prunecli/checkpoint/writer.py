@@ -137,20 +137,41 @@ def save_checkpoint(
     extra = {"transform": transform} if transform else {}
     parent = path.parent
     _drop_cached_pages(path / "model.safetensors" if folder else path)
-    if not folder:
-        fd, tmp = transaction.temporary(lambda: tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=parent))
-        os.close(fd)
-        try:
-            sha = write_safetensors(tmp, tensors, metadata, **extra)
-            _fsync(Path(tmp))
-            publish_file(tmp)  # mkstemp made it 0600: give it the umask's mode before it appears
-            transaction.publish(tmp, path)  # atomic rename; undone if the run fails later
-        except BaseException:
-            transaction.discard(tmp)
-            raise
-        _fsync_dir(parent)
-        remember_sha256(path, sha)
-        return str(path), sha
+    with transaction.output_errors(path):  # a full disk or a vanished folder: one line, nothing left behind
+        if folder:
+            sha = _write_folder(path, tensors, metadata, extra, manifest, module, num_features)
+        else:
+            sha = _write_file(path, tensors, metadata, extra)
+    _fsync_dir(parent)
+    remember_sha256(path / "model.safetensors" if folder else path, sha)
+    return str(path), sha
+
+
+def _write_file(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str], extra: dict[str, Any]) -> str:
+    parent = path.parent
+    fd, tmp = transaction.temporary(lambda: tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=parent))
+    os.close(fd)
+    try:
+        sha = write_safetensors(tmp, tensors, metadata, **extra)
+        _fsync(Path(tmp))
+        publish_file(tmp)  # mkstemp made it 0600: give it the umask's mode before it appears
+        transaction.publish(tmp, path)  # atomic rename; undone if the run fails later
+    except BaseException:
+        transaction.discard(tmp)
+        raise
+    return sha
+
+
+def _write_folder(
+    path: Path,
+    tensors: dict[str, torch.Tensor],
+    metadata: dict[str, str],
+    extra: dict[str, Any],
+    manifest: Manifest,
+    module: nn.Module | None,
+    num_features: int | None,
+) -> str:
+    parent = path.parent
     tmpdir = Path(transaction.temporary(lambda: tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=parent)))
     try:
         sha = write_safetensors(tmpdir / "model.safetensors", tensors, metadata, **extra)
@@ -178,9 +199,7 @@ def save_checkpoint(
     except BaseException:
         transaction.discard(tmpdir)
         raise
-    _fsync_dir(parent)
-    remember_sha256(path / "model.safetensors", sha)
-    return str(path), sha
+    return sha
 
 
 def _drop_cached_pages(path: Path) -> None:

@@ -146,9 +146,6 @@ def run_command(
     elif input and os.path.exists(input):  # absolute, as `checkpoint` is: records join on file names
         input = os.path.abspath(input)
     record = make_record(command, input, result, options, time.perf_counter() - start)
-    if summary is not None and not quiet:
-        with contextlib.suppress(Exception):  # a failed pretty table must never fail the run
-            summary(result)
     try:
         emit(record, metrics_file)
     except transaction.Interrupted as exc:
@@ -158,6 +155,9 @@ def run_command(
         where = f"--metrics {metrics_file}" if metrics_file is not None else "stdout"
         error(f"cannot write the record to {where}: {exc.strerror or exc}", "the run's output was removed")
         raise typer.Exit(1) from None
+    if summary is not None and not quiet:  # after the commit: a failed run prints only its Error: line
+        with contextlib.suppress(Exception):  # a failed pretty table must never fail the run
+            summary(result)
 
 
 # Exceptions that third-party code (PIL inside a DataLoader worker, an empty dataset's average) raises about

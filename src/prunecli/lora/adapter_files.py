@@ -38,14 +38,15 @@ def stage_adapter(peft_model: nn.Module, near: Path) -> tuple[Path, dict[str, An
     checkpoint is written by replacing the whole folder; :func:`commit_adapter` moves it in place
     afterwards. Returns (temporary folder, the metadata for ``Manifest.adapters`` without ``path``).
     """
-    tmp = Path(transaction.temporary(lambda: tempfile.mkdtemp(prefix=".adapter.", suffix=".tmp", dir=near)))
-    try:
-        peft_model.save_pretrained(str(tmp), safe_serialization=True)
-        config = json.loads((tmp / "adapter_config.json").read_text())
-        publish_tree(tmp)  # mkdtemp made it 0700, safetensors writes 0600: the umask's modes instead
-    except BaseException:
-        transaction.discard(tmp)
-        raise
+    with transaction.output_errors(near):  # a full disk or a vanished folder: one line, nothing left behind
+        tmp = Path(transaction.temporary(lambda: tempfile.mkdtemp(prefix=".adapter.", suffix=".tmp", dir=near)))
+        try:
+            peft_model.save_pretrained(str(tmp), safe_serialization=True)
+            config = json.loads((tmp / "adapter_config.json").read_text())
+            publish_tree(tmp)  # mkdtemp made it 0700, safetensors writes 0600: the umask's modes instead
+        except BaseException:
+            transaction.discard(tmp)
+            raise
     meta = {
         "format": "peft",
         "adapter_name": ADAPTER_NAME,
@@ -60,4 +61,5 @@ def stage_adapter(peft_model: nn.Module, near: Path) -> tuple[Path, dict[str, An
 
 def commit_adapter(tmp: Path, folder: Path) -> None:
     """Moves a staged adapter folder to ``folder``, replacing an older one."""
-    transaction.publish(tmp, folder)  # replaces an older one; undone if the run fails later
+    with transaction.output_errors(folder):
+        transaction.publish(tmp, folder)  # replaces an older one; undone if the run fails later
