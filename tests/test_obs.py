@@ -199,6 +199,30 @@ def test_random_mask_between_optimum_and_plain_mask() -> None:
     assert bool((e_opt <= e_obs * (1 + 1e-9) + 1e-12).all()) and bool((e_obs <= e_mask).all())
 
 
+def test_refit_is_the_dampened_least_squares_optimum() -> None:
+    """``refit=True`` replaces the schedule's weights by the per-row optimum on the final mask; rows with few
+    kept weights take the kept-set system, rows with few pruned ones the pruned-set OBS formula — both must
+    give the least-squares solution of ``‖(w − ŵ)X‖² + μ‖w − ŵ‖²`` computed here with lstsq."""
+    x = correlated_inputs(12, 300, seed=23)
+    h = x @ x.T
+    w = torch.randn(8, 12, dtype=DT, generator=torch.Generator().manual_seed(24))
+    density = torch.linspace(0.1, 0.9, 8, dtype=DT)[:, None]  # rows from 90 % pruned to 10 % pruned
+    keep = torch.rand(8, 12, generator=torch.Generator().manual_seed(25), dtype=DT) < density
+    keep[:, 0] = True  # every row keeps something
+    mu = 0.01 * float(torch.diagonal(h).mean())
+    ref = lstsq_optimum(w, x, keep, mu)
+    res = obs_prune(w, h, keep, refit=True, guard=False)
+    assert torch.allclose(res.weight, ref, rtol=0, atol=1e-9 * float(w.abs().max()))
+    joint = obs_prune(w, h, NM(1, 3), refit=True, guard=False)  # the mask is chosen by the schedule as before
+    assert torch.equal(joint.keep, obs_prune(w, h, NM(1, 3)).keep)
+    assert torch.allclose(joint.weight, lstsq_optimum(w, x, joint.keep, mu), rtol=0, atol=1e-9 * float(w.abs().max()))
+    # against the schedule on the undamped H: the dampened optimum is within (μ/4)‖ŵ* − w‖²_K of the
+    # undamped optimum ŵ* (see the prune-first test), which no solution on this mask can beat
+    opt = lstsq_optimum(w, x, keep)
+    slack = mu / 4 * float((opt - w)[keep].pow(2).sum())
+    assert res.error_obs <= obs_prune(w, h, keep, guard=False).error_obs + slack
+
+
 def test_guard_catches_rows_where_the_schedule_is_worse_than_the_mask() -> None:
     """Inputs x1 ≈ x2 ≈ x3, w = (1, 0, −1), prune columns 0 and 2: the mask alone leaves w·x ≈ x1 − x3 ≈ 0.
     The schedule prunes column 0 first and moves its weight onto column 1 (the best free copy of x1), then

@@ -43,6 +43,7 @@ def restore_masked(
     damp: float = 0.01,
     blocksize: int = 128,
     device: torch.device | str | None = None,
+    refit: bool = False,
 ) -> ReconstructionReport:
     """Refits the surviving weights of ``pruned``'s masked layers to the dense parent's layers, in place.
 
@@ -91,7 +92,7 @@ def restore_masked(
         for name in layers:
             mine[f"{name}.weight"].copy_(parent[f"{name}.weight"].to(saved[f"{name}.weight"]))
     try:
-        report = reconstruct(pruned, layers, calib, damp=damp, blocksize=blocksize, device=device)
+        report = reconstruct(pruned, layers, calib, damp=damp, blocksize=blocksize, device=device, refit=refit)
     except BaseException:
         _put_back(mine, saved, saved)
         raise

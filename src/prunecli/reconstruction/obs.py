@@ -239,6 +239,33 @@ def sparsegpt_solve(
     return w, prune
 
 
+def exact_refit(w: torch.Tensor, h_damped: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+    """Per row, the optimum of the dampened problem on the kept columns: ``ŵ_K = w H'_{:,K} (H'_KK)⁻¹``.
+
+    Two equivalent closed forms, per row the cheaper one: with ``|K| ≤ |M|`` solve the kept system
+    ``H'_KK ŵ_Kᵀ = (w H')_Kᵀ``; otherwise remove the pruned set at once with the OBS formula for several
+    weights, ``δ = −w_M [H'⁻¹]_MM⁻¹ [H'⁻¹]_M,:`` (a ``|M| × |M|`` system). Cost ``Σ_rows min(|K|, |M|)³/3``
+    plus one inverse.
+    """
+    w = w.to(torch.float64)
+    out = torch.zeros_like(w)
+    hinv = torch.cholesky_inverse(torch.linalg.cholesky(h_damped))
+    target = w @ h_damped
+    for i in range(w.shape[0]):
+        k = keep[i].nonzero().flatten()
+        m = (~keep[i]).nonzero().flatten()
+        if len(m) == 0:
+            out[i] = w[i]
+        elif len(k) <= len(m):
+            if len(k):
+                out[i, k] = torch.linalg.solve(h_damped[k][:, k], target[i, k])
+        else:
+            lam = torch.linalg.solve(hinv[m][:, m], w[i, m])
+            out[i] = w[i] - lam @ hinv[m]
+            out[i, m] = 0.0
+    return out
+
+
 def obs_prune(
     w: torch.Tensor,
     h: torch.Tensor,
@@ -247,6 +274,7 @@ def obs_prune(
     damp: float = 0.01,
     blocksize: int = 128,
     guard: bool = True,
+    refit: bool = False,
 ) -> ObsResult:
     """Prunes one weight matrix to ``target`` and updates the kept weights against ``H``.
 
@@ -275,6 +303,8 @@ def obs_prune(
     w64 = w.to(torch.float64)
     w_hat, prune = sparsegpt_solve(w64, h_damped, sel, blocksize=blocksize, dead=dead.to(w.device))
     keep = ~prune
+    if refit:
+        w_hat = exact_refit(w64, h_damped, keep)
     masked = torch.where(keep, w64, 0.0)
     err_mask = row_errors(w64, masked, h64)
     err_obs = row_errors(w64, w_hat, h64)

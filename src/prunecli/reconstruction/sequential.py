@@ -167,7 +167,15 @@ def _gram(
 
 
 def _solve_layer(
-    name: str, mod: nn.Module, target: Target, acc: GramAccumulator, *, damp: float, blocksize: int, guard: bool
+    name: str,
+    mod: nn.Module,
+    target: Target,
+    acc: GramAccumulator,
+    *,
+    damp: float,
+    blocksize: int,
+    guard: bool,
+    refit: bool,
 ) -> LayerResult:
     """Solves every group of the layer and writes the weight back in place."""
     w = mod.weight.detach()
@@ -181,7 +189,7 @@ def _solve_layer(
     for g in range(groups):
         sl = slice(g * rows, (g + 1) * rows)
         tgt = keep[sl].to(w.device) if keep is not None else target
-        res = obs_prune(w2[sl], acc.h[g].to(w.device), tgt, damp=damp, blocksize=blocksize, guard=guard)
+        res = obs_prune(w2[sl], acc.h[g].to(w.device), tgt, damp=damp, blocksize=blocksize, guard=guard, refit=refit)
         out[sl] = res.weight
         err_mask += res.error_mask
         err_obs += res.error_obs
@@ -203,6 +211,7 @@ def reconstruct(
     device: torch.device | str | None = None,
     forward: Forward | None = None,
     guard: bool = True,
+    refit: bool = False,
 ) -> ReconstructionReport:
     """Prunes and reconstructs ``layers`` of ``model`` in place, in forward order, from calibration batches.
 
@@ -260,7 +269,7 @@ def reconstruct(
             for name in progress(list(calls), total=len(calls), description="obs reconstruction"):
                 acc = _gram(model, todo[name], calls[name], calib, forward, device)
                 report.layers[name] = _solve_layer(
-                    name, todo[name], layers[name], acc, damp=damp, blocksize=blocksize, guard=guard
+                    name, todo[name], layers[name], acc, damp=damp, blocksize=blocksize, guard=guard, refit=refit
                 )
     finally:
         model.train(was_training)
