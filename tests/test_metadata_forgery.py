@@ -144,6 +144,8 @@ CASES: dict[str, tuple[Callable[[dict[str, Any]], None], str]] = {
     "adapters: absolute path": (_adapter_absolute, "adapters.path"),
     "adapters: digest": (_adapter_sha, "adapters.sha256"),
     "lineage: input digest": (_lineage_sha, "lineage[0].input_sha256"),
+    "pretrained_cfg: a list": (lambda doc: doc.update(pretrained_cfg=["classifier"]), "'pretrained_cfg'"),
+    "num_classes: a string": (lambda doc: doc.update(num_classes="10"), "'num_classes'"),
 }
 
 _TENSORS: dict[str, torch.Tensor] = {}
@@ -248,3 +250,20 @@ def test_filter_model_args_table() -> None:
     )  # fmt: skip
     assert kept == {"drop_path_rate": 0.1, "act_layer": "gelu", "img_size": [32, 32], "num_classes": 10}
     assert len(dropped) == 3 and all(line.startswith("a: model_args '") for line in dropped)
+
+
+@pytest.mark.parametrize(
+    ("config", "says"),
+    [([1, 2], "config.json is not a JSON object"), ({"architecture": ARCH, "model_args": [1]}, "'model_args'")],
+)
+def test_folder_config_of_the_wrong_kind_is_refused(
+    cli: Any, base: Path, tmp_path: Path, config: Any, says: str
+) -> None:
+    folder = tmp_path / "model"
+    folder.mkdir()
+    save_file(load_file(str(base)), str(folder / "model.safetensors"), metadata={"format": "pt"})
+    (folder / "config.json").write_text(json.dumps(config))
+    result = cli("eval", folder, "--data", "synthetic:2")
+    lines = result.stderr.strip().splitlines()
+    assert result.exit_code == 1 and lines[0].startswith("Error: ") and says in lines[0], result.stderr
+    assert "Traceback" not in result.stderr and "AttributeError" not in result.stderr  # words, not a class name

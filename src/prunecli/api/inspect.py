@@ -15,7 +15,7 @@ from typing import Any
 
 from prunecli.checkpoint.header import SafetensorsHeader, TensorInfo
 from prunecli.checkpoint.sources import SourceKind, resolve_source
-from prunecli.checkpoint.validate import manifest_from_header
+from prunecli.checkpoint.validate import check_folder_config, manifest_from_header
 from prunecli.counting import TensorCount, count_model, count_tensors, is_buffer
 from prunecli.errors import CheckpointError
 from prunecli.record import Result
@@ -135,9 +135,10 @@ def _folder_config(folder: Path | None) -> dict[str, Any]:
     if folder is None or not (folder / "config.json").is_file():
         return {}
     try:
-        return json.loads((folder / "config.json").read_text())
+        config = json.loads((folder / "config.json").read_text())
     except (OSError, json.JSONDecodeError):
         return {}
+    return check_folder_config(config, str(folder))
 
 
 def inspect(req: InspectRequest) -> Result:

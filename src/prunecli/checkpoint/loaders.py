@@ -29,7 +29,7 @@ from prunecli.checkpoint.hf_cache import hf_repo_folder, hf_snapshot
 from prunecli.checkpoint.manifest import Manifest
 from prunecli.checkpoint.safetensors_io import read_safetensors
 from prunecli.checkpoint.sources import Source, SourceKind, resolve_source
-from prunecli.checkpoint.validate import manifest_from_header
+from prunecli.checkpoint.validate import check_folder_config, manifest_from_header
 from prunecli.errors import CheckpointError
 
 __all__ = ["LOADERS", "STATE_LOADERS", "Loaded", "check_finite", "load_checkpoint", "load_state_dict"]
@@ -154,6 +154,7 @@ def _hf_folder_state(source: Source, opts: LoadOptions) -> tuple[dict[str, torch
         config = json.loads((source.folder / "config.json").read_text())
     except (OSError, json.JSONDecodeError) as exc:
         raise CheckpointError(f"{source.folder / 'config.json'}: unreadable ({exc.__class__.__name__})") from None
+    check_folder_config(config, source.spec)
     name = opts.arch or config.get("architecture")
     if not name:
         raise CheckpointError(f"{source.spec}: config.json names no 'architecture'", hint="pass --arch")
@@ -273,9 +274,9 @@ def _load_timm_cache(source: Source, opts: LoadOptions) -> Loaded:
     config: dict[str, Any] = {}
     if (weights.parent / "config.json").is_file():
         try:
-            config = json.loads((weights.parent / "config.json").read_text())
-        except (OSError, json.JSONDecodeError):
-            config = {}
+            config = check_folder_config(json.loads((weights.parent / "config.json").read_text()), source.spec)
+        except (OSError, json.JSONDecodeError, CheckpointError):
+            config = {}  # the hub's config is optional here: timm's own pretrained_cfg decides
     sd = _read_weights(weights)
     n = _num_classes_from(sd, cfg) or config.get("num_classes") or cfg.get("num_classes")
     if num_classes and num_classes != n:

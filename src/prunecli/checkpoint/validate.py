@@ -6,7 +6,7 @@ masked tensors that fine-tuning keeps at zero, a kept LoRA adapter, and the line
 ``restore`` trusts. prunecli writes these consistent with the tensors beside them, so a field that
 contradicts them means the file was edited or damaged; the file is then refused, by every command
 and before anything is computed, with one line naming the field
-(``checkpoint.safetensors: prunecli metadata 'masked': 'bn1.running_var' is a buffer, not a weight``).
+(``ckpt.safetensors: prunecli metadata 'masked' is invalid: 'bn1.running_var' is a buffer, not a weight``).
 Refusing instead of falling back to the model path is deliberate: the model path reads the same
 manifest (structure, masks, adapters), so there is no path that could ignore a forged field safely.
 
@@ -25,7 +25,7 @@ from prunecli.checkpoint.header import SafetensorsHeader, TensorInfo
 from prunecli.checkpoint.manifest import METADATA_KEY, Manifest
 from prunecli.errors import CheckpointError
 
-__all__ = ["LOADER_ARGS", "check_manifest", "filter_model_args", "manifest_from_header"]
+__all__ = ["LOADER_ARGS", "check_folder_config", "check_manifest", "filter_model_args", "manifest_from_header"]
 
 _FLOATS = frozenset({"F64", "F32", "F16", "BF16"})
 _BUFFER_SUFFIXES = (".running_mean", ".running_var", ".num_batches_tracked")  # BatchNorm statistics
@@ -65,7 +65,7 @@ def check_manifest(manifest: Manifest, header: SafetensorsHeader, *, where: str)
             check(getattr(manifest, name), tensors, manifest)
     except _Bad as bad:
         raise CheckpointError(
-            f"{where}: prunecli metadata '{bad.field}' does not match the tensors: {bad.what}",
+            f"{where}: prunecli metadata '{bad.field}' is invalid: {bad.what}",
             hint="the file was edited or damaged after prunecli wrote it; use the original file",
         ) from None
 
@@ -259,8 +259,44 @@ def filter_model_args(args: Mapping[str, Any], *, where: str) -> tuple[dict[str,
     return kept, dropped
 
 
+def _check_pretrained_cfg(doc: Any, tensors: Mapping[str, TensorInfo], manifest: Manifest) -> None:
+    if not isinstance(doc, Mapping):
+        raise _Bad("pretrained_cfg", "not an object")
+
+
+def _check_num_classes(doc: Any, tensors: Mapping[str, TensorInfo], manifest: Manifest) -> None:
+    if doc is not None and (type(doc) is not int or doc < 1):
+        raise _Bad("num_classes", f"{doc!r} is not a positive count")
+
+
+# config.json key of a timm folder → (accepted JSON types, what it must be).
+_FOLDER_CONFIG: dict[str, tuple[tuple[type, ...], str]] = {
+    "architecture": ((str, type(None)), "a model name"),
+    "num_classes": ((int, type(None)), "a count"),
+    "pretrained_cfg": ((dict, type(None)), "an object"),
+    "model_args": ((dict, type(None)), "an object"),
+}
+
+
+def check_folder_config(config: Any, where: str) -> dict[str, Any]:
+    """A timm folder's ``config.json`` (parsed): an object whose known keys have the types timm writes.
+
+    Raises:
+        CheckpointError: naming the key (or saying the file is not an object).
+    """
+    if not isinstance(config, dict):
+        raise CheckpointError(f"{where}: config.json is not a JSON object (found a {type(config).__name__})")
+    for key, (types, what) in _FOLDER_CONFIG.items():
+        value = config.get(key)
+        if not isinstance(value, types) or isinstance(value, bool):
+            raise CheckpointError(f"{where}: config.json {key!r} must be {what}, not {value!r}")
+    return config
+
+
 # Manifest field → its check, run in this order (the masked check reads the table's buffer list).
 _CHECKS = {
+    "num_classes": _check_num_classes,
+    "pretrained_cfg": _check_pretrained_cfg,
     "model_args": _check_model_args,
     "layer_table": _check_layer_table,
     "masked": _check_masked,
