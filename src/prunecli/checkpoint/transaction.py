@@ -76,6 +76,7 @@ class _State:
     metrics: tuple[Path, int, bool] | None = None  # (path, open fd, created by this run)
     appended: tuple[Path, int] | None = None  # (metrics file, its size before this run's line)
     installed: bool = False
+    pid: int = 0  # the process that installed the handlers (forked workers inherit them)
     raised: bool = False  # Interrupted was raised once: later signals are ignored (cleanup runs undisturbed)
 
 
@@ -83,6 +84,8 @@ _state = _State()
 
 
 def _handler(signum: int, frame: Any) -> None:
+    if os.getpid() != _state.pid:  # a forked DataLoader worker: torch's worker loop stops on KeyboardInterrupt
+        raise KeyboardInterrupt
     if _state.committed or _state.raised:
         return  # finished (the output and the record are complete), or already ending
     if _state.signum is None:
@@ -101,7 +104,7 @@ def install_signal_handlers(early: int | None = None) -> None:
     """
     if _state.installed or threading.current_thread() is not threading.main_thread():
         return
-    _state.installed = True
+    _state.installed, _state.pid = True, os.getpid()
     _state.defer += 1
     if early is not None and _state.signum is None:
         _state.signum, _state.pending = early, True
