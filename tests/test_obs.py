@@ -234,7 +234,7 @@ def test_guard_catches_rows_where_the_schedule_is_worse_than_the_mask() -> None:
     x = torch.stack([x1, x2, x3])
     w = torch.tensor([[1.0, 0.0, -1.0]], dtype=DT)
     keep = torch.tensor([[False, True, False]])
-    raw = obs_prune(w, x @ x.T, keep, damp=1e-9, guard=False)
+    raw = obs_prune(w, x @ x.T, keep, damp=1e-9, guard=False, refit=False)
     guarded = obs_prune(w, x @ x.T, keep, damp=1e-9)
     l_mask = loss(w, w * keep, x)
     assert loss(w, raw.weight, x) > 100 * l_mask
@@ -493,10 +493,17 @@ def test_restore_masked_keeps_the_mask_and_fits_the_dense_parent() -> None:
     for name, k in keep.items():
         assert torch.equal(pruned.get_submodule(name).weight.detach() != 0, k)
     assert report.layers["unused"].status == "unreached" and torch.equal(pruned.unused.weight, unused_before)
-    # fc1 sees the calibration inputs themselves: its refit is the guarded sequential OBS of the parent's weight
-    x1 = torch.cat(calib)
-    ref = guarded_reference(dense.fc1.weight.detach(), x1.T @ x1, keep["fc1"])
+    # fc1 sees the calibration inputs themselves: its refit is the parent's weight refitted on the kept inputs
+    # (least squares with the dampening), or the plain mask in rows where that is better on the undamped H
+    x1 = torch.cat(calib).T
+    w1, h1 = dense.fc1.weight.detach(), x1 @ x1.T
+    opt = lstsq_optimum(w1, x1, keep["fc1"], 0.01 * float(torch.diagonal(h1).mean()))
+    masked = w1 * keep["fc1"]
+    ref = torch.where((row_errors(w1, opt, h1) > row_errors(w1, masked, h1))[:, None], masked, opt)
     assert torch.allclose(pruned.fc1.weight.detach(), ref, rtol=0, atol=1e-9)
+    schedule_only = _magnitude(dense, ["fc1", "fc2"], 0.5)
+    restore_masked(schedule_only, dense, ["fc1.weight", "fc2.weight"], calib, refit=False)
+    assert torch.allclose(schedule_only.fc1.weight.detach(), guarded_reference(w1, h1, keep["fc1"]), atol=1e-9)
     masked_only = _magnitude(dense, ["fc1", "fc2"], 0.5)
     assert _output_error(dense, pruned, calib) < _output_error(dense, masked_only, calib)
 

@@ -43,7 +43,7 @@ def restore_masked(
     damp: float = 0.01,
     blocksize: int = 128,
     device: torch.device | str | None = None,
-    refit: bool = False,
+    refit: bool = True,
 ) -> ReconstructionReport:
     """Refits the surviving weights of ``pruned``'s masked layers to the dense parent's layers, in place.
 
@@ -55,6 +55,9 @@ def restore_masked(
         damp: relative dampening λ > 0.
         blocksize: columns per lazy-update block.
         device: where the forward passes and solves run.
+        refit: replace the schedule's weights by the per-row optimum on the mask (docs/obs.md, "Exact
+            refit"). On by default here: a given mask was not chosen with the schedule's column order in
+            mind, and the schedule alone leaves much of the compensation undone.
 
     Returns:
         the per-layer report; ``error_mask`` is the error of the checkpoint's mask on the parent's
