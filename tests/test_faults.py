@@ -191,6 +191,13 @@ def _stdin_list(tmp: Path, base: Path, mp: pytest.MonkeyPatch, stack: contextlib
     return _prune("-", tmp / "out.safetensors"), [base]
 
 
+def _corrupt_images(tmp: Path, base: Path, mp: pytest.MonkeyPatch, stack: contextlib.ExitStack) -> Any:
+    for c in range(10):  # ten classes, as the checkpoint's head has
+        (tmp / "imgs" / f"c{c}").mkdir(parents=True)
+        (tmp / "imgs" / f"c{c}" / "x.jpg").write_bytes(b"not a jpeg")
+    return ["eval", base, "--data", f"imagefolder:{tmp / 'imgs'}"], [base, tmp / "imgs" / "c0" / "x.jpg"]
+
+
 def _written(name: str) -> Callable[[Path], None]:
     def check(tmp: Path) -> None:
         hits = list(tmp.rglob(name))
@@ -217,6 +224,7 @@ CASES: dict[str, Case] = {
     "scores file to a read-only folder": Case(_scores_read_only, 1, "Read-only file system", ["ro/s.safetensors"]),
     "scores file without 'method'": Case(_scores_lacks_method, 1, "no 'method'"),
     "a JSON list on stdin": Case(_stdin_list, 1, "not a prunecli JSON record"),
+    "a corrupt image in an imagefolder": Case(_corrupt_images, 1, "not a readable image", outputs=[]),
 }
 
 
@@ -251,3 +259,17 @@ def test_fault(cli: Any, base: Path, tmp_path: Path, monkeypatch: pytest.MonkeyP
         assert {p: _digest(p) for p in inputs} == before
         if case.check is not None:
             case.check(work)
+
+
+def test_describe_names_the_input_problem() -> None:
+    """Library exceptions about the input read as words, also when a DataLoader worker re-raised them."""
+    from prunecli.cli._output import _describe
+
+    assert _describe(ZeroDivisionError("division by zero")).startswith("the data holds no usable samples")
+    wrapped = RuntimeError(
+        "Caught UnidentifiedImageError in DataLoader worker process 0.\nOriginal Traceback (most recent call last):\n"
+        '  File "x.py", line 1, in f\n'
+        "PIL.UnidentifiedImageError: cannot identify image file <_io.BufferedReader name='/d/c0/x.jpg'>"
+    )
+    assert _describe(wrapped) == "a file of the data is not a readable image (cannot identify image file '/d/c0/x.jpg')"
+    assert _describe(ValueError("something else")) is None  # not an input problem we can name: the generic line

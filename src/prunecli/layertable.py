@@ -30,7 +30,12 @@ The table is only written when it is exact: no LoRA adapters beside the weights,
 tensors sharing memory (a tied weight pruned through one name would change the other), and a layer
 trace that runs on the ``meta`` device (so saving never pays for a real forward pass). Readers check
 ``version`` and ``state_digest`` against the file's tensor names and shapes: a file whose tensors are
-not exactly the model's (where loading the model would fail) never takes the fast path.
+not exactly the model's (where loading the model would fail) never takes the fast path. The table is
+input like the rest of the file: before any reader sees it, :mod:`prunecli.checkpoint.validate`
+refuses a table whose entries contradict the tensors (a name not in the file or listed twice, a
+buffer or a non-``.weight`` tensor as a layer, a ``kind`` its shape cannot have — Linear 2-D, Conv
+3-5-D —, a shape that differs, head flags against ``pretrained_cfg['classifier']``), since the
+digest covers names and shapes but not which tensors the table calls layers.
 
 This module is torch-free at import time (``inspect`` may read tables without torch).
 """
