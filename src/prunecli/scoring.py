@@ -175,7 +175,8 @@ def run_criterion(
                 with torch.set_grad_enabled(needs_grads):
                     with autocast(device, precision):
                         logits = model(x)
-                    logits = logits.float()  # the objectives (losses) in float32, as timm's AMP loop does
+                    if precision != "fp32":  # the objectives (losses) in float32, as timm's AMP loop does
+                        logits = logits.float()  # (only under autocast: a float64 model keeps float64)
                     if needs_grads:
                         objectives = list(criterion.objectives(logits, y))
                         if sharded and criterion.objective_reduction == "mean":
