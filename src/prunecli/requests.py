@@ -270,6 +270,50 @@ def parse_layer_ratio(text: str) -> tuple[str, float]:
     return glob, ratio
 
 
+_TARGET_KINDS = ("macs", "params", "latency")
+_UNITS = {"": 1, "K": 1e3, "M": 1e6, "G": 1e9, "T": 1e12}
+
+
+def parse_target(text: str) -> tuple[str, str]:
+    """``"macs=0.5"`` / ``"params=6M"`` → ``(kind, value as given)``, checked (``prune --target``).
+
+    VALUE is a fraction of the dense model's amount, strictly between 0 and 1, or (not for
+    ``latency``) an absolute amount with a unit suffix K, M, G or T. A bad target is bad input (an
+    ``InputError``, exit 1, as issue 16 asks for every refused target), found before torch is imported.
+    """
+    kind, sep, value = text.partition("=")
+    kind, value = kind.strip().lower(), value.strip()
+    if not sep or kind not in _TARGET_KINDS:
+        raise InputError(f"--target {text!r} is not KIND=VALUE with KIND one of {', '.join(_TARGET_KINDS)}",
+                         hint="e.g. --target macs=0.5 or --target params=6M")  # fmt: skip
+    target_amount(kind, value)
+    return kind, value
+
+
+def target_amount(kind: str, value: str) -> tuple[float, bool]:
+    """``(amount, is_fraction)`` of a ``--target`` VALUE; raises InputError for a bad one (see :func:`parse_target`)."""
+    unit = value[-1:].upper() if value[-1:].isalpha() else ""
+    number = value[: len(value) - len(unit)]
+    try:
+        amount = float(number)
+    except ValueError:
+        amount = math.nan
+    if unit not in _UNITS or not math.isfinite(amount):
+        raise InputError(f"--target {kind}={value}: not a number with an optional unit K, M, G or T",
+                         hint="e.g. macs=0.5 (a fraction of the dense model) or macs=1.8G")  # fmt: skip
+    if unit and kind == "latency":
+        raise InputError(f"--target latency={value}: latency is given as a fraction of the dense model's",
+                         hint="e.g. --target latency=0.5")  # fmt: skip
+    if not unit and not 0 < amount < 1:
+        raise InputError(
+            f"--target {kind}={value}: a fraction must be strictly between 0 and 1",
+            hint=f"an absolute amount needs a unit, e.g. {kind}={value}G" if amount >= 1 else None,
+        )
+    if unit and amount <= 0:
+        raise InputError(f"--target {kind}={value}: the amount must be positive")
+    return (amount * _UNITS[unit], False) if unit else (amount, True)
+
+
 # ----------------------------------------------------------------------------------------- checks
 
 
@@ -673,6 +717,11 @@ class PruneRequest(ModelCommand):
         False, "--dry-run", help="Print the plan (per-layer widths or sparsities, params and MACs before/after) as "
         "the record and write nothing.", cli_type=bool, record=False,
     )  # fmt: skip
+    target: tuple[str, str] | None = option(
+        None, "--target", help="KIND=VALUE: prune to a budget instead of a ratio; KIND macs, params or latency, "
+        "VALUE a fraction of the dense model's (macs=0.5) or an amount with a unit (macs=1.8G, params=6M).",
+        panel=_SELECT, parse=parse_target, metavar="KIND=VALUE", show_default=False,
+    )  # fmt: skip
     force: bool = force_option()
 
     @property
@@ -690,13 +739,16 @@ class PruneRequest(ModelCommand):
         if self.nm:
             n, m = self.nm
             return (m - n) / m
-        assert self.ratio is not None  # validate() guarantees it
+        if self.ratio is None:  # --target: the ratio is searched for; 0 until then
+            return 0.0
         return float(self.ratio)
 
     def validate(self) -> None:
         if (self.scores is None) == (self.method is None):
             raise RequestError("give exactly one of --scores FILE and --method M", hint="e.g. --method magnitude")
-        if self.nm:
+        if self.target is not None:
+            self._validate_target()
+        elif self.nm:
             n, m = self.nm
             implied = (m - n) / m
             if self.ratio is not None and not math.isclose(self.ratio, implied):
@@ -711,6 +763,18 @@ class PruneRequest(ModelCommand):
             raise RequestError("--restore needs --structure channel", hint="restoration rebuilds removed channels")
         if self.layer_ratios and self.nm:
             raise RequestError("--layer-ratio does not apply to N:M sparsity", hint="--exclude layers instead")
+
+    def _validate_target(self) -> None:
+        """``--target`` rules; refusals are InputErrors (exit 1), as issue 16 asks for every refused target."""
+        assert self.target is not None
+        kind, value = self.target
+        target_amount(kind, value)  # a request built in Python is checked as the command line's
+        if self.ratio is not None:
+            raise InputError(f"--target {kind}={value} and --ratio are mutually exclusive",
+                             hint="the ratio is what --target searches for; drop --ratio")  # fmt: skip
+        if kind == "latency" and self.kind != "channel":
+            raise InputError("--target latency needs --structure channel",
+                             hint="masked (unstructured, N:M) weights run at dense speed")  # fmt: skip
 
 
 # ----------------------------------------------------------------------------------------- restore

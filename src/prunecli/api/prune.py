@@ -107,14 +107,19 @@ def prune(req: PruneRequest) -> Result:
     _score(req, job)  # 2. score
     engine = _ENGINES[req.kind]
     before = _before(job) if req.dry_run else None
-    plan = engine.plan(job)  # 3. plan
+    searched = _to_target(engine, job) if req.target is not None else None  # --target: the ratio is searched for
+    plan = searched.plan if searched is not None else engine.plan(job)  # 3. plan
     metrics, manifest = engine.apply(job, plan, restore=not req.dry_run)  # 4. apply (in memory)
+    if searched is not None:
+        metrics.update(searched.record(metrics, plan))
     from prunecli.device import describe, resolve_device
 
     dev = describe(resolve_device(run.device)) if job.computed_scores else "cpu"
     if req.dry_run:
         target.finish()
         metrics["plan"] = engine.report(plan, before, metrics)
+        if searched is not None:
+            metrics["plan"].update({k: metrics[k] for k in ("target", "achieved", "steps")})
         return Result(checkpoint=None, sha256=None, metrics=metrics, device=dev)
     provenance = {"scores_sha256": file_sha256(scores_path) if scores_path else None}  # 5. save
     target.finish()  # the lineage names the input's digest
@@ -657,25 +662,28 @@ class _Channel:
 
         return torch.zeros(1, *job.input_size())
 
-    def plan(self, job: _Job) -> Any:
-        from prunecli.pruning.channel import plan_channels
-
+    def options(self, job: _Job) -> dict[str, Any]:
+        """The keyword arguments of :func:`~prunecli.pruning.channel.plan_channels` other than the ratio."""
         sf = job.sf
         ratios: dict[str, float] = {}
         for pattern, r in reversed(job.req.layer_ratios):  # plan_channels takes the first match; ours is the last
             ratios.setdefault(pattern, r)
-        return plan_channels(
-            job.target.loaded.model,
-            example_input=self._example(job),
-            ratio=job.ratio,
-            channel_scores=sf.scores if sf is not None and sf.granularity == "channel" else None,
-            weight_scores=sf.scores if sf is not None and sf.granularity == "weight" else None,
-            scope=job.scope,
-            layer_ratios=ratios,
-            exclude=[n.removesuffix(".weight") for n in job.excluded],
-            round_to=job.req.round_to if job.req.round_to > 1 else None,
-            min_channels=job.req.min_channels,
-        )
+        return {
+            "example_input": self._example(job),
+            "channel_scores": sf.scores if sf is not None and sf.granularity == "channel" else None,
+            "weight_scores": sf.scores if sf is not None and sf.granularity == "weight" else None,
+            "scope": job.scope,
+            "layer_ratios": ratios,
+            "exclude": [n.removesuffix(".weight") for n in job.excluded],
+            "round_to": job.req.round_to if job.req.round_to > 1 else None,
+            "min_channels": job.req.min_channels,
+        }
+
+    def plan(self, job: _Job, keeps: Mapping[tuple[str, str], int] | None = None) -> Any:
+        """The plan at ``job.ratio``; ``keeps`` overrides the kept count of some groups (``--target``'s fill)."""
+        from prunecli.pruning.channel import plan_channels
+
+        return plan_channels(job.target.loaded.model, ratio=job.ratio, keeps=keeps, **self.options(job))
 
     def apply(self, job: _Job, plan: Any, *, restore: bool) -> tuple[dict[str, Any], Any]:
         from prunecli.prunable import prunable_params
@@ -712,6 +720,239 @@ class _Channel:
 
     def report(self, plan: Any, before: Mapping[str, int] | None, metrics: Mapping[str, Any]) -> dict[str, Any]:
         return {**plan.summary(), **{k: metrics[k] for k in ("params_nonzero", "macs_nonzero")}}
+
+
+# ------------------------------------------------------------------------------------------------ --target
+
+
+@dataclasses.dataclass
+class _Searched:
+    """A plan found for ``--target`` (:mod:`prunecli.pruning.budget`), and what the record says of it.
+
+    ``metric``: the metrics key the target is measured on (``macs``/``params`` for channels,
+    ``macs_nonzero``/``params_nonzero`` for masked structures); ``measured``: the achieved value when
+    it is not a metric (latency).
+    """
+
+    plan: Any
+    budget: Any
+    steps: list[dict[str, Any]]
+    metric: str | None
+    measured: float | None = None
+
+    def record(self, metrics: Mapping[str, Any], plan: Any) -> dict[str, Any]:
+        """``target``, ``achieved``, ``steps``, per-group widths (channels), and a note when not within 1 %."""
+        from prunecli.pruning.budget import TOLERANCE
+
+        value = float(metrics[self.metric]) if self.metric is not None else float(self.measured or 0.0)
+        out: dict[str, Any] = {
+            "target": self.budget.record(),
+            "achieved": self.budget.achieved(value),
+            "steps": self.steps,
+        }
+        if hasattr(plan, "groups"):
+            out["group_widths"] = {g.root: {"width": g.width * g.slices, "kept": len(g.kept) * g.slices}
+                                   for g in plan.groups}  # fmt: skip
+        if self.metric is not None and value < self.budget.absolute * (1 - TOLERANCE):
+            note = (f"--target {self.budget.kind}={self.budget.value}: the closest value at or under it is "
+                    f"{value / self.budget.dense:.2%} of dense (target {self.budget.absolute / self.budget.dense:.2%});"
+                    " --round-to, --min-channels or the pattern allow no closer")  # fmt: skip
+            _LOG.warning("%s", note)
+            out["target_note"] = note
+        return out
+
+
+def _to_target(engine: _Engine, job: _Job) -> _Searched:
+    """The plan that meets ``--target`` (bisection over the ratio; :mod:`prunecli.pruning.budget`)."""
+    assert job.req.target is not None
+    kind = job.req.target[0]
+    if job.kind == "channel":
+        return _latency_target(job) if kind == "latency" else _channel_target(job)
+    if job.kind == "nm":
+        return _nm_target(engine, job)
+    return _masked_target(engine, job)
+
+
+def _channel_target(job: _Job) -> _Searched:
+    """Channel plans costed from their kept counts (:class:`~prunecli.pruning.budget.ChannelCost`), then planned once.
+
+    The search runs on the dependency groups as they are before the safety net; should the real plan
+    freeze a module class (its forward broke) and miss the budget, the search is repeated on real plans.
+    """
+    from prunecli.pruning.budget import TOLERANCE, ChannelCost, resolve_budget, search
+
+    assert job.req.target is not None
+    kind, value = job.req.target
+    channel = _ENGINES["channel"]
+    assert isinstance(channel, _Channel)
+    cost = ChannelCost(job.target.loaded.model, **channel.options(job))
+    budget = resolve_budget(kind, value, cost.dense(kind))
+    found = search(lambda r: cost.cost(kind, r), budget)
+    job.ratio = found.ratio
+    keeps, filled = cost.fill(kind, found.ratio, budget.absolute)
+    if keeps:
+        found.steps.append({"ratio": found.ratio, "value": filled, "filled": len(keeps)})
+    plan = channel.plan(job, keeps)
+    if _plan_amount(plan, kind) > budget.absolute:
+        _LOG.warning("the safety net froze %s: searching again on real plans", ", ".join(plan.frozen) or "modules")
+
+        def real(r: float) -> int:
+            job.ratio = r
+            return _plan_amount(channel.plan(job), kind)
+
+        again = search(real, budget, iters=12, close=TOLERANCE / 2, what=" once the safety net froze modules")
+        found.steps += [{**s, "planned": True} for s in again.steps]
+        job.ratio = again.ratio
+        plan = channel.plan(job)
+    return _Searched(plan, budget, found.steps, kind)
+
+
+def _plan_amount(plan: Any, kind: str) -> int:
+    return int(plan.macs_after if kind == "macs" else plan.params_after)
+
+
+def _masked_amounts(job: _Job) -> tuple[dict[str, int], dict[str, int], int]:
+    """(weight → non-zero count, weight → MAC positions, non-zero parameters outside the prunable weights)."""
+    weights = job.target.weights()
+    nnz = _nonzero(job.target.state())
+    params = job.target.params()
+    other = sum(nnz[n] for n in params if n not in weights)
+    return {n: nnz[n] for n in weights}, _positions(job, weights), other
+
+
+def _masked_cost(kind: str, nnz: Mapping[str, int], positions: Mapping[str, int], other: int) -> int:
+    if kind == "params":
+        return other + sum(nnz.values())
+    return sum(positions[n] * c for n, c in nnz.items())
+
+
+def _after(plan: Any, nnz: Mapping[str, int]) -> dict[str, int]:
+    """Non-zero weights after ``plan``: the plan's count where known, else the removed taken from the non-zeros."""
+    after = dict(nnz)
+    for lp in plan.layers:
+        after[lp.name] = lp.nonzero if lp.nonzero is not None else min(nnz[lp.name], lp.numel - lp.removed)
+    return after
+
+
+def _masked_target(engine: _Engine, job: _Job) -> _Searched:
+    """Unstructured: bisection over the ratio, each step a plan (no weight is touched until the last)."""
+    from prunecli.pruning.budget import TOLERANCE, resolve_budget, search
+
+    assert job.req.target is not None
+    kind, value = job.req.target
+    nnz, positions, other = _masked_amounts(job)
+    budget = resolve_budget(kind, value, _masked_cost(kind, nnz, positions, other))
+
+    def cost(r: float) -> int:
+        job.ratio = r
+        return _masked_cost(kind, _after(engine.plan(job), nnz), positions, other)
+
+    found = search(cost, budget, hi=_highest_ratio(engine, job), close=TOLERANCE / 4)
+    job.ratio = found.ratio
+    return _Searched(engine.plan(job), budget, found.steps, f"{kind}_nonzero")
+
+
+def _highest_ratio(engine: _Engine, job: _Job, hi: float = 1.0 - 1e-9) -> float:
+    """The largest ratio that plans: a global ranking refuses ratios that would empty a layer (bisection)."""
+    job.ratio = hi
+    try:
+        engine.plan(job)
+        return hi
+    except InputError:
+        pass
+    lo = 0.0
+    for _ in range(24):  # 2^-24 of the ratio: under one weight in 16 M
+        mid = (lo + hi) / 2
+        job.ratio = mid
+        try:
+            engine.plan(job)
+            lo = mid
+        except InputError:
+            hi = mid
+    return lo
+
+
+def _nm_target(engine: _Engine, job: _Job) -> _Searched:
+    """N:M: the fixed pattern on every selected layer, then layers left dense (largest first) while the budget allows.
+
+    The pattern fixes each layer's sparsity, so the only freedom is which layers carry it: a target
+    under the all-layers value is unreachable (one-line error naming that value).
+    """
+    from prunecli.pruning.budget import resolve_budget, search
+
+    assert job.req.target is not None
+    kind, value = job.req.target
+    nnz, positions, other = _masked_amounts(job)
+    budget = resolve_budget(kind, value, _masked_cost(kind, nnz, positions, other))
+    plan = engine.plan(job)
+    after = _after(plan, nnz)
+    search(lambda r: _masked_cost(kind, after, positions, other), budget, iters=0, what=f" by {job.req.structure}")
+    cost = _masked_cost(kind, after, positions, other)
+    steps = [{"dense": [], "value": cost}]
+    gain = {n: _masked_cost(kind, {n: nnz[n]}, positions, 0) - _masked_cost(kind, {n: after[n]}, positions, 0)
+            for n in job.selected}  # fmt: skip
+    dense: list[str] = []
+    for n in sorted(job.selected, key=lambda n: -gain[n]):
+        if 0 < gain[n] <= budget.absolute - cost:
+            cost += gain[n]
+            dense.append(n)
+            steps.append({"dense": [*dense], "value": cost})
+    if dense:
+        job.selected = [n for n in job.selected if n not in dense]
+        job.excluded = [*job.excluded, *dense]
+        plan = engine.plan(job)
+    return _Searched(plan, budget, steps, f"{kind}_nonzero")
+
+
+def _latency_target(job: _Job) -> _Searched:
+    """``latency``: bisection over the MAC budget, the pruned model measured at every step (module docstring of
+    :mod:`prunecli.pruning.budget`); every step's latency and spread go into the record."""
+    from prunecli import surgery
+    from prunecli.device import resolve_device
+    from prunecli.pruning.budget import Budget, ChannelCost, measure_latency, resolve_budget, search
+    from prunecli.pruning.channel import apply_channels
+
+    assert job.req.target is not None
+    kind, value = job.req.target
+    run = job.req.runtime
+    model = job.target.loaded.model
+    channel = _ENGINES["channel"]
+    assert isinstance(channel, _Channel)
+    device = resolve_device(run.device)
+    size = job.input_size()
+
+    def latency() -> dict[str, float]:
+        out = measure_latency(model, size, device, batch_size=run.batch_size)
+        model.cpu()
+        return out
+
+    dense = latency()
+    budget = resolve_budget(kind, value, dense["latency_ms"])
+    cost = ChannelCost(model, **channel.options(job))
+    macs_dense = cost.dense("macs")
+    steps: list[dict[str, Any]] = [{"macs_fraction": 1.0, "ratio": 0.0, **dense}]
+    plans: dict[float, tuple[Any, float]] = {}
+
+    def at(fraction: float) -> float:
+        """Latency of the plan at ``fraction`` of the dense MACs (a MAC search inside a latency search)."""
+        macs = Budget("macs", f"{fraction:g}", fraction * macs_dense, macs_dense)
+        try:
+            job.ratio = search(lambda r: cost.cost("macs", r), macs).ratio
+        except InputError:
+            job.ratio = 1.0 - 1e-9
+        plan = channel.plan(job)
+        snap = surgery.snapshot(model)
+        apply_channels(model, plan, example_input=channel._example(job))
+        measured = latency()
+        surgery.revert(model, snap)
+        steps.append({"macs_fraction": fraction, "ratio": job.ratio, "macs": plan.macs_after, **measured})
+        plans[fraction] = (plan, measured["latency_ms"])
+        return measured["latency_ms"]
+
+    # latency falls as the MAC budget falls: bisect the removed fraction of MACs (0: dense, ~1: all removed)
+    found = search(lambda removed: at(1.0 - removed), budget, hi=0.99, iters=8, close=0.02, what=" on this device")
+    plan, measured = plans[1.0 - found.ratio]
+    return _Searched(plan, budget, steps, None, measured)
 
 
 def _restore(job: _Job, dense: Any, structure: Any, example: Any) -> dict[str, Any]:

@@ -16,6 +16,7 @@ EXAMPLES = [
     "prunecli prune base.safetensors --method magnitude --structure 2:4 -o p24.safetensors",
     "prunecli prune base.safetensors --scores bc.scores --ratio 0.7 --compensate bias -o bc70.safetensors",
     "prunecli prune base.safetensors --method l2 --structure channel --ratio 0.3 --dry-run -o c30.safetensors",
+    "prunecli prune base.safetensors --method l2 --structure channel --target macs=0.5 -o m50.safetensors",
     "prunecli prune base.safetensors --method magnitude --ratio 0.5 -o p.safetensors | prunecli eval - --data digits",
 ]
 
@@ -23,6 +24,9 @@ EXAMPLES = [
 def summary(result: Any) -> None:
     m = result.metrics
     where = "plan only, nothing written" if result.checkpoint is None else f"→ {result.checkpoint}"
+    if "target" in m:  # --target: what was asked and what the plan reached
+        t, a = m["target"], m["achieved"]
+        where = f"target {t['kind']}={t['value']}: {a['fraction']:.2%} of dense reached  {where}"
     if m.get("structure") == "channel":
         before, after = m.get("params_before", 0), m.get("params", 0)
         console().print(f"channels: {m.get('target_ratio', 0):g} of each pruned group removed; params {before:,} → "

@@ -159,6 +159,7 @@ def plan_channels(
     round_to: int | None = None,
     min_channels: int = 1,
     max_retries: int = 4,
+    keeps: Mapping[tuple[str, str], int] | None = None,
 ) -> ChannelPlan:
     """The channel plan of ``model`` (module docstring); the model is pruned as a trial and reverted.
 
@@ -174,6 +175,8 @@ def plan_channels(
         round_to: kept counts are multiples of this.
         min_channels: keep at least this many channels per group.
         max_retries: attempts after a failed forward, each freezing one more module class.
+        keeps: ``(root, handler)`` → kept positions per slice, overriding the count of those groups
+            (``--target``'s fill, :mod:`prunecli.pruning.budget`).
 
     Raises:
         InputError: a ratio outside [0, 1), an unknown scope, scores that do not fit the model, or a
@@ -206,10 +209,12 @@ def plan_channels(
     def attempt(retries: Retries) -> tuple[Applied, int, dict[str, int]]:
         dg = _build(model, example_input, None if dense_out else remember)
         found = search.candidates(dg, retries.frozen_modules(model))
-        keeps = keep_counts(found.candidates, ratio, round_to, min_channels)
+        counts = keep_counts(found.candidates, ratio, round_to, min_channels)
+        given = keeps or {}
+        counts = [given.get((c.root, c.handler), k) for c, k in zip(found.candidates, counts, strict=True)]
         groups = [
             ChannelGroup(c.root, c.handler, c.members, c.slices, c.size, tuple(top(c.imp, keep)), c.ratio)
-            for c, keep in zip(found.candidates, keeps, strict=True)
+            for c, keep in zip(found.candidates, counts, strict=True)
             if keep < c.size
         ]
         applied = apply_groups(dg, model, groups, skip=retries.bad_roots)
