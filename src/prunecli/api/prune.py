@@ -774,41 +774,16 @@ def _to_target(engine: _Engine, job: _Job) -> _Searched:
 
 
 def _channel_target(job: _Job) -> _Searched:
-    """Channel plans costed from their kept counts (:class:`~prunecli.pruning.budget.ChannelCost`), then planned once.
-
-    The search runs on the dependency groups as they are before the safety net; should the real plan
-    freeze a module class (its forward broke) and miss the budget, the search is repeated on real plans.
-    """
-    from prunecli.pruning.budget import TOLERANCE, ChannelCost, resolve_budget, search
+    """Channel plans costed from their kept counts (:func:`~prunecli.pruning.budget.plan_channels_to`)."""
+    from prunecli.pruning.budget import plan_channels_to
 
     assert job.req.target is not None
     kind, value = job.req.target
     channel = _ENGINES["channel"]
     assert isinstance(channel, _Channel)
-    cost = ChannelCost(job.target.loaded.model, **channel.options(job))
-    budget = resolve_budget(kind, value, cost.dense(kind))
-    found = search(lambda r: cost.cost(kind, r), budget)
-    job.ratio = found.ratio
-    keeps, filled = cost.fill(kind, found.ratio, budget.absolute)
-    if keeps:
-        found.steps.append({"ratio": found.ratio, "value": filled, "filled": len(keeps)})
-    plan = channel.plan(job, keeps)
-    if _plan_amount(plan, kind) > budget.absolute:
-        _LOG.warning("the safety net froze %s: searching again on real plans", ", ".join(plan.frozen) or "modules")
-
-        def real(r: float) -> int:
-            job.ratio = r
-            return _plan_amount(channel.plan(job), kind)
-
-        again = search(real, budget, iters=12, close=TOLERANCE / 2, what=" once the safety net froze modules")
-        found.steps += [{**s, "planned": True} for s in again.steps]
-        job.ratio = again.ratio
-        plan = channel.plan(job)
-    return _Searched(plan, budget, found.steps, kind)
-
-
-def _plan_amount(plan: Any, kind: str) -> int:
-    return int(plan.macs_after if kind == "macs" else plan.params_after)
+    plan, budget, steps = plan_channels_to(job.target.loaded.model, kind, value, **channel.options(job))
+    job.ratio = plan.notes["target_ratio"]
+    return _Searched(plan, budget, steps, kind)
 
 
 def _masked_amounts(job: _Job) -> tuple[dict[str, int], dict[str, int], int]:

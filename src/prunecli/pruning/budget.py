@@ -32,7 +32,16 @@ from torch import nn
 
 from prunecli.errors import InputError
 
-__all__ = ["Budget", "ChannelCost", "Clock", "Search", "measure_latency", "resolve_budget", "search"]
+__all__ = [
+    "Budget",
+    "ChannelCost",
+    "Clock",
+    "Search",
+    "measure_latency",
+    "plan_channels_to",
+    "resolve_budget",
+    "search",
+]
 
 log = logging.getLogger("prunecli")
 
@@ -297,6 +306,45 @@ class ChannelCost:
         """The dense model's amount of ``kind``."""
         sizes = {n: math.prod(s) for n, s in self.shapes.items()}
         return sum(sizes.values()) if kind == "params" else sum(p * sizes[n] for n, p in self.macs_of.items())
+
+
+def plan_channels_to(
+    model: nn.Module, kind: str, value: str, **options: Any
+) -> tuple[Any, Budget, list[dict[str, Any]]]:
+    """The channel plan of ``model`` at ``--target KIND=VALUE`` (``macs`` or ``params``): (plan, budget, steps).
+
+    ``options``: the keyword arguments of :func:`~prunecli.pruning.channel.plan_channels` other than
+    ``ratio`` and ``keeps``. The ratio is bisected on :class:`ChannelCost` (no surgery per step), the
+    slack is filled (:meth:`ChannelCost.fill`), and the model is planned once. Should the real plan
+    miss the budget (the safety net froze a module class whose forward broke), the search is repeated
+    on real plans (each one a trial pruning). The plan's ``notes["target_ratio"]`` is the ratio found.
+
+    Raises:
+        InputError: the target is unreachable (names the smallest reachable value) or not below the dense model.
+    """
+    from prunecli.pruning.channel import plan_channels
+
+    cost = ChannelCost(model, **options)
+    budget = resolve_budget(kind, value, cost.dense(kind))
+    found = search(lambda r: cost.cost(kind, r), budget)
+    keeps, filled = cost.fill(kind, found.ratio, budget.absolute)
+    if keeps:
+        found.steps.append({"ratio": found.ratio, "value": filled, "filled": len(keeps)})
+    plan = plan_channels(model, ratio=found.ratio, keeps=keeps, **options)
+    if _amount(plan, kind) > budget.absolute:
+        log.warning("the safety net froze %s: searching again on real plans", ", ".join(plan.frozen) or "modules")
+
+        def real(r: float) -> int:
+            return _amount(plan_channels(model, ratio=r, **options), kind)
+
+        again = search(real, budget, iters=12, close=TOLERANCE / 2, what=" once the safety net froze modules")
+        found.steps += [{**s, "planned": True} for s in again.steps]
+        plan = plan_channels(model, ratio=again.ratio, **options)
+    return plan, budget, found.steps
+
+
+def _amount(plan: Any, kind: str) -> int:
+    return int(plan.macs_after if kind == "macs" else plan.params_after)
 
 
 # ------------------------------------------------------------------------------------------------ latency
