@@ -8,7 +8,8 @@ Both in the same process, on the same random-init model (timm, num_classes=1000)
   ratio bisected on the plan's kept counts, no surgery per step) then :func:`apply_channels`;
 * Torch-Pruning's way, as its README/issues show it: ``BasePruner(global_pruning=True,
   GroupMagnitudeImportance(p=2), pruning_ratio=0.95, iterative_steps=40)``, ``step()`` and
-  ``count_ops_and_params`` after each step until the MACs are at or under half the dense model's.
+  ``count_ops_and_params`` after each step until the MACs are at or under half the dense model's (for
+  ViTs its own recipe: ``num_heads`` given, each attention's ``head_dim`` set after each step).
 
 Achieved MACs are given by Torch-Pruning's own counter (``tp.utils.count_ops_and_params``) for both,
 so neither side is judged by its own count. Prints one JSON line per model and method.
@@ -59,13 +60,17 @@ def bench(name: str, side: int) -> list[dict]:
     model, x = _fresh(name, side)
     ignored = [model.get_submodule(n) for n in classifier_modules(model)]
     t0 = time.perf_counter()
+    # its ViT recipe (examples/transformers/prune_timm_vit.py): heads registered, head_dim fixed after each step
+    attn = [m for m in model.modules() if hasattr(m, "qkv") and hasattr(m, "num_heads")]
     pruner = tp.pruner.BasePruner(model, x, importance=tp.importance.GroupMagnitudeImportance(p=2),
                                   pruning_ratio=TP_MAX_RATIO, iterative_steps=TP_STEPS, ignored_layers=ignored,
-                                  global_pruning=True)  # fmt: skip
+                                  global_pruning=True, num_heads={m.qkv: m.num_heads for m in attn})  # fmt: skip
     n = 0
     macs = dense
     while n < TP_STEPS and macs > TARGET * dense:
         pruner.step()
+        for m in attn:
+            m.head_dim = m.qkv.out_features // (3 * m.num_heads)
         n += 1
         macs, _ = tp.utils.count_ops_and_params(model, x)
     seconds = time.perf_counter() - t0

@@ -12,16 +12,19 @@ Two steps (both CPU; run them in the background, they take minutes):
     ``img_size=S`` to the constructor when it takes one (ViTs), else at the default resolution's
     channels — falling back to the default input size.
 
-``python benchmarks/zoo_coverage.py run [--timeout 240]``
+``python benchmarks/zoo_coverage.py run [--timeout 240] [--only MODEL|FAMILY ...]``
     For every listed architecture, in a fresh subprocess per model (with a timeout):
-    1. prunecli: ``prune_channels(ratio=0.3)`` (magnitude, layer scope, classifier excluded); forward on
-       a fixed input; output shape = the dense one; params drop; save with
-       ``prunecli.checkpoint.writer.save_checkpoint`` (manifest.structure = the returned structure) together
-       with the input and the pruned model's output;
-    2. plain Torch-Pruning, generic recipe on a fresh copy: ``BasePruner(model, x,
-       GroupMagnitudeImportance(p=2), pruning_ratio=0.3, ignored_layers=[classifier])``, ``step()``,
-       forward, right output shape, params drop. Its only pickle-free way to reload is a state dict
-       into a freshly built model, which cannot fit pruned shapes — so only "prune + forward" is scored.
+    1. prunecli, for each target ``macs=0.5`` and ``params=0.5``: ``plan_channels_to`` (issue 16's
+       ``--target``: magnitude, global scope, classifier excluded) then ``apply_channels``; forward on a
+       fixed input; output shape = the dense one; achieved value within 2 % of the target; save with
+       ``prunecli.checkpoint.writer.save_checkpoint`` (manifest.structure = the returned structure)
+       together with the input and the pruned model's output;
+    2. plain Torch-Pruning asked for the same MACs by its own means, on a fresh copy: ``BasePruner(model,
+       x, GroupMagnitudeImportance(p=2), pruning_ratio=0.95, iterative_steps=40, global_pruning=True,
+       ignored_layers=[classifier])``, ``step()`` and ``count_ops_and_params`` after each step until the
+       MACs are at or under half; it passes when that lands within 2 % and the forward still runs with
+       the right output shape. Its only pickle-free way to reload is a state dict into a freshly built
+       model, which cannot fit pruned shapes — so only "prune + forward" is scored.
     Then ONE fresh process (which never saw any pruned model) reloads every prunecli checkpoint through
     ``prunecli.checkpoint.loaders.load_checkpoint`` and compares its output to the saved one (max abs diff
     ≤ 1e-5). Writes ``benchmarks/zoo_coverage.jsonl`` (raw) and ``benchmarks/zoo_coverage.md`` (table).
@@ -394,7 +397,7 @@ def write_table(results: list[dict]) -> None:
     TABLE.write_text("\n".join(lines) + "\n")
 
 
-def run(timeout: int, only: list[str] | None) -> None:
+def run(timeout: int, only: list[str] | None, from_log: Path | None = None) -> None:
     rows = read_families()
     if only:
         rows = [r for r in rows if r["model"] in only or r["family"] in only]
@@ -402,7 +405,12 @@ def run(timeout: int, only: list[str] | None) -> None:
     outdir.mkdir(parents=True, exist_ok=True)
     results = []
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
-    for row in rows:
+    if from_log is not None:  # an interrupted run: its printed rows, the checkpoints it left in ZOO_OUT
+        results = [json.loads(ln) for ln in from_log.read_text().splitlines() if ln.startswith("{")]
+        done = {r["model"] for r in results}
+        rows = [r for r in rows if r["model"] in done]
+        only = [r["model"] for r in rows]
+    for row in rows if from_log is None else ():
         t0 = time.perf_counter()
         try:
             proc = subprocess.run(
@@ -455,13 +463,14 @@ def main() -> None:
     r.add_argument("--timeout", type=int, default=240, help="seconds per model")
     r.add_argument("--only", nargs="*", help="models or families to run (default: all)")
     r.add_argument("--table-only", action="store_true", help="rewrite zoo_coverage.md from zoo_coverage.jsonl")
+    r.add_argument("--from-log", type=Path, help="finish an interrupted run from its stdout (verify + table)")
     args = ap.parse_args()
     if args.cmd == "select":
         select()
     elif args.table_only:
         write_table([json.loads(line) for line in RAW.read_text().splitlines() if line.strip()])
     else:
-        run(args.timeout, args.only)
+        run(args.timeout, args.only, args.from_log)
 
 
 if __name__ == "__main__":
