@@ -242,3 +242,21 @@ def test_nm_target_below_the_pattern_is_unreachable(cli, bases: dict[str, Path],
     r = cli("prune", bases["test_resnet"], "--method", "magnitude", "--structure", "2:4", "--target", "params=0.2",
             "-o", tmp_path / "p.safetensors")  # fmt: skip
     assert r.exit_code == 1 and "unreachable by 2:4" in r.stderr, r.stderr
+
+
+def test_coarse_round_to_is_reported_not_hidden(cli, bases: dict[str, Path], tmp_path: Path) -> None:
+    """With --round-to 64 improved_cnn's groups move in steps of 64 channels: 1 % is out of reach."""
+    out = tmp_path / "p.safetensors"
+    r = cli("prune", bases["improved_cnn"], "--method", "l2", "--structure", "channel", "--scope", "global",
+            "--round-to", "64", "--target", "macs=0.5", "-o", out)  # fmt: skip
+    assert r.exit_code == 0, r.stderr
+    dense, pruned = _load(bases["improved_cnn"]), _load(out)
+    fraction = hook_macs(pruned, _size(pruned)) / hook_macs(dense, _size(dense))
+    assert fraction <= 0.5 + 1e-12
+    widths = [m.out_channels for m in pruned.modules() if isinstance(m, nn.Conv2d)]
+    dense_widths = [m.out_channels for m in dense.modules() if isinstance(m, nn.Conv2d)]
+    assert all(w % 64 == 0 or w == d for w, d in zip(widths, dense_widths, strict=True)), widths
+    if fraction < 0.5 * (1 - TOL):
+        assert "target_note" in r.record["metrics"] and "closest value" in r.stderr
+    else:
+        assert "target_note" not in r.record["metrics"]
