@@ -127,6 +127,7 @@ def register_command(
     command.__annotations__ = {p.name: p.annotation for p in params}
     command.__doc__ = help
     command.__name__ = f"{name.replace('-', '_')}_cmd"
+    command.__module__ = f"prunecli.cli.{name.replace('-', '_')}"  # the command module it is generated for
     app.command(name, epilog=epilog(examples))(command)
 
 
