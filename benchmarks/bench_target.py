@@ -9,7 +9,7 @@ Both in the same process, on the same random-init model (timm, num_classes=1000)
 * Torch-Pruning's way, as its README/issues show it: ``BasePruner(global_pruning=True,
   GroupMagnitudeImportance(p=2), pruning_ratio=0.95, iterative_steps=40)``, ``step()`` and
   ``count_ops_and_params`` after each step until the MACs are at or under half the dense model's (for
-  ViTs its own recipe: ``num_heads`` given, each attention's ``head_dim`` set after each step).
+  ViTs its own recipe: ``num_heads`` given, each attention's ``head_dim``/``attn_dim`` set after each step).
 
 Achieved MACs are given by Torch-Pruning's own counter (``tp.utils.count_ops_and_params``) for both,
 so neither side is judged by its own count. Prints one JSON line per model and method.
@@ -71,6 +71,8 @@ def bench(name: str, side: int) -> list[dict]:
         pruner.step()
         for m in attn:
             m.head_dim = m.qkv.out_features // (3 * m.num_heads)
+            if hasattr(m, "attn_dim"):  # timm ≥ 1.0.20 reshapes the heads' output by attn_dim
+                m.attn_dim = m.head_dim * m.num_heads
         n += 1
         macs, _ = tp.utils.count_ops_and_params(model, x)
     seconds = time.perf_counter() - t0
