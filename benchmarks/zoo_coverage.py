@@ -259,6 +259,7 @@ def _prune_one(row: dict, outdir: Path) -> dict:
             res[f"{key}_trace"] = traceback.format_exc(limit=-3)[-600:]
     res["prunecli_pruned"] = res.get("macs50_pruned", False)
     res["prunecli_error"] = res.get("macs50_error", "")
+    print(json.dumps({k: v for k, v in res.items() if not k.endswith("_trace")}), flush=True)  # if TP times out
     # --- plain Torch-Pruning asked for the same MACs by its own means: iterative_steps, a MAC count after
     # each step, the ratio raised until the budget is met
     try:
@@ -422,9 +423,15 @@ def run(timeout: int, only: list[str] | None, from_log: Path | None = None) -> N
                 "family": row["family"], "model": row["model"], "prunecli_pruned": False,
                 "prunecli_error": f"worker died (rc {proc.returncode}): {proc.stderr.strip().splitlines()[-1:]}",
             }  # fmt: skip
-        except subprocess.TimeoutExpired:
-            res = {"family": row["family"], "model": row["model"], "prunecli_pruned": False,
-                   "prunecli_error": f"timeout after {timeout}s"}  # fmt: skip
+        except subprocess.TimeoutExpired as exc:  # prunecli's part prints its row before Torch-Pruning's starts
+            out = exc.stdout.decode() if isinstance(exc.stdout, bytes) else (exc.stdout or "")
+            lines = [ln for ln in out.splitlines() if ln.startswith("{")]
+            res = json.loads(lines[-1]) if lines else {
+                "family": row["family"], "model": row["model"], "prunecli_pruned": False,
+                "prunecli_error": f"timeout after {timeout}s in prunecli's part",
+            }  # fmt: skip
+            if lines:
+                res.update(tp_ok=False, tp_error=f"timeout after {timeout}s (Torch-Pruning's iterative steps)")
         res["input_size"] = row["input_size"]
         res["wall_s"] = round(time.perf_counter() - t0, 1)
         results.append(res)
