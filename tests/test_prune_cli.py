@@ -214,6 +214,8 @@ def test_channel_restore_in_one_step_equals_two_steps(cli, tmp_path: Path, save_
     """``prune --structure channel --restore lbyl`` == ``prune --structure channel`` then ``restore --method lbyl``."""
     import timm
 
+    import prunecli.archs  # noqa: F401  (registers improved_cnn with timm; the test must not depend on another's)
+
     torch.manual_seed(0)
     src = save_model(timm.create_model("improved_cnn"), tmp_path / "base.safetensors", "improved_cnn", 10)
     args = ("--method", "magnitude", "--ratio", "0.3", "--structure", "channel")
