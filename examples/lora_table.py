@@ -89,7 +89,7 @@ def _rows(wd: Path, seed: int, ratios: list[float], args: argparse.Namespace) ->
                     **extra,
                 )
             ).metrics
-            row = {"ratio": ratio, "criterion": crit, "sparsity": pr["sparsity"]}
+            row = {"ratio": ratio, "criterion": crit, "sparsity": pr["selected_sparsity"]}
             for variant, masked_update in VARIANTS.items():
                 out = wd / f"p_{crit}_{int(ratio * 100)}_lora_{variant}.safetensors"
                 m = finetune_lora(

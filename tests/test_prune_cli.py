@@ -50,7 +50,9 @@ def test_prune_pipes_into_eval(cli, mlp_ckpt: Path, tmp_path: Path) -> None:
     assert r.exit_code == 0, r.stderr
     assert r.record["command"] == "prune" and r.record["checkpoint"] == str(out.resolve())
     m = r.record["metrics"]
-    assert m["sparsity"] == 0.5 and m["target_ratio"] == 0.5 and m["scope"] == "layer"
+    assert m["selected_sparsity"] == 0.5 and m["target_ratio"] == 0.5 and m["scope"] == "layer"
+    # the file's sparsity counts every prunable weight, head included: fc1 19,200 + fc2 30,000 half zero, head 1,000
+    assert m["sparsity"] == pytest.approx(0.5 * 49200 / 50200, rel=1e-12)
     assert m["excluded"] == ["head.weight"] and m["layers"]["head.weight"] == 0.0
     piped = cli("eval", "-", "--data", "digits", input=r.stdout)
     direct = cli("eval", out, "--data", "digits")
@@ -122,7 +124,7 @@ def test_nm_from_the_cli(cli, mlp_ckpt: Path, tmp_path: Path) -> None:
     assert r.exit_code == 0, r.stderr
     w = _weights(tmp_path / "p.safetensors")["fc1.weight"]
     assert ((w.view(300, 16, 4) != 0).sum(-1) == 2).all()
-    assert r.record["metrics"]["structure"] == "2:4" and r.record["metrics"]["sparsity"] == 0.5
+    assert r.record["metrics"]["structure"] == "2:4" and r.record["metrics"]["selected_sparsity"] == 0.5
 
 
 # (arguments, message, exit code): invalid values and conflicting options are usage errors (2), found by

@@ -99,7 +99,7 @@ def test_global_scope_matches_global_unstructured(tmp_path: Path, save_model, ar
         tprune.remove(mod, "weight")
         assert torch.equal(ours[f"{name}.weight"].view(torch.int32), mod.weight.detach().view(torch.int32)), name
     assert sum(int((ours[f"{n}.weight"] == 0).sum()) for n in layers) == k
-    assert result.metrics["sparsity"] == k / everything.numel()
+    assert result.metrics["selected_sparsity"] == k / everything.numel()
     assert result.metrics["scope"] == "global"
 
 
@@ -243,7 +243,7 @@ def test_nm_end_to_end(tmp_path: Path, save_model) -> None:
         w = model.get_submodule(name).weight.detach()
         keep = _nm_brute(w.abs(), 2, 4)
         assert torch.equal(ours[f"{name}.weight"], torch.where(keep, w, torch.zeros(())))
-    assert res.metrics["sparsity"] == 0.5 and res.metrics["target_ratio"] == 0.5
+    assert res.metrics["selected_sparsity"] == 0.5 and res.metrics["target_ratio"] == 0.5
 
 
 # --------------------------------------------------------------------------- MACs and metrics
@@ -392,7 +392,7 @@ def test_bias_compensation_lowers_loss(tmp_path: Path, save_model, digits_mlp) -
             assert torch.allclose(b[n.replace(".weight", ".bias")].double(), expect, atol=1e-6)
         assert comp.metrics["compensated"]["bias"] == sorted(scores)
         assert plain.metrics["scope"] == "global"
-        assert plain.metrics["sparsity"] == comp.metrics["sparsity"] == round(ratio * 49200) / 49200
+        assert plain.metrics["selected_sparsity"] == comp.metrics["selected_sparsity"] == round(ratio * 49200) / 49200
         lp, lc = test_loss(tmp_path / f"plain{ratio}.safetensors"), test_loss(tmp_path / f"comp{ratio}.safetensors")
         assert lc < lp, (ratio, dense, lp, lc)
 

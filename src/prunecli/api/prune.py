@@ -85,7 +85,7 @@ def prune(req: PruneRequest) -> Result:
 
     Example:
         >>> req = PruneRequest(checkpoint="base.safetensors", output="p50.safetensors", method="magnitude", ratio=0.5)
-        >>> prune(req).metrics["sparsity"]
+        >>> prune(req).metrics["selected_sparsity"]
         0.5
     """
     from prunecli.checkpoint.hashing import file_sha256
@@ -696,19 +696,21 @@ class _Channel:
         structure = apply_channels(model, plan, example_input=example)
         restored = _restore(job, dense, structure, example) if dense is not None else None
         weights = prunable_params(model)
-        after = sum(p.numel() for p in weights.values())
         state = model.state_dict()
         nnz = _nonzero(state)
         manifest = dataclasses.replace(job.target.loaded.manifest, structure=structure)
+        cm = channel_metrics(plan, model)
+        counts = _counts(state, nnz, weights)
         metrics = {
             "structure": "channel",
             "method": job.method,
             "scope": job.scope,
             "target_ratio": job.ratio,
+            "channel_ratio": job.ratio,  # a fraction of the channels of each pruned group
             "excluded": job.excluded,
-            **channel_metrics(plan, model),
-            "sparsity": 1.0 - after / max(before, 1),
-            **_param_counts(model, nnz),
+            **cm,
+            "params_removed": 1 - counts["params"] / max(cm.get("params_before", before), 1),
+            **counts,  # sparsity: the exact zeros left among the (narrower, dense) prunable weights
             "macs_before": plan.macs_before,
             "macs": sum(plan.positions.get(n.removesuffix(".weight"), 0) * w.numel() for n, w in weights.items()),
             "macs_nonzero": sum(plan.positions.get(n.removesuffix(".weight"), 0) * nnz[n] for n in weights),
@@ -974,12 +976,10 @@ def _finish(
     manifest = dataclasses.replace(loaded.manifest, masked=masked)
     state = job.target.state()
     nnz = _nonzero(state, known)
-    params = job.target.params()
     weights = job.target.weights()
     positions = {n: trace.positions.get(n.removesuffix(".weight"), 0) for n in weights}
     zeros = {n: weights[n].numel() - nnz[n] for n in weights}
     n_sel = sum(weights[n].numel() for n in job.selected)
-    n_all = sum(w.numel() for w in weights.values())
     nm = job.req.nm
     metrics: dict[str, Any] = {
         "structure": "unstructured" if nm is None else f"{nm[0]}:{nm[1]}",
@@ -987,14 +987,12 @@ def _finish(
         "scope": job.scope if nm is None else None,
         "target_ratio": job.ratio,
         "target_sparsity": target,
-        "sparsity": sum(zeros[n] for n in job.selected) / max(n_sel, 1),
-        "sparsity_all": sum(zeros.values()) / max(n_all, 1),
+        "selected_sparsity": sum(zeros[n] for n in job.selected) / max(n_sel, 1),  # what the target is about
         "removed": sum(removed.values()),
         "prunable": n_sel,
         "excluded": job.excluded,
         "layers": {n: zeros[n] / max(w.numel(), 1) for n, w in weights.items()},
-        "params": sum(params.values()),
-        "params_nonzero": sum(nnz[n] for n in params),
+        **_counts(state, nnz, weights),  # params, params_nonzero, sparsity: prunecli.counting's convention
         "macs": sum(positions[n] * w.numel() for n, w in weights.items()),
         "macs_nonzero": sum(positions[n] * nnz[n] for n in weights),
         **_storage(state, nnz, set(masked)),
@@ -1015,9 +1013,12 @@ def _nonzero(state: Mapping[str, Any], known: Mapping[str, int] | None = None) -
     return {n: known[n] if n in known else int(torch.count_nonzero(t != 0)) for n, t in state.items()}
 
 
-def _param_counts(model: Any, nnz: Mapping[str, int]) -> dict[str, int]:
-    named = dict(model.named_parameters())  # deduplicated, as model.parameters()
-    return {"params": sum(p.numel() for p in named.values()), "params_nonzero": sum(nnz[n] for n in named)}
+def _counts(state: Mapping[str, Any], nnz: Mapping[str, int], weights: Mapping[str, Any]) -> dict[str, Any]:
+    """``params``, ``params_nonzero`` and ``sparsity`` by the one convention of :mod:`prunecli.counting`."""
+    from prunecli.counting import TensorCount, count_tensors
+
+    tensors = (TensorCount(n, tuple(t.shape), t.numel() - nnz[n]) for n, t in state.items())
+    return count_tensors(tensors, set(weights)).metrics()
 
 
 def _storage(state: Mapping[str, Any], nnz: Mapping[str, int], masked: set[str]) -> dict[str, int]:

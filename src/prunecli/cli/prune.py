@@ -24,17 +24,13 @@ EXAMPLES = [
 def summary(result: Any) -> None:
     m = result.metrics
     where = "plan only, nothing written" if result.checkpoint is None else f"→ {result.checkpoint}"
-    if "target" in m:  # --target: what was asked and what the plan reached
-        t, a = m["target"], m["achieved"]
-        where = f"target {t['kind']}={t['value']}: {a['fraction']:.2%} of dense reached  {where}"
     if m.get("structure") == "channel":
-        before, after = m.get("params_before", 0), m.get("params", 0)
-        console().print(f"channels: {m.get('target_ratio', 0):g} of each pruned group removed; params {before:,} → "
-                        f"{after:,} ({1 - after / max(before, 1):.1%} fewer), MACs {m.get('macs_before', 0):,} → "
-                        f"{m.get('macs', 0):,}  {where}")  # fmt: skip
+        console().print(f"channels: {m.get('channel_ratio', 0):g} of each pruned group removed; params "
+                        f"{m.get('params_before', 0):,} → {m.get('params', 0):,} ({m.get('params_removed', 0):.1%} "
+                        f"removed), MACs {m.get('macs_before', 0):,} → {m.get('macs', 0):,}  {where}")  # fmt: skip
         return
-    target = m.get("target_sparsity", 0)
-    console().print(f"sparsity {m.get('sparsity', 0):.4f} of the pruned layers (target {target:g}), "
+    console().print(f"removed {m.get('selected_sparsity', 0):.4f} of the selected weights (target "
+                    f"{m.get('target_sparsity', 0):g}); sparsity {m.get('sparsity', 0):.4f} of all prunable weights, "
                     f"params {m.get('params_nonzero', 0):,}/{m.get('params', 0):,} nonzero  {where}")  # fmt: skip
 
 
