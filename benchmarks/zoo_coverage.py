@@ -350,7 +350,7 @@ def _pct(v: float | None) -> str:
 def write_table(results: list[dict]) -> None:
     """Writes the markdown pass/fail table (rows of the earlier ratio run, without a target, are left out)."""
     listed = len(read_families())
-    results = [r for r in results if "macs50_pruned" in r]
+    results = [r for r in results if r.get("target_run") or "macs50_pruned" in r]
     n = len(results)
     ok = [r for r in results if _passed(r, "macs50")]
     ok_p = [r for r in results if _passed(r, "params50")]
@@ -446,6 +446,7 @@ def run(timeout: int, only: list[str] | None, from_log: Path | None = None) -> N
         print(proc.stderr[-2000:], file=sys.stderr)
     for r in results:
         r.update(checks.get(r["model"], {}))
+        r["target_run"] = True  # a row of a --target run, timeouts included (the earlier ratio run's rows lack it)
     if only and RAW.exists():  # re-run of some models: replace their rows, keep the others
         fresh = {r["model"]: r for r in results}
         old = [json.loads(line) for line in RAW.read_text().splitlines() if line.strip()]
