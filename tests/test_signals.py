@@ -88,9 +88,11 @@ def _check(base: Path, folder: Path, sig: int, rc: int, out: str, err: str) -> s
         return "finished"
     assert not out.strip() and "out.safetensors" not in names, (names, out)
     assert not (folder / "m.jsonl").exists() or not (folder / "m.jsonl").read_text(), names  # no record appended
-    if rc in (-sig, 1) and "prunecli" not in err and "Error:" not in err:
+    handled = any(ln.strip() == line for _, line in transaction.SIGNALS.values() for ln in err.splitlines())
+    if rc in (-sig, 1) and not handled and "Error:" not in err:
         # CPython was still starting (its default action, or its own KeyboardInterrupt while importing
-        # runpy/site): no prunecli code had run, so nothing of the run existed yet
+        # runpy/site or the first lines of the prunecli package, before cli/main.py installs the handlers):
+        # nothing of the run existed yet, as the checks above assert
         return "CPython start-up"
     code, line = transaction.SIGNALS[sig]
     assert rc == code, (rc, err)
