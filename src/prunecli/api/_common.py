@@ -8,7 +8,7 @@ from typing import Any
 
 from prunecli.requests import ModelSource, Transforms
 
-__all__ = ["DataOptions", "InputOptions", "load_input", "save_output"]
+__all__ = ["DataOptions", "InputOptions", "load_input", "save_output", "training_data"]
 
 
 # The shared pieces of every request (:mod:`prunecli.requests`), under the names the api has used.
@@ -53,3 +53,21 @@ def save_output(
     new = base.with_step({**lineage_step(command, options, loaded), **(provenance or {})})
     inputs = [loaded.source.path, loaded.source.weights]
     return save_checkpoint(out, model, new, force=force, inputs=inputs, transform=transform)
+
+
+def training_data(req: Any, loaded: Any, augment: str, recipe: dict[str, Any]) -> tuple[Any, Any]:
+    """The training and validation sets of a ``finetune``/``finetune-lora`` request.
+
+    The augmentation the recipe proposed is resolved against the input size (``data.resolve_augment``:
+    timm's transform for ImageNet-style inputs unless the user chose one) and written into the record's
+    ``recipe`` block beside the reason.
+    """
+    from prunecli.data import data_config, load_data, resolve_augment
+
+    tf = req.transforms
+    cfg = data_config(loaded.manifest.pretrained_cfg, input_size=tf.input_size, mean=tf.mean, std=tf.std)
+    augment, recipe["augment_because"] = resolve_augment(augment, cfg, explicit=req.training.augment is not None)
+    recipe["augment"] = augment
+    train_ds, _ = load_data(req.data, loaded, tf, default_split="train", train=True, augment=augment)
+    val_ds = load_data(req.val, loaded, tf, default_split="test")[0] if req.val else None
+    return train_ds, val_ds

@@ -13,8 +13,7 @@ import math
 import time
 from typing import Any
 
-from prunecli.api._common import InputOptions, save_output
-from prunecli.data import load_data
+from prunecli.api._common import InputOptions, save_output, training_data
 from prunecli.errors import InputError
 from prunecli.record import Result
 from prunecli.requests import FinetuneRequest
@@ -68,7 +67,7 @@ def finetune(req: FinetuneRequest) -> Result:
     from prunecli import distributed as D
     from prunecli.checkpoint.sources import SourceKind, resolve_source
     from prunecli.checkpoint.writer import check_output
-    from prunecli.data import augmentation_name, data_config, loader_info, make_loader, resolve_augment
+    from prunecli.data import augmentation_name, loader_info, make_loader
     from prunecli.device import describe, resolve_device, seed_everything
     from prunecli.masks import Masks, sparsity
     from prunecli.prunable import prunable_params
@@ -93,12 +92,7 @@ def finetune(req: FinetuneRequest) -> Result:
     check_output(req.output, force=req.force, inputs=[source.path, source.weights])  # fail before any work
     seed_everything(run.seed)  # before load_input: an arch: model is initialised there
     loaded = _load(req.checkpoint, source, req.source)
-    tf = req.transforms
-    cfg = data_config(loaded.manifest.pretrained_cfg, input_size=tf.input_size, mean=tf.mean, std=tf.std)
-    augment, recipe_report["augment_because"] = resolve_augment(augment, cfg, explicit=t.augment is not None)
-    recipe_report["augment"] = augment
-    train_ds, _ = load_data(req.data, loaded, req.transforms, default_split="train", train=True, augment=augment)
-    val_ds = load_data(req.val, loaded, req.transforms, default_split="test")[0] if req.val else None
+    train_ds, val_ds = training_data(req, loaded, augment, recipe_report)
 
     model = loaded.model
     masks = Masks.from_manifest(model, loaded.manifest.masked)

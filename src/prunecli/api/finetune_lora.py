@@ -27,7 +27,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from prunecli.data import load_data
+from prunecli.api._common import training_data
 from prunecli.errors import InputError
 from prunecli.record import Result
 from prunecli.registry import Registry
@@ -151,7 +151,7 @@ def finetune_lora(req: FinetuneLoraRequest) -> Result:
     from prunecli.checkpoint.sources import SourceKind, resolve_source
     from prunecli.checkpoint.writer import check_output
     from prunecli.counting import count_model
-    from prunecli.data import augmentation_name, data_config, loader_info, make_loader, resolve_augment
+    from prunecli.data import augmentation_name, loader_info, make_loader
     from prunecli.device import describe, resolve_device, seed_everything
     from prunecli.evaluation import eval_loader, evaluate_sharded
     from prunecli.prunable import prunable_params
@@ -210,12 +210,7 @@ def finetune_lora(req: FinetuneLoraRequest) -> Result:
     masks = lora.masks_of(model, loaded.manifest.masked)
     sparsity_before = count_model(model).sparsity  # the one counting convention (prunecli.counting)
     masked_before = _prunable_sparsity(model, sorted(masks))
-    tf = req.transforms
-    cfg = data_config(loaded.manifest.pretrained_cfg, input_size=tf.input_size, mean=tf.mean, std=tf.std)
-    augment, recipe_report["augment_because"] = resolve_augment(augment, cfg, explicit=t.augment is not None)
-    recipe_report["augment"] = augment
-    train_ds, _ = load_data(req.data, loaded, req.transforms, default_split="train", train=True, augment=augment)
-    val_ds = load_data(req.val, loaded, req.transforms, default_split="test")[0] if req.val else None
+    train_ds, val_ds = training_data(req, loaded, augment, recipe_report)
     eval_bs = max(run.batch_size, 256)
     # one validation loader for the three evaluations (its workers persist)
     val_loader = eval_loader(val_ds, dev, batch_size=eval_bs, workers=run.workers) if val_ds is not None else None
