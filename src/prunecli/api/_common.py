@@ -8,7 +8,7 @@ from typing import Any
 
 from prunecli.requests import ModelSource, Transforms
 
-__all__ = ["DataOptions", "InputOptions", "load_input", "save_output", "training_data"]
+__all__ = ["DataOptions", "InputOptions", "load_input", "save_output", "training_data", "training_setup"]
 
 
 # The shared pieces of every request (:mod:`prunecli.requests`), under the names the api has used.
@@ -71,3 +71,31 @@ def training_data(req: Any, loaded: Any, augment: str, recipe: dict[str, Any]) -
     train_ds, _ = load_data(req.data, loaded, tf, default_split="train", train=True, augment=augment)
     val_ds = load_data(req.val, loaded, tf, default_split="test")[0] if req.val else None
     return train_ds, val_ds
+
+
+def training_setup(req: Any, *, fresh: bool, adapters: bool = False) -> tuple[Any, dict, dict, str, Any]:
+    """The training loop's configuration for a ``finetune``/``finetune-lora`` request.
+
+    Options left at None come from the recipe (:func:`prunecli.recipes.resolve_recipe`: chosen by what
+    the run starts from, ``fresh`` for an ``arch:`` model, ``adapters`` for LoRA).
+
+    Returns:
+        (TrainConfig, the resolved recipe values, the record's ``recipe`` block, the augmentation name,
+        the device).
+    """
+    from prunecli.data import augmentation_name
+    from prunecli.device import resolve_device
+    from prunecli.recipes import resolve_recipe
+    from prunecli.training import TrainConfig, run_precision
+
+    t, run = req.training, req.runtime
+    given = {"optimizer": t.optimizer, "lr": t.lr, "schedule": t.schedule, "warmup": t.warmup, "augment": t.augment}
+    chosen, report = resolve_recipe(t.recipe, fresh=fresh, adapters=adapters, given=given)
+    dev = resolve_device(run.device)
+    config = TrainConfig(
+        epochs=t.epochs, optimizer=chosen["optimizer"], lr=chosen["lr"], weight_decay=t.weight_decay,
+        momentum=t.momentum, schedule=chosen["schedule"], label_smoothing=t.label_smoothing, clip_grad=t.clip_grad,
+        max_steps=t.max_steps, precision=run_precision(run.precision, t.amp, dev), channels_last=run.channels_last,
+    )  # fmt: skip
+    config.validate()
+    return config, chosen, report, augmentation_name(chosen["augment"]), dev

@@ -13,7 +13,7 @@ import math
 import time
 from typing import Any
 
-from prunecli.api._common import InputOptions, save_output, training_data
+from prunecli.api._common import InputOptions, save_output, training_data, training_setup
 from prunecli.errors import InputError
 from prunecli.record import Result
 from prunecli.requests import FinetuneRequest
@@ -67,27 +67,17 @@ def finetune(req: FinetuneRequest) -> Result:
     from prunecli import distributed as D
     from prunecli.checkpoint.sources import SourceKind, resolve_source
     from prunecli.checkpoint.writer import check_output
-    from prunecli.data import augmentation_name, loader_info, make_loader
-    from prunecli.device import describe, resolve_device, seed_everything
+    from prunecli.data import loader_info, make_loader
+    from prunecli.device import describe, seed_everything
     from prunecli.masks import Masks, sparsity
     from prunecli.prunable import prunable_params
-    from prunecli.recipes import resolve_recipe, warmup_steps
-    from prunecli.training import TrainConfig, run_precision, train
+    from prunecli.recipes import warmup_steps
+    from prunecli.training import train
     from prunecli.wcr import WCR
 
     source = resolve_source(req.checkpoint)
     t, run = req.training, req.runtime
-    given = {"optimizer": t.optimizer, "lr": t.lr, "schedule": t.schedule, "warmup": t.warmup, "augment": t.augment}
-    chosen, recipe_report = resolve_recipe(t.recipe, fresh=source.kind is SourceKind.ARCH, given=given)
-    optimizer, lr, schedule, augment = chosen["optimizer"], chosen["lr"], chosen["schedule"], chosen["augment"]
-    augment = augmentation_name(augment)
-    dev = resolve_device(run.device)
-    config = TrainConfig(
-        epochs=t.epochs, optimizer=optimizer, lr=lr, weight_decay=t.weight_decay, momentum=t.momentum,
-        schedule=schedule, label_smoothing=t.label_smoothing, clip_grad=t.clip_grad, max_steps=t.max_steps,
-        precision=run_precision(run.precision, t.amp, dev), channels_last=run.channels_last,
-    )  # fmt: skip
-    config.validate()
+    config, chosen, recipe_report, augment, dev = training_setup(req, fresh=source.kind is SourceKind.ARCH)
     _check_wcr(req.wcr.wcr, req.wcr.wcr_eps, req.wcr.wcr_delta)
     check_output(req.output, force=req.force, inputs=[source.path, source.weights])  # fail before any work
     seed_everything(run.seed)  # before load_input: an arch: model is initialised there

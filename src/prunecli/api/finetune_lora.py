@@ -27,7 +27,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from prunecli.api._common import training_data
+from prunecli.api._common import training_data, training_setup
 from prunecli.errors import InputError
 from prunecli.record import Result
 from prunecli.registry import Registry
@@ -151,29 +151,19 @@ def finetune_lora(req: FinetuneLoraRequest) -> Result:
     from prunecli.checkpoint.sources import SourceKind, resolve_source
     from prunecli.checkpoint.writer import check_output
     from prunecli.counting import count_model
-    from prunecli.data import augmentation_name, loader_info, make_loader
-    from prunecli.device import describe, resolve_device, seed_everything
+    from prunecli.data import loader_info, make_loader
+    from prunecli.device import describe, seed_everything
     from prunecli.evaluation import eval_loader, evaluate_sharded
     from prunecli.prunable import prunable_params
-    from prunecli.recipes import resolve_recipe, warmup_steps
-    from prunecli.training import TrainConfig, run_precision, train
+    from prunecli.recipes import warmup_steps
+    from prunecli.training import train
     from prunecli.wcr import WCR
 
     t, lo, run = req.training, req.lora, req.runtime
     source = resolve_source(req.checkpoint)
-    given = {"optimizer": t.optimizer, "lr": t.lr, "schedule": t.schedule, "warmup": t.warmup, "augment": t.augment}
-    chosen_recipe, recipe_report = resolve_recipe(
-        t.recipe, fresh=source.kind is SourceKind.ARCH, adapters=True, given=given
+    config, chosen_recipe, recipe_report, augment, dev = training_setup(
+        req, fresh=source.kind is SourceKind.ARCH, adapters=True
     )
-    optimizer, lr, schedule = chosen_recipe["optimizer"], chosen_recipe["lr"], chosen_recipe["schedule"]
-    augment = augmentation_name(chosen_recipe["augment"])
-    dev = resolve_device(run.device)
-    config = TrainConfig(
-        epochs=t.epochs, optimizer=optimizer, lr=lr, weight_decay=t.weight_decay, momentum=t.momentum,
-        schedule=schedule, label_smoothing=t.label_smoothing, clip_grad=t.clip_grad, max_steps=t.max_steps,
-        precision=run_precision(run.precision, t.amp, dev), channels_last=run.channels_last,
-    )  # fmt: skip
-    config.validate()
     _check(req.wcr.wcr, req.wcr.wcr_eps, req.wcr.wcr_delta, run.batch_size)
     preset = TARGET_PRESETS.canonical(lo.target_preset if lo.linear else "none")
     merge_fn = lora.MERGE_MODES.get(lo.merge)
