@@ -238,3 +238,42 @@ def test_readme_python_example_runs_as_written(tmp_path: Path, monkeypatch: pyte
     assert first == "0.5 0.5"
     assert 0.0 <= float(second) <= 1.0
     assert (tmp_path / "mlp.safetensors").is_file() and (tmp_path / "mlp-p50.safetensors").is_file()
+
+
+def test_eval_needs_data_or_takes_the_lineages_val(cli, chain: dict[str, Path]) -> None:
+    """``eval`` never silently evaluates on data the user did not name: --data, or the --val of the last
+    training step in the checkpoint's lineage (said on stderr), else a one-line error."""
+    r = cli("eval", chain["base"])
+    assert r.exit_code == 1 and r.stdout == ""
+    assert r.stderr.strip().splitlines() == [
+        "Error: eval needs --data",
+        "Hint: e.g. --data imagefolder:val/ (no training step in the checkpoint's lineage names its --val data)",
+    ]
+    trained = chain["root"] / "val.safetensors"
+    r = cli("finetune", chain["base"], "--data", "digits:train", "--val", "digits:test", "--epochs", "1",
+            "--max-steps", "1", "-b", "16", "-o", trained, "-q")  # fmt: skip
+    assert r.exit_code == 0, r.stderr
+    r = cli("eval", trained)
+    assert r.exit_code == 0, r.stderr
+    assert r.record["metrics"]["data"] == "digits:test" and r.record["metrics"]["samples"] == 360
+    assert "no --data given: evaluating on digits:test" in r.stderr
+
+
+def test_channel_record_says_which_ratio_is_which(cli, chain: dict[str, Path]) -> None:
+    """Channel pruning's record: the requested fraction of channels, and the fraction of parameters it removed
+    (computed here from the record's own before/after counts and from the written file)."""
+    from safetensors import safe_open
+
+    out = chain["root"] / "ch.safetensors"
+    r = cli("prune", chain["base"], "-m", "l2", "-r", "0.3", "--structure", "channel", "-o", out, "-q")
+    assert r.exit_code == 0, r.stderr
+    m = r.record["metrics"]
+    assert m["channel_ratio"] == m["target_ratio"] == 0.3
+    buffers = ("running_mean", "running_var", "num_batches_tracked")
+    with safe_open(str(out), "pt") as f:
+        names = list(f.keys())
+        params = sum(f.get_tensor(k).numel() for k in names if not k.endswith(buffers))
+    assert m["params"] == params
+    assert m["params_removed"] == pytest.approx(1 - params / m["params_before"], rel=1e-12)
+    assert m["params_removed"] > m["channel_ratio"]  # a removed channel takes its weights in the next layer too
+    assert m["sparsity"] == 0.0  # the narrower model is dense
