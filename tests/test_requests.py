@@ -277,3 +277,22 @@ def test_channel_record_says_which_ratio_is_which(cli, chain: dict[str, Path]) -
     assert m["params_removed"] == pytest.approx(1 - params / m["params_before"], rel=1e-12)
     assert m["params_removed"] > m["channel_ratio"]  # a removed channel takes its weights in the next layer too
     assert m["sparsity"] == 0.0  # the narrower model is dense
+
+
+def test_elapsed_s_does_not_count_the_wait_for_the_previous_step(tmp_path: Path) -> None:
+    """A piped step reads its stdin record before its clock starts: a slow upstream step is not its time."""
+    import os
+    import time
+
+    record = json.dumps({"schema": "prunecli/record-v1", "command": "finetune", "checkpoint": "arch:fc_mlp"})
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PRUNECLI_NO_PROGRESS": "1"}
+    cmd = [sys.executable, "-m", "prunecli", "eval", "-", "--data", "synthetic:4", "--device", "cpu", "-q"]
+    proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=env)  # fmt: skip
+    time.sleep(3.0)  # the upstream step is still running
+    start = time.monotonic()
+    out, err = proc.communicate(record + "\n", timeout=300)
+    after_input = time.monotonic() - start
+    assert proc.returncode == 0, err
+    elapsed = json.loads(out.strip().splitlines()[-1])["elapsed_s"]
+    assert elapsed <= after_input  # measured inside the time after the record arrived, never the 3 s before it
