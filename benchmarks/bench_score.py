@@ -36,9 +36,9 @@ def bare_loop(model: torch.nn.Module, data: list) -> None:
 def bare_plus_wgrad(model: torch.nn.Module, data: list) -> None:
     """The bare loop plus one more weight-gradient-sized product per conv/linear layer.
 
-    biascomp needs no weight gradient but two weight-gradient-sized products (``M1``, ``M2``, METHODS
-    §5.3), i.e. one more than the bare loop: this run is the floor of that algorithm, measured with the
-    same kernels (``conv_weight_stat`` for convolutions, a GEMM for linear layers).
+    biascomp needs no weight gradient but two weight-gradient-sized products (``M1``, ``M2``,
+    docs/bias-compensation.md), i.e. one more than the bare loop: this run is the floor of that algorithm,
+    measured with the same kernels (``conv_weight_stat`` for convolutions, a GEMM for linear layers).
     """
     from prunecli.criteria._conv import conv_weight_stat
     from prunecli.prunable import prunable_layers

@@ -1,10 +1,10 @@
-"""WCR study on digits (METHODS §3.8 ii): does paper C's regulariser make one-shot magnitude pruning hurt less?
+"""WCR study on digits (docs/wcr.md): does paper C's regulariser make one-shot magnitude pruning hurt less?
 
 For each λ (0 = no WCR) and seed, train paper A's CNN from scratch on ``digits:train`` with
 ``prunecli.api.finetune`` (identical settings except ``wcr``), then prune it one-shot — no retraining —
 with ``torch.nn.utils.prune.global_unstructured`` (L1, i.e. global |w| ranking) at each ratio and
 evaluate top-1 on ``digits:test``. Two pruning scopes are reported: conv + linear weights (all
-prunable tensors, classifier included) and conv weights only (paper C's CNN protocol, §3.4).
+prunable tensors, classifier included) and conv weights only (paper C's CNN protocol, docs/wcr.md).
 
 Usage::
 

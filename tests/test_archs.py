@@ -16,7 +16,7 @@ def test_improved_cnn_size_matches_paper_a() -> None:
     by_hand = sum(i * o * 9 + o + 2 * o for i, o in convs) + (4096 * 512 + 512) + (512 * 10 + 10)
     assert sum(p.numel() for p in m.parameters()) == by_hand == 2_474_506
     running = sum(b.numel() for n, b in m.named_buffers() if not n.endswith("num_batches_tracked"))
-    assert by_hand + running == 2_475_402  # METHODS §1.6: "2,475,402 incl. BN buffers"
+    assert by_hand + running == 2_475_402  # paper A's count: 2,475,402 including the BN buffers
     assert (by_hand + running) * 4 / 2**20 == pytest.approx(9.44, abs=0.005)  # MiB fp32 (paper: 9.45 MB)
 
 

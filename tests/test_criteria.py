@@ -271,7 +271,7 @@ def test_biascomp_linear_matches_brute_force(precision: str) -> None:
         grid = argmin_uncertainty(A2[:, i], W[i, j] * X[:, j], imp_ref)
         assert abs(d - d_ref) <= (2 * S + 5) * p * scale + U32 * abs(d_ref) + grid, (i, j, d, d_ref)
         assert abs(imp - imp_ref) <= (4 * S + 8) * p * i0 + U32 * abs(imp_ref), (i, j, imp, imp_ref)
-    for i in dead:  # A_i = 0: no sensitivity, no shift (METHODS §5.8)
+    for i in dead:  # A_i = 0: no sensitivity, no shift (docs/bias-compensation.md)
         assert not out.scores["fc1.weight"][i].any() and not out.extras["bias_shift"]["fc1.weight"][i].any()
     assert out.notes["fc1.weight"]["compensate"] == "bias"
 
@@ -291,7 +291,7 @@ def test_biascomp_conv_matches_im2col_and_brute_force() -> None:
     M1 = torch.einsum("sop,skp->ok", a2, U)
     M2 = torch.einsum("sop,skp->ok", a2, U**2)
     W = conv.weight.detach().reshape(conv.weight.shape[0], -1)
-    safe = torch.where(A > 0, A, torch.ones_like(A))[:, None]  # dead channels: δ = I = 0 (§5.8)
+    safe = torch.where(A > 0, A, torch.ones_like(A))[:, None]  # dead channels: δ = I = 0 (docs/bias-compensation.md)
     delta = torch.where(A[:, None] > 0, W * M1 / safe, 0.0)
     imp = torch.where(A[:, None] > 0, W**2 * (M2 - M1**2 / safe), 0.0)
     name = "features.1.conv.weight"

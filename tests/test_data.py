@@ -1,4 +1,4 @@
-"""Data specs (DESIGN §4): parsing, the embedded digits split, image folders, torchvision formats on disk,
+"""Data specs (README "Subcommands"): parsing, the embedded digits split, image folders, torchvision formats on disk,
 synthetic data, transforms from the pretrained config, deterministic loaders."""
 
 from __future__ import annotations

@@ -1,5 +1,5 @@
 """Bad input fails with exit code 1, one ``Error:`` line (plus an optional ``Hint:``), no traceback, and
-leaves nothing behind; usage errors exit 2 (DESIGN §3)."""
+leaves nothing behind; usage errors exit 2 (docs/records.md)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Every CKPT form of DESIGN §2 loads to the same model that timm itself builds from the same weights.
+"""Every CKPT form of docs/checkpoints.md loads to the same model that timm itself builds from the same weights.
 
 The reference is always timm's own path (``timm.create_model`` + ``load_state_dict``), never prunecli's
 loader; accuracy through the CLI is compared with a plain evaluation loop over the same images.

@@ -72,7 +72,7 @@ def test_lora_starts_exactly_at_the_pruned_model(arch: str, opts: lora.LoraOptio
 
 
 def test_paper_a_trainable_parameter_count() -> None:
-    # METHODS §1.3: r = 8 on fc1 (4096→512) and fc2 (512→10): 8·(4096+512) + 8·(512+10) = 41,040.
+    # paper A (docs/lora.md): r = 8 on fc1 (4096→512) and fc2 (512→10): 8·(4096+512) + 8·(512+10) = 41,040.
     model = timm.create_model("improved_cnn", num_classes=10)
     peft_model = lora.attach_lora(model, lora.LoraOptions())
     assert sum(p.numel() for p in lora.trainable_params(peft_model).values()) == 8 * (4096 + 512) + 8 * (512 + 10)

@@ -310,7 +310,7 @@ def _digits_tensors(split: str) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def _closed_form_biascomp(model: nn.Module, x: torch.Tensor, names: list[str]) -> tuple[dict, dict]:
-    """Paper E (METHODS §5.3), output-Jacobian sensitivity a_si = Σ_k (∂f_k(x_s)/∂y_si)²:
+    """Paper E (docs/bias-compensation.md), output-Jacobian sensitivity a_si = Σ_k (∂f_k(x_s)/∂y_si)²:
     δ* = W·M1/A, I = W²(M2 − M1²/A) with A = Σ_s a, M1 = aᵀX, M2 = aᵀX², accumulated in float64."""
     acts: dict[str, torch.Tensor] = {}
     sens: dict[str, torch.Tensor] = {}

@@ -1,4 +1,4 @@
-"""The JSON record (DESIGN §3) and the terminal conventions: one sorted line on stdout, NaN → null,
+"""The JSON record (docs/records.md) and the terminal conventions: one sorted line on stdout, NaN → null,
 exit codes 0/1/2/130, no traceback unless PRUNECLI_DEBUG=1."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Restoration math (METHODS §2.3–§2.11) checked against independent computations.
+"""Restoration math (docs/restoration.md) checked against independent computations.
 
 Pruned models are built here by slicing a dense model by hand with a structure dict in the format
 channel pruning writes, so these tests do not depend on how pruning chose its channels. "Exact"
@@ -193,7 +193,7 @@ def test_batched_solve_equals_per_filter_linalg_solve(mode: str, p: int, d: int)
 
 
 def test_closed_form_minimises_the_lbyl_objective() -> None:
-    """Finite-difference gradient of L_j(s) (written out from §2.4) vanishes at the solution."""
+    """Finite-difference gradient of L_j(s) (written out from docs/restoration.md) vanishes at the solution."""
     stats, kept, pruned = _random_system(6, 3, 27, seed=5)
     l1, l2 = 0.3, 0.05
     s_prime, _ = lbyl_coefficients(stats, kept, pruned, lambda1=l1, lambda2=l2, mode="math")

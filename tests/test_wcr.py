@@ -1,4 +1,4 @@
-"""WCR (paper C, METHODS §3): the term against an independent float64 computation, its closed form,
+"""WCR (paper C, docs/wcr.md): the term against an independent float64 computation, its closed form,
 its gradient, which tensors it covers, and that it concentrates weights during training."""
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ SHAPES = [(7, 5), (16, 3, 3, 3), (10, 64), (4, 4, 1, 1), (300, 100)]
 
 
 def _r_numpy(arrays: list[np.ndarray], eps: float, delta: float) -> float:
-    """METHODS §3.1 written out in float64 numpy: Σ 1/(mean((u − mean u)²) + δ), u = sqrt(w² + ε)."""
+    """The regulariser of docs/wcr.md written out in float64 numpy: Σ 1/(mean((u − mean u)²) + δ), u = sqrt(w² + ε)."""
     total = 0.0
     for w in arrays:
         if w.size < 2:
@@ -35,7 +35,7 @@ def test_penalty_matches_float64_formula(scale: float) -> None:
 
 
 def test_closed_form_energy_and_hoyer() -> None:
-    """§3.2: V = (E/n)(1 − ρ²), ρ = L1/(√n √E) = 1 − (1 − 1/√n) H with H the Hoyer sparsity."""
+    """docs/wcr.md: V = (E/n)(1 − ρ²), ρ = L1/(√n √E) = 1 − (1 − 1/√n) H with H the Hoyer sparsity."""
     g = torch.Generator().manual_seed(2)
     eps = 1e-8
     for shape in SHAPES:
@@ -51,7 +51,7 @@ def test_closed_form_energy_and_hoyer() -> None:
 
 
 def test_gradient_matches_analytic_form() -> None:
-    """§3.3: ∂R/∂w_k = −(V+δ)⁻² (2/n)(u_k − ū) w_k/u_k — big weights are pushed up, small ones down."""
+    """docs/wcr.md: ∂R/∂w_k = −(V+δ)⁻² (2/n)(u_k − ū) w_k/u_k — big weights are pushed up, small ones down."""
     eps, delta = 1e-6, 1e-8
     w = (torch.randn(12, 9, generator=torch.Generator().manual_seed(3)) * 0.1).requires_grad_(True)
     wcr_penalty([w], eps, delta).backward()
