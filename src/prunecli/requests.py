@@ -713,6 +713,19 @@ class PruneRequest(ModelCommand):
     )  # fmt: skip
     restore: str | None = option(None, "--restore", help="Channel pruning: training-free restoration afterwards "
                                  "(lbyl, …).", panel=_SELECT, show_default=False)  # fmt: skip
+    reconstruct: str | None = option(
+        None, "--reconstruct", help="obs: choose the mask jointly with second-order (OBS / SparseGPT) updates of "
+        "the kept weights on --data (unstructured and N:M; -p damp, blocksize, samples).", panel=_SELECT,
+        check=one_of("obs"), show_default=False,
+    )  # fmt: skip
+    heads: bool = option(
+        False, "--heads", help="Channel pruning of attention: remove whole heads (num_heads shrinks, head_dim "
+        "stays) instead of dimensions inside every head.", panel=_SELECT, cli_type=bool,
+    )  # fmt: skip
+    no_cache: bool = option(
+        False, "--no-cache", help="Do not read or write the layer-table cache of third-party checkpoints (also: "
+        "PRUNECLI_NO_CACHE=1).", cli_type=bool, record=False,
+    )  # fmt: skip
     dry_run: bool = option(
         False, "--dry-run", help="Print the plan (per-layer widths or sparsities, params and MACs before/after) as "
         "the record and write nothing.", cli_type=bool, record=False,
@@ -763,6 +776,14 @@ class PruneRequest(ModelCommand):
             raise RequestError("--restore needs --structure channel", hint="restoration rebuilds removed channels")
         if self.layer_ratios and self.nm:
             raise RequestError("--layer-ratio does not apply to N:M sparsity", hint="--exclude layers instead")
+        if self.reconstruct and self.kind == "channel":
+            raise RequestError("--reconstruct obs applies to unstructured and N:M pruning",
+                               hint="for channel pruning use --restore or prunecli restore")  # fmt: skip
+        if self.reconstruct and self.compensate:
+            raise RequestError("--reconstruct obs and --compensate bias both rewrite the kept weights",
+                               hint="choose one")  # fmt: skip
+        if self.heads and self.kind != "channel":
+            raise RequestError("--heads needs --structure channel", hint="whole heads are removed as channels")
 
     def _validate_target(self) -> None:
         """``--target`` rules; refusals are InputErrors (exit 1), as issue 16 asks for every refused target."""
