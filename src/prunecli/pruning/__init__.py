@@ -12,6 +12,7 @@
   pruned), :mod:`~prunecli.pruning.apply` (remove the planned channels, record the structure),
   :mod:`~prunecli.pruning.safety` (run the pruned model, freeze what breaks, retry) and
   :mod:`~prunecli.pruning.channel` (the entry points ``plan_channels``/``apply_channels``/``prune_channels``);
+* :mod:`prunecli.pruning.fast_input` — the fast path's input (raw tensors and the layer table, no model);
 * :mod:`prunecli.pruning.compensate` — paper E's bias shifts (``--compensate bias``);
 * :mod:`prunecli.pruning.budget` — ``--target macs=…|params=…|latency=…``: the ratio bisected over plans
   (channel plans costed from their kept counts), the latency harness with an injectable clock.
