@@ -579,6 +579,7 @@ class _Channel:
             "exclude": [n.removesuffix(".weight") for n in job.excluded],
             "round_to": job.req.round_to if job.req.round_to > 1 else None,
             "min_channels": job.req.min_channels,
+            **({"heads": True} if job.req.heads else {}),  # whole attention heads (--heads)
         }
 
     def plan(self, job: _Job, keeps: Mapping[tuple[str, str], int] | None = None) -> Any:
