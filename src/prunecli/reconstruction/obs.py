@@ -79,12 +79,13 @@ class ObsResult:
     signal: float = 0.0
 
 
-def dampen(h: torch.Tensor, damp: float) -> tuple[torch.Tensor, torch.Tensor]:
+def dampen(h: torch.Tensor, damp: float, *, inplace: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """``H + λ·mean(diag H)·I`` with dead inputs (``H_jj = 0``) set to ``H_jj = 1``; returns (H', dead).
 
     The mean is over the original diagonal, dead inputs included as zeros. A dead input's row and
     column of ``H`` are zero (its activations are all zero), so after the fix it is decoupled: it
     neither receives nor gives compensation. With every input dead ``H'`` is the identity.
+    ``inplace`` dampens a float64 ``h`` itself (only its diagonal changes) instead of a copy.
 
     Raises:
         InputError: ``damp <= 0`` (the undamped ``H`` is singular whenever there are fewer
@@ -95,9 +96,10 @@ def dampen(h: torch.Tensor, damp: float) -> tuple[torch.Tensor, torch.Tensor]:
     h = h.to(torch.float64)
     diag = torch.diagonal(h)
     dead = diag == 0
-    out = h.clone()
+    mu = damp * float(diag.mean()) if diag.numel() else 0.0
+    out = h if inplace else h.clone()
     d = torch.diagonal(out)
-    d.add_(damp * float(diag.mean()) if diag.numel() else 0.0)
+    d.add_(mu)
     d[dead] = 1.0
     return out, dead
 
@@ -110,12 +112,16 @@ def inverse_cholesky(h_damped: torch.Tensor) -> torch.Tensor:
     """
     if not bool(torch.isfinite(h_damped).all()):
         raise InputError("the calibration activations hold NaN or inf", hint="check the model and the data")
-    chol, info = torch.linalg.cholesky_ex(h_damped)
+    # one d × d buffer besides H': the factor, the inverse and the inverse's factor overwrite each other
+    work = torch.empty_like(h_damped)
+    info = torch.empty((), dtype=torch.int32, device=h_damped.device)
+    torch.linalg.cholesky_ex(h_damped, out=(work, info))
     if int(info) == 0:
-        chol_inv, info = torch.linalg.cholesky_ex(torch.cholesky_inverse(chol), upper=True)
+        torch.cholesky_inverse(work, out=work)
+        torch.linalg.cholesky_ex(work, upper=True, out=(work, info))
     if int(info) != 0:
         raise InputError("the dampened Gram matrix is not positive definite", hint="raise -p damp")
-    return chol_inv
+    return work
 
 
 def row_errors(w: torch.Tensor, w_hat: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
@@ -275,6 +281,7 @@ def obs_prune(
     blocksize: int = 128,
     guard: bool = True,
     refit: bool = False,
+    overwrite: bool = False,
 ) -> ObsResult:
     """Prunes one weight matrix to ``target`` and updates the kept weights against ``H``.
 
@@ -286,6 +293,8 @@ def obs_prune(
         damp: relative dampening λ > 0.
         blocksize: columns per lazy-update block (does not change the result for a given mask).
         guard: fall back to the plain mask in rows where the update is worse on the undamped ``H``.
+        overwrite: a float64 ``h`` on ``w``'s device is dampened in place and its diagonal put back
+            afterwards (same values, one ``d × d`` copy less: the sequential pass owns its ``H``).
 
     Returns:
         the reconstructed weight, its mask and the errors before/after.
@@ -299,12 +308,16 @@ def obs_prune(
         raise InputError(f"mask {list(target.shape)} does not match the weight {list(w.shape)}")
     sel = selector(target, w.shape[1])
     h64 = h.to(device=w.device, dtype=torch.float64)
-    h_damped, dead = dampen(h64, damp)
+    inplace = overwrite and h64.data_ptr() == h.data_ptr()
+    diag = torch.diagonal(h64).clone() if inplace else None
+    h_damped, dead = dampen(h64, damp, inplace=inplace)
     w64 = w.to(torch.float64)
     w_hat, prune = sparsegpt_solve(w64, h_damped, sel, blocksize=blocksize, dead=dead.to(w.device))
     keep = ~prune
     if refit:
         w_hat = exact_refit(w64, h_damped, keep)
+    if diag is not None:  # dampening changed only the diagonal: the undamped H again, exactly
+        torch.diagonal(h64).copy_(diag)
     masked = torch.where(keep, w64, 0.0)
     err_mask = row_errors(w64, masked, h64)
     err_obs = row_errors(w64, w_hat, h64)

@@ -1,24 +1,43 @@
 """Layer-by-layer reconstruction of a model in forward order (docs/obs.md, "Sequential").
 
 Each layer is solved from the inputs that the model produces *after* the layers before it have been
-reconstructed, so a later layer sees, and partly absorbs, the error of the earlier ones. Memory stays
-bounded: one layer's Gram matrix exists at a time and the calibration batches are streamed; no
-activation outlives its batch.
+reconstructed, so a later layer sees, and partly absorbs, the error of the earlier ones.
+
+Schedule. Rerunning the model up to every layer costs about half a forward pass of the calibration set
+per layer. Instead, one recording pass over the first batch finds *chains*: modules whose forward only
+passes one tensor from child to child (``nn.Sequential``, timm's stage lists, a ResNet's top level).
+Checked by tensor identity and version counter, with no other argument: the child's output *is* the
+next child's input and nothing changed it in place in between, so running the children one after
+another gives the module's output. Inside a chain the children are *units*; a unit that is itself a
+chain and holds target layers is split further. Per chain, the calibration batches' inputs of the
+chain are captured once (one forward stopped at the chain), then for each unit in turn: its target
+layers are solved from the cached unit inputs (the unit is rerun on them, stopped at each target in
+turn, so each target sees the already solved layers before it), and the cache is replaced by the
+unit's outputs. A run of units without targets is applied as one step. The whole model then costs
+about one forward pass, plus the reruns of the units that hold several targets (a ResNet bottleneck, a
+ViT block: a few unit passes each). Targets outside any chain (a ViT's patch embedding and head, whose
+parents do functional work between children) and models with no chains at all use the fallback: one
+forward pass per target, stopped at it. The recording pass also checks what the cached schedule
+assumes; if a target is called from two units (weight sharing across units) or the chains do not
+cover the targets in the order the forward calls them, the whole model uses the fallback.
+
+Memory: the model, one layer's Gram matrix (and the solver's one work matrix of the same size), one
+batch of activations, and the cache: per calibration batch, one tensor at the current unit boundary
+(the input of the unit being solved), i.e. one activation of the calibration set at a time; it is
+replaced, batch by batch, as the units advance, and freed when the chain ends.
 
 Multi-process (``torchrun``): give each process its shard of the calibration batches; each layer's Gram
 matrix and position count are summed over the processes before the solve, so every process computes
 the same weights, equal to the one-process result up to float summation order. Every process must have
 at least one batch, and the forward must call the layers in the same order on every batch.
-
-Cost: one pass over the calibration batches per layer, each stopped at the layer (a hook raises once
-the layer has seen its input), so the total is about half a forward pass of the calibration set per
-layer on a chain-like network.
 """
 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Iterable, Mapping
+import functools
+import weakref
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -134,15 +153,9 @@ def _first_calls(
     return calls
 
 
-def _gram(
-    model: nn.Module,
-    mod: nn.Module,
-    calls: int,
-    calib: Iterable[Any],
-    forward: Forward,
-    device: torch.device,
-) -> GramAccumulator:
-    """The layer's Gram matrix over all calibration batches; each forward stops after the layer's last call."""
+def _gram(mod: nn.Module, calls: int, runs: Iterable[Callable[[], Any]], device: torch.device) -> GramAccumulator:
+    """The layer's Gram matrix over all ``runs`` (one per calibration batch); each run stops after the layer's
+    last call. Under torchrun the matrix and the position count are summed over the processes."""
     acc = GramAccumulator(mod, device)
     seen = [0]
 
@@ -154,16 +167,192 @@ def _gram(
 
     handle = mod.register_forward_pre_hook(hook)
     try:
-        for batch in calib:
+        for run in runs:
             seen[0] = 0
             with contextlib.suppress(_Stop):
-                forward(model, batch, device)
+                run()
     finally:
         handle.remove()
     if is_distributed():  # each rank saw its shard of the batches: the one-process H is the sum
         summed = all_reduce_tensors({"h": acc.h, "positions": torch.tensor(acc.positions, device=acc.h.device)})
         acc.h, acc.positions = summed["h"], int(summed["positions"])
     return acc
+
+
+# ---------------------------------------------------------------- the cached schedule (module docstring)
+
+
+@dataclass
+class _Call:
+    """One module call of the recording pass; ``children`` are the calls made while it ran."""
+
+    module: nn.Module
+    parent: int | None
+    children: list[int] = field(default_factory=list)
+    single: bool = False  # exactly one positional tensor argument and no keyword arguments
+    link: int | None = None  # the call whose output is this call's input, unchanged since it was returned
+    from_parent: bool = False  # the input is the parent call's input, unchanged
+    to_parent: bool = False  # the output is the last child's output, unchanged (a tensor)
+    mutates: bool = False  # the call changed its input in place (reruns then get a copy)
+
+
+def _record(model: nn.Module, batch: Any, forward: Forward, device: torch.device) -> list[_Call]:
+    """Every module call of one forward pass, in call order, with the links the chains need.
+
+    Identity alone is not enough (an in-place op keeps the object, e.g. a residual ``x += shortcut``
+    on a child's output), so each link also compares the tensor's version counter.
+    """
+    calls: list[_Call] = []
+    stack: list[int] = []
+    seen_in: dict[int, tuple[weakref.ref[torch.Tensor], int]] = {}
+    seen_out: dict[int, tuple[weakref.ref[torch.Tensor], int]] = {}
+    producers: dict[int, tuple[int, weakref.ref[torch.Tensor], int]] = {}
+
+    def same(ref: tuple[Any, int] | None, x: torch.Tensor) -> bool:
+        return ref is not None and ref[0]() is x and ref[1] == x._version
+
+    def pre(mod: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        idx, parent = len(calls), (stack[-1] if stack else None)
+        call = _Call(mod, parent)
+        if len(args) == 1 and not kwargs and isinstance(args[0], torch.Tensor):
+            x = args[0]
+            call.single = True
+            prod = producers.get(id(x))
+            if prod is not None and same(prod[1:], x):
+                call.link = prod[0]
+            call.from_parent = parent is not None and same(seen_in.get(parent), x)
+            seen_in[idx] = (weakref.ref(x), x._version)
+        if parent is not None:
+            calls[parent].children.append(idx)
+        calls.append(call)
+        stack.append(idx)
+
+    def post(mod: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], out: Any) -> None:
+        idx = stack.pop()
+        call = calls[idx]
+        if idx in seen_in:
+            call.mutates = seen_in[idx][1] != args[0]._version
+        if isinstance(out, torch.Tensor):
+            call.to_parent = bool(call.children) and same(seen_out.get(call.children[-1]), out)
+            seen_out[idx] = (weakref.ref(out), out._version)
+            producers[id(out)] = (idx, weakref.ref(out), out._version)
+
+    handles = []
+    for mod in model.modules():
+        handles.append(mod.register_forward_pre_hook(pre, with_kwargs=True))
+        handles.append(mod.register_forward_hook(post, with_kwargs=True))
+    try:
+        forward(model, batch, device)
+    finally:
+        for h in handles:
+            h.remove()
+    return calls
+
+
+@dataclass(frozen=True)
+class _Chain:
+    """A chain call and its units (calls), in order; ``targets[k]`` are the target names of unit ``k``
+    in first-call order, with their call counts."""
+
+    call: int
+    units: list[int]
+    targets: list[list[tuple[str, int]]]
+    record: list[_Call] = field(repr=False, default_factory=list)
+
+
+Step = _Chain | str  # a chain, or a target solved by the fallback (one forward pass stopped at it)
+
+
+def _schedule(
+    calls: list[_Call], names: Mapping[int, str], order: list[str], counts: Mapping[str, int]
+) -> list[Step] | None:
+    """The steps solving ``order`` (target names in first-call order), or None when the cached schedule
+    does not apply (a target called from two units, steps out of the forward order)."""
+    tgt: list[list[str]] = [[] for _ in calls]  # per call: target names called in its subtree, in call order
+    for i in reversed(range(len(calls))):
+        own = names.get(id(calls[i].module))
+        sub = ([own] if own is not None else []) + [n for k in calls[i].children for n in tgt[k]]
+        tgt[i] = sub
+
+    def chainable(i: int) -> bool:
+        c = calls[i]
+        kids = [calls[k] for k in c.children]
+        return (
+            c.single
+            and c.to_parent
+            and id(c.module) not in names
+            and bool(kids)
+            and kids[0].from_parent
+            and all(k.single for k in kids)
+            and all(kids[j].link == c.children[j - 1] for j in range(1, len(kids)))
+        )
+
+    def units(i: int) -> list[int]:
+        out: list[int] = []
+        for k in calls[i].children:
+            out.extend(units(k) if tgt[k] and chainable(k) else [k])
+        return out
+
+    def plan(i: int) -> list[Step]:
+        if not tgt[i]:
+            return []
+        if chainable(i):
+            us = units(i)
+            per_unit = []
+            for u in us:
+                firsts = list(dict.fromkeys(tgt[u]))
+                if any(tgt[u].count(n) != counts[n] for n in firsts):  # some calls happen outside the unit
+                    raise _NotCached
+                per_unit.append([(n, counts[n]) for n in firsts])
+            return [_Chain(i, us, per_unit, calls)]
+        own = names.get(id(calls[i].module))
+        steps: list[Step] = [own] if own is not None else []
+        for k in calls[i].children:
+            steps.extend(plan(k))
+        return steps
+
+    steps: list[Step] = []
+    try:
+        for i, c in enumerate(calls):
+            if c.parent is None:
+                steps.extend(plan(i))
+    except _NotCached:
+        return None
+    flat: list[str] = []
+    for step in steps:
+        flat.extend([step] if isinstance(step, str) else [n for unit in step.targets for n, _ in unit])
+    return steps if flat == order else None
+
+
+class _NotCached(Exception):
+    """A target is called from more than one unit: the cached schedule does not apply."""
+
+
+def _run_unit(mod: nn.Module, x: torch.Tensor, copy: bool) -> Any:
+    return mod(x.clone() if copy else x)
+
+
+def _capture(
+    model: nn.Module, mod: nn.Module, calib: Iterable[Any], forward: Forward, device: torch.device
+) -> list[torch.Tensor] | None:
+    """``mod``'s input on every calibration batch (one forward pass, stopped there), or None if some batch
+    never reaches it."""
+    cache: list[torch.Tensor] = []
+
+    def hook(_m: nn.Module, args: tuple[torch.Tensor, ...]) -> None:
+        cache.append(args[0].detach())
+        raise _Stop
+
+    handle = mod.register_forward_pre_hook(hook)
+    try:
+        for n, batch in enumerate(calib, 1):
+            with contextlib.suppress(_Stop):
+                forward(model, batch, device)
+            if len(cache) != n:
+                return None
+    finally:
+        handle.remove()
+    return cache
 
 
 def _solve_layer(
@@ -189,7 +378,8 @@ def _solve_layer(
     for g in range(groups):
         sl = slice(g * rows, (g + 1) * rows)
         tgt = keep[sl].to(w.device) if keep is not None else target
-        res = obs_prune(w2[sl], acc.h[g].to(w.device), tgt, damp=damp, blocksize=blocksize, guard=guard, refit=refit)
+        h = acc.h[g].to(w.device)  # owned here: the solver may dampen it in place
+        res = obs_prune(w2[sl], h, tgt, damp=damp, blocksize=blocksize, guard=guard, refit=refit, overwrite=True)
         out[sl] = res.weight
         err_mask += res.error_mask
         err_obs += res.error_obs
@@ -199,6 +389,81 @@ def _solve_layer(
         mod.weight.copy_(out.view_as(mod.weight))
     sparsity = float((out == 0).sum()) / max(1, out.numel())
     return LayerResult(name, "reconstructed", err_mask, err_obs, acc.positions, sparsity, fallback, signal=signal)
+
+
+def _plan(
+    model: nn.Module,
+    todo: Mapping[str, nn.Module],
+    calls: Mapping[str, int],
+    first: Any,
+    forward: Forward,
+    device: torch.device,
+) -> list[Step] | None:
+    """The cached schedule's steps for the reached targets, or None (then every target uses the fallback)."""
+    names = {id(mod): name for name, mod in todo.items()}
+    if len(names) != len(todo):  # two names for one module: leave it to the fallback's per-name passes
+        return None
+    return _schedule(_record(model, first, forward, device), names, list(calls), calls)
+
+
+def _run_steps(
+    model: nn.Module,
+    steps: list[Step],
+    todo: Mapping[str, nn.Module],
+    layers: Mapping[str, Target],
+    calls: Mapping[str, int],
+    calib: Iterable[Any],
+    forward: Forward,
+    device: torch.device,
+    solve: Callable[..., LayerResult],
+) -> Iterator[LayerResult]:
+    """Solves the targets step by step, in forward order; yields each layer's result as it is done."""
+
+    def fallback(name: str) -> LayerResult:
+        runs = (functools.partial(forward, model, batch, device) for batch in calib)
+        return solve(name, todo[name], layers[name], _gram(todo[name], calls[name], runs, device))
+
+    for step in steps:
+        if isinstance(step, str):
+            yield fallback(step)
+            continue
+        yield from _run_chain(model, step, todo, layers, calib, forward, device, solve, fallback)
+
+
+def _run_chain(
+    model: nn.Module,
+    chain: _Chain,
+    todo: Mapping[str, nn.Module],
+    layers: Mapping[str, Target],
+    calib: Iterable[Any],
+    forward: Forward,
+    device: torch.device,
+    solve: Callable[..., LayerResult],
+    fallback: Callable[[str], LayerResult],
+) -> Iterator[LayerResult]:
+    """One chain: capture its inputs once, then per unit solve its targets from the cache and advance it."""
+    rec = chain.record
+    cache = _capture(model, rec[chain.call].module, calib, forward, device)
+    if cache is None:  # some batch does not reach the chain: nothing is solved yet, so the fallback is exact
+        for unit in chain.targets:
+            for name, _ in unit:
+                yield fallback(name)
+        return
+    pending: list[_Call] = []  # units passed since the cache was last advanced
+    for u, targets in zip(chain.units, chain.targets, strict=True):
+        if not targets:
+            pending.append(rec[u])
+            continue
+        for k, x in enumerate(cache):  # advance the cache to this unit's input
+            for unit in pending:
+                x = _run_unit(unit.module, x, unit.mutates)
+            cache[k] = x
+        unit = rec[u]
+        for name, count in targets:
+            runs = [functools.partial(_run_unit, unit.module, x, unit.mutates) for x in cache]
+            yield solve(name, todo[name], layers[name], _gram(todo[name], count, runs, device))
+        pending = [unit]
+    cache.clear()
 
 
 def reconstruct(
@@ -212,6 +477,7 @@ def reconstruct(
     forward: Forward | None = None,
     guard: bool = True,
     refit: bool = False,
+    cache: bool = True,
 ) -> ReconstructionReport:
     """Prunes and reconstructs ``layers`` of ``model`` in place, in forward order, from calibration batches.
 
@@ -221,13 +487,16 @@ def reconstruct(
         layers: module name → target: a keep mask (tensor of the weight's shape, kept where ``!= 0``),
             a per-row sparsity in ``[0, 1)``, or N:M as ``NM(n, m)`` / ``(n, m)``.
         calib: re-iterable calibration batches (a DataLoader; tensors or (tensor, label) pairs). It is
-            iterated once per layer, so it must yield the same batches each time.
+            iterated more than once (per chain, per fallback layer), so it must yield the same batches each time.
         damp: relative dampening λ > 0 of the Gram matrices.
         blocksize: columns per lazy-update block.
         device: where the forward passes and the solves run (default: the model's device); the model
             is moved there and back.
         forward: ``forward(model, batch, device)``; default: ``model(batch[0])`` or ``model(batch)``.
         guard: per row, keep the plain mask where the update does worse on the calibration data.
+        refit: per row, the optimum on the chosen mask instead of the schedule's weights (obs.py).
+        cache: the cached schedule (module docstring); False reruns the model up to every layer (the
+            fallback for every layer; same result, about half a forward pass per layer).
 
     Returns:
         per-layer errors before/after, statuses and warnings (layers the forward never reaches are left
@@ -263,14 +532,16 @@ def reconstruct(
     device = torch.device(device) if device is not None else home
     was_training = model.training
     model.to(device).eval()
+    solve = functools.partial(_solve_layer, damp=damp, blocksize=blocksize, guard=guard, refit=refit)
     try:
         with torch.no_grad():
             calls = _first_calls(model, todo, first, forward, device)
-            for name in progress(list(calls), total=len(calls), description="obs reconstruction"):
-                acc = _gram(model, todo[name], calls[name], calib, forward, device)
-                report.layers[name] = _solve_layer(
-                    name, todo[name], layers[name], acc, damp=damp, blocksize=blocksize, guard=guard, refit=refit
-                )
+            steps = _plan(model, todo, calls, first, forward, device) if cache else None
+            if steps is None:
+                steps = list(calls)
+            run = _run_steps(model, steps, todo, layers, calls, calib, forward, device, solve)
+            for res in progress(run, total=len(calls), description="obs reconstruction"):
+                report.layers[res.name] = res
     finally:
         model.train(was_training)
         model.to(home)
