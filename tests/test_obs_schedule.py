@@ -1,0 +1,211 @@
+"""The cached schedule of ``reconstruct`` against the uncached one (docs/obs.md, "Sequential"), and the
+precision of the float32 Gram products.
+
+The uncached path (``cache=False``) reruns the whole model up to every layer; it is the independent
+reference: both must solve every layer from the inputs of the already reconstructed prefix, so they give
+the same weights. Hook-based call counts show which path actually ran.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+from prunecli.reconstruction import NM, GramAccumulator, reconstruct
+from prunecli.reconstruction.hessian import BLOCK
+
+DT = torch.float64
+
+
+def _calls(module: nn.Module) -> list[int]:
+    """A counter of ``module``'s calls (a forward pre-hook that stays registered)."""
+    seen = [0]
+
+    def count(_m: nn.Module, _a: object) -> None:
+        seen[0] += 1
+
+    module.register_forward_pre_hook(count)
+    return seen
+
+
+def _both(model: nn.Module, targets: dict[str, object], calib: list[torch.Tensor], probe: str) -> tuple:
+    """Reconstructs two copies, cached and uncached; returns the models, reports and ``probe``'s call counts."""
+    cached, plain = copy.deepcopy(model), copy.deepcopy(model)
+    n_cached, n_plain = _calls(cached.get_submodule(probe)), _calls(plain.get_submodule(probe))
+    rc = reconstruct(cached, targets, calib)
+    rp = reconstruct(plain, targets, calib, cache=False)
+    return cached, plain, rc, rp, n_cached[0], n_plain[0]
+
+
+def _assert_same(a: nn.Module, b: nn.Module, atol: float) -> None:
+    for (name, x), y in zip(a.state_dict().items(), b.state_dict().values(), strict=True):
+        assert torch.allclose(x, y, rtol=0, atol=atol), (name, float((x - y).abs().max()))
+
+
+class Bottleneck(nn.Module):
+    """A residual block whose sum is written in place into a child's output (``out += x``): the child's
+    output object goes on to the next layer, but its value has changed, so the block is not a chain."""
+
+    def __init__(self, c: int) -> None:
+        super().__init__()
+        self.conv1, self.act = nn.Conv2d(c, c, 3, padding=1), nn.ReLU()
+        self.conv2 = nn.Conv2d(c, c, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.conv1(x)
+        out += x
+        return self.conv2(self.act(out))
+
+
+def _resnet_like() -> nn.Module:
+    return nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1),
+        nn.ReLU(inplace=True),  # changes its (cached) input in place: reruns must not see a modified cache
+        Bottleneck(8),
+        Bottleneck(8),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(8, 4),
+    )
+
+
+def test_residual_model_cached_equals_uncached() -> None:
+    torch.manual_seed(0)
+    model = _resnet_like().double().eval()
+    calib = [torch.randn(4, 3, 6, 6, dtype=DT) for _ in range(3)]
+    before = [x.clone() for x in calib]
+    names = ["0", "2.conv1", "2.conv2", "3.conv1", "3.conv2", "6"]
+    targets = dict(zip(names, [0.5, NM(2, 4), 0.7, 0.5, NM(2, 4), 0.5], strict=True))
+    cached, plain, rc, rp, n_cached, n_plain = _both(model, targets, calib, "0")
+    assert [r.status for r in rc.layers.values()] == ["reconstructed"] * len(names)
+    assert list(rc.layers) == list(rp.layers) == names
+    # float64 model, the same operations on the same inputs: equal up to rounding of a well-conditioned solve
+    _assert_same(cached, plain, atol=1e-9)
+    for name in names:
+        assert rc.layers[name].error_obs == pytest.approx(rp.layers[name].error_obs, rel=1e-9, abs=1e-12)
+    # the first layer runs 1 (the call order) + 3 batches × 6 layers uncached;
+    # cached: 2 (call order, recording) + 3 (its own solve) + 3 (advancing the cache past it)
+    assert n_plain == 1 + 3 * len(names)
+    assert n_cached == 2 + 3 + 3
+    assert all(torch.equal(x, y) for x, y in zip(calib, before, strict=True))  # the batches are not touched
+
+
+def test_inplace_residual_is_not_taken_for_a_chain() -> None:
+    """Bottleneck's conv1 output is passed on by identity after ``out += x``; a chain built on identity
+    alone would drop the residual. Its layers are solved inside the block, rerun on the cached input."""
+    torch.manual_seed(1)
+    model = nn.Sequential(Bottleneck(4), nn.Flatten(), nn.Linear(4 * 25, 3)).double().eval()
+    calib = [torch.randn(5, 4, 5, 5, dtype=DT) for _ in range(2)]
+    targets = {"0.conv1": 0.5, "0.conv2": 0.5, "2": 0.5}
+    cached, plain, *_ = _both(model, targets, calib, "0.conv1")
+    _assert_same(cached, plain, atol=1e-9)
+
+
+def test_vit_blocks_cached_equals_uncached() -> None:
+    import timm
+
+    from prunecli.prunable import prunable_layers
+
+    torch.manual_seed(2)
+    model = timm.create_model(
+        "vit_tiny_patch16_224", pretrained=False, num_classes=5, img_size=32, patch_size=8, depth=2
+    ).eval()
+    calib = [torch.randn(3, 3, 32, 32) for _ in range(2)]
+    names = list(prunable_layers(model))
+    cached, plain, rc, _rp, n_cached, n_plain = _both(model, dict.fromkeys(names, 0.5), calib, "patch_embed.proj")
+    assert [r.status for r in rc.layers.values()] == ["reconstructed"] * len(names)
+    # the blocks are a chain: patch_embed runs for its own solve, the chain's capture and the head's fallback
+    assert n_plain == 1 + 2 * len(names)
+    assert n_cached == 2 + 3 * 2
+    # float32 model: the same kernels on the same inputs; allow rounding differences of float32 GEMMs
+    with torch.no_grad():
+        x = torch.randn(4, 3, 32, 32)
+        ref = plain(x)
+        assert float((cached(x) - ref).abs().max()) <= 1e-4 * float(ref.abs().max())
+
+
+class Shared(nn.Module):
+    """Two units of a chain use the same Linear: its Gram matrix needs both calls, which no single unit
+    sees, so the whole model falls back to the uncached schedule."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        lin = nn.Linear(6, 6)
+        self.body = nn.Sequential(nn.Linear(6, 6), _Apply(lin), nn.Tanh(), _Apply(lin), nn.Linear(6, 2))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.body(x)
+
+
+class _Apply(nn.Module):
+    def __init__(self, lin: nn.Linear) -> None:
+        super().__init__()
+        self.lin = lin
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.lin(x)
+
+
+def test_layer_called_from_two_units_falls_back() -> None:
+    torch.manual_seed(3)
+    model = Shared().double().eval()
+    calib = [torch.randn(8, 6, dtype=DT) for _ in range(2)]
+    targets = {"body.0": 0.5, "body.1.lin": 0.5, "body.4": 0.5}
+    cached, plain, rc, _rp, n_cached, n_plain = _both(model, targets, calib, "body.0")
+    assert rc.layers["body.1.lin"].positions == 2 * 2 * 8  # both calls of both batches
+    assert n_cached == n_plain + 1  # the fallback, plus the one recording pass that found it out
+    _assert_same(cached, plain, atol=1e-9)
+
+
+class Skips(nn.Module):
+    """A chain whose middle unit never calls one of its layers (``skip``): unreached, left unchanged."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.body = nn.Sequential(nn.Linear(6, 8), _Half(), nn.Linear(8, 3))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.body(x)
+
+
+class _Half(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.used, self.skip = nn.Linear(8, 8), nn.Linear(8, 8)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.relu(self.used(x)) + x
+
+
+def test_skipped_layer_in_a_chain() -> None:
+    torch.manual_seed(4)
+    model = Skips().double().eval()
+    calib = [torch.randn(8, 6, dtype=DT) for _ in range(3)]
+    targets = {"body.0": 0.5, "body.1.used": 0.5, "body.1.skip": 0.5, "body.2": (2, 4)}
+    cached, plain, rc, rp, n_cached, n_plain = _both(model, targets, calib, "body.0")
+    assert rc.layers["body.1.skip"].status == rp.layers["body.1.skip"].status == "unreached"
+    assert torch.equal(cached.body[1].skip.weight, model.body[1].skip.weight)
+    assert n_cached == 2 + 3 + 3 < n_plain
+    _assert_same(cached, plain, atol=1e-9)
+
+
+def test_float32_gram_within_the_stated_bound() -> None:
+    """Float32 block products summed in float64: every entry within ``(k+2)·u·Σ|x_i||x_j|`` of the exact sum
+    (``k`` products per float32 dot product, ``u = 2⁻²⁴``; the float64 sum adds ~1e-16, the +2 covers it)."""
+    torch.manual_seed(5)
+    layer = nn.Linear(12, 3)
+    n = BLOCK + 1000  # two blocks, the second one partial
+    x = (torch.randn(n, 12) * torch.logspace(-2, 2, 12)).float()
+    acc = GramAccumulator(layer)
+    acc.add(x)
+    x64 = x.double()
+    exact = x64.T @ x64
+    bound = (BLOCK + 2) * 2.0**-24 * (x64.abs().T @ x64.abs())
+    err = (acc.h[0] - exact).abs()
+    assert bool((err <= bound).all())
+    # the float32 path really ran: float64 products would be off by ~1e-16 of Σ|x_i||x_j|, float32 ones by ~1e-7
+    assert float((err / (x64.abs().T @ x64.abs())).max()) > 1e-10
+    assert acc.h.dtype == DT and acc.positions == n
