@@ -19,7 +19,7 @@ import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 from torch import nn
@@ -32,7 +32,11 @@ from prunecli.checkpoint.sources import Source, SourceKind, resolve_source
 from prunecli.checkpoint.validate import check_folder_config, manifest_from_header
 from prunecli.errors import CheckpointError
 
-__all__ = ["LOADERS", "STATE_LOADERS", "Loaded", "check_finite", "load_checkpoint", "load_state_dict"]
+__all__ = [
+    "LOADERS", "STATE_LOADERS", "TIMM", "LoadOptions", "Loaded", "Registry", "bare_manifest", "check_finite",
+    "folder_arch", "folder_manifest", "load_checkpoint", "load_state_dict", "read_folder_config", "read_torch_state",
+    "read_weights",
+]  # fmt: skip
 
 
 @dataclass
@@ -99,7 +103,7 @@ def _strip_prefix(sd: Mapping[str, Any]) -> dict[str, torch.Tensor]:
     return out
 
 
-def _read_weights(path: Path) -> dict[str, torch.Tensor]:
+def read_weights(path: Path) -> dict[str, torch.Tensor]:
     """A weights file of a folder or the hub cache: safetensors, else a torch state dict."""
     return read_safetensors(path) if path.suffix == ".safetensors" else _strip_prefix(_torch_load(path))
 
@@ -145,24 +149,85 @@ def _prunecli_state(source: Source, opts: LoadOptions) -> tuple[dict[str, torch.
     return read_safetensors(source.weights), manifest
 
 
-def _hf_folder_state(source: Source, opts: LoadOptions) -> tuple[dict[str, torch.Tensor], Manifest]:
-    """A timm Hugging Face folder: ``config.json`` names the architecture and its configs."""
-    from prunecli.models import default_pretrained_cfg, split_arch
+class Registry(Protocol):
+    """timm's two answers that a third-party file's manifest needs (:data:`TIMM`; the layer-table cache
+    answers them from an entry on the fast path, :mod:`prunecli.checkpoint.table_cache`)."""
 
-    assert source.folder is not None and source.weights is not None
+    def check(self, name: str) -> None:
+        """Raises UnknownNameError unless ``name`` (``arch[.tag]``) is a registered architecture."""
+        ...
+
+    def pretrained_cfg(self, name: str) -> dict[str, Any]:
+        """The architecture's default ``pretrained_cfg`` (for inputs that do not carry their own)."""
+        ...
+
+
+class _Timm:
+    def check(self, name: str) -> None:
+        from prunecli.models import split_arch
+
+        split_arch(name)
+
+    def pretrained_cfg(self, name: str) -> dict[str, Any]:
+        from prunecli.models import default_pretrained_cfg
+
+        return default_pretrained_cfg(name)
+
+
+TIMM: Registry = _Timm()
+"""The registry the model path asks (imports timm)."""
+
+
+def read_folder_config(source: Source) -> dict[str, Any]:
+    """A timm folder's ``config.json``, read and checked (torch- and timm-free)."""
+    assert source.folder is not None
     try:
         config = json.loads((source.folder / "config.json").read_text())
     except (OSError, json.JSONDecodeError) as exc:
         raise CheckpointError(f"{source.folder / 'config.json'}: unreadable ({exc.__class__.__name__})") from None
-    check_folder_config(config, source.spec)
+    return check_folder_config(config, source.spec)
+
+
+def folder_arch(source: Source, opts: LoadOptions, config: Mapping[str, Any]) -> str:
+    """The architecture a folder is built as: ``--arch``, else its ``config.json``'s."""
     name = opts.arch or config.get("architecture")
     if not name:
         raise CheckpointError(f"{source.spec}: config.json names no 'architecture'", hint="pass --arch")
-    base, _ = split_arch(name)
-    cfg = dict(config.get("pretrained_cfg") or default_pretrained_cfg(name))
-    sd = _read_weights(source.weights)
+    return str(name)
+
+
+def folder_manifest(source: Source, opts: LoadOptions, config: Mapping[str, Any], registry: Registry) -> Manifest:
+    """The manifest of a timm Hugging Face folder: ``config.json`` names the architecture and its configs."""
+    name = folder_arch(source, opts, config)
+    registry.check(name)
+    base = name.partition(".")[0]
+    cfg = dict(config.get("pretrained_cfg") or registry.pretrained_cfg(name))
     n = opts.num_classes or config.get("num_classes") or cfg.get("num_classes")
-    return sd, Manifest(base, n, dict(config.get("model_args") or {}), cfg)
+    return Manifest(base, n, dict(config.get("model_args") or {}), cfg)
+
+
+def bare_manifest(
+    source: Source, opts: LoadOptions, sd: Mapping[str, torch.Tensor], file_arch: str | None, registry: Registry
+) -> Manifest:
+    """The manifest of a state dict that does not describe itself: ``--arch`` (or the file's own arch name) decides."""
+    name = opts.arch or file_arch
+    if not name:
+        raise CheckpointError(
+            f"{source.spec}: a bare state dict does not say its architecture",
+            hint="pass --arch NAME (and --num-classes N if the head differs from the default)",
+        )
+    registry.check(name)
+    base = name.partition(".")[0]
+    cfg = registry.pretrained_cfg(name)
+    n = opts.num_classes or _num_classes_from(sd, cfg) or cfg.get("num_classes")
+    return Manifest(base, n, {}, cfg)
+
+
+def _hf_folder_state(source: Source, opts: LoadOptions) -> tuple[dict[str, torch.Tensor], Manifest]:
+    """A timm Hugging Face folder: the manifest from ``config.json``, then the weights."""
+    assert source.folder is not None and source.weights is not None
+    manifest = folder_manifest(source, opts, read_folder_config(source), TIMM)
+    return read_weights(source.weights), manifest
 
 
 def _bare_safetensors(source: Source, opts: LoadOptions) -> tuple[dict[str, torch.Tensor], str | None]:
@@ -171,7 +236,7 @@ def _bare_safetensors(source: Source, opts: LoadOptions) -> tuple[dict[str, torc
     return read_safetensors(source.weights), None
 
 
-def _bare_torch(source: Source, opts: LoadOptions) -> tuple[dict[str, torch.Tensor], str | None]:
+def read_torch_state(source: Source, opts: LoadOptions) -> tuple[dict[str, torch.Tensor], str | None]:
     """A torch state dict, or a timm ``train.py`` checkpoint (which also names its architecture)."""
     assert source.weights is not None
     obj = _torch_load(source.weights)
@@ -197,27 +262,16 @@ def _bare_state(
     source: Source,
     opts: LoadOptions,
 ) -> tuple[dict[str, torch.Tensor], Manifest]:
-    """A state dict that does not describe itself: ``--arch`` (or the file's own arch name) decides."""
-    from prunecli.models import default_pretrained_cfg, split_arch
-
+    """A state dict that does not describe itself (:func:`bare_manifest`)."""
     sd, file_arch = read(source, opts)
-    name = opts.arch or file_arch
-    if not name:
-        raise CheckpointError(
-            f"{source.spec}: a bare state dict does not say its architecture",
-            hint="pass --arch NAME (and --num-classes N if the head differs from the default)",
-        )
-    base, _ = split_arch(name)
-    cfg = default_pretrained_cfg(name)
-    n = opts.num_classes or _num_classes_from(sd, cfg) or cfg.get("num_classes")
-    return sd, Manifest(base, n, {}, cfg)
+    return sd, bare_manifest(source, opts, sd, file_arch, TIMM)
 
 
 STATE_LOADERS: dict[SourceKind, StateLoader] = {
     SourceKind.PRUNECLI: _prunecli_state,
     SourceKind.HF_FOLDER: _hf_folder_state,
     SourceKind.SAFETENSORS: functools.partial(_bare_state, _bare_safetensors),
-    SourceKind.TORCH: functools.partial(_bare_state, _bare_torch),
+    SourceKind.TORCH: functools.partial(_bare_state, read_torch_state),
 }
 
 
@@ -277,7 +331,7 @@ def _load_timm_cache(source: Source, opts: LoadOptions) -> Loaded:
             config = check_folder_config(json.loads((weights.parent / "config.json").read_text()), source.spec)
         except (OSError, json.JSONDecodeError, CheckpointError):
             config = {}  # the hub's config is optional here: timm's own pretrained_cfg decides
-    sd = _read_weights(weights)
+    sd = read_weights(weights)
     n = _num_classes_from(sd, cfg) or config.get("num_classes") or cfg.get("num_classes")
     if num_classes and num_classes != n:
         raise CheckpointError(
