@@ -801,9 +801,11 @@ class PruneRequest(ModelCommand):
 # ----------------------------------------------------------------------------------------- restore
 
 _RESTORE_METHODS_HELP = (
-    "Restoration method: lbyl (LBYL closed form, data-free), merge (Neuron Merging), lstsq (ridge "
-    "refit of the consumers on --data), bn (BatchNorm re-estimation on --data); join with + to chain (lbyl+bn). "
-    "Default: lstsq+bn with --data (lstsq without BatchNorms), lbyl without."
+    "Restoration method. Channel-pruned checkpoints: lbyl (LBYL closed form, data-free), merge (Neuron Merging), "
+    "lstsq (ridge refit of the consumers on --data), bn (BatchNorm re-estimation on --data). Masked (unstructured, "
+    "N:M) checkpoints: obs (OBS/SparseGPT refit of the kept weights to the dense parent on --data, masks kept), bn. "
+    "Join with + to chain (lbyl+bn, obs+bn). Default: lstsq+bn with --data (lstsq without BatchNorms), lbyl "
+    "without; obs+bn (obs) for a masked checkpoint."
 )
 
 
@@ -821,7 +823,7 @@ class RestoreRequest(ModelCommand):
                              "and after.", show_default=False)  # fmt: skip
     params: Mapping[str, str] = params_option(
         "Method (lbyl lambda1, lambda2, mode=math|compat; merge threshold, lambda, mode; lstsq ridge, samples; "
-        "bn samples, scope=downstream|all, exact=true|false)"
+        "bn samples, scope=downstream|all, exact=true|false; obs damp, blocksize, refit=true|false, samples)"
     )
     force: bool = force_option()
     runtime: Runtime = piece(Runtime, batch_size=64)

@@ -90,10 +90,12 @@ def prune(req: PruneRequest) -> Result:
     from prunecli.checkpoint.writer import check_output
 
     out, force, run = req.output, req.force, req.runtime
-    if req.method is not None:
-        from prunecli.criteria import check_params
+    criterion_params = _check_params(req)
+    if req.reconstruct:
+        from prunecli import distributed as D
+        from prunecli.device import resolve_device
 
-        check_params(req.method, req.params)
+        D.init(resolve_device(run.device))  # under torchrun: each process solves from its calibration shard
     scores_path = Path(req.scores).expanduser().resolve() if req.scores is not None else None
     if scores_path is not None and not scores_path.is_file():
         raise InputError(f"scores file {str(req.scores)!r} does not exist")
@@ -102,8 +104,10 @@ def prune(req: PruneRequest) -> Result:
     target = _open_target(req, scores_path)  # 1. load
     check_output(out, force=force, inputs=[target.loaded.source.path, target.loaded.source.weights, scores_path])
     job = _Job.create(req, target, scores_path)
-    _score(req, job)  # 2. score
+    _score(req, job, criterion_params)  # 2. score
     engine = _ENGINES[req.kind]
+    if req.reconstruct:  # the criterion's plan gives the per-layer targets; the solver chooses the mask
+        engine = _RECONSTRUCTORS[req.reconstruct](engine)
     before = _before(job) if req.dry_run else None
     searched = _to_target(engine, job) if req.target is not None else None  # --target: the ratio is searched for
     plan = searched.plan if searched is not None else engine.plan(job)  # 3. plan
@@ -122,11 +126,51 @@ def prune(req: PruneRequest) -> Result:
     provenance = {"scores_sha256": file_sha256(scores_path) if scores_path else None}  # 5. save
     target.finish()  # the lineage names the input's digest
     state, transform = target.to_save()
-    path, sha = save_output(
-        out, state, target.loaded, command="prune", options=req.to_json(), force=force, manifest=manifest,
-        transform=transform, provenance=provenance,
-    )  # fmt: skip
+    from prunecli import distributed as D
+
+    written = None
+    if D.is_main():  # under torchrun (--reconstruct shards its calibration data) only rank 0 writes
+        written = save_output(
+            out, state, target.loaded, command="prune", options=req.to_json(), force=force, manifest=manifest,
+            transform=transform, provenance=provenance,
+        )  # fmt: skip
+    path, sha = D.broadcast_object(written)
     return Result(checkpoint=path, sha256=sha, metrics=metrics, device=dev)
+
+
+def _check_params(req: PruneRequest) -> dict[str, str]:
+    """Refuses unknown or repeated ``-p`` keys and bad reconstruction values; returns the criterion's keys.
+
+    With ``--reconstruct obs`` the valid keys are the criterion's plus the solver's (``damp``,
+    ``blocksize``, ``samples``, ``refit``); the solver's are split off here and read by the engine.
+    """
+    from prunecli.requests import KeyValues
+
+    kv = KeyValues.of(req.params)
+    if not req.reconstruct:
+        if req.method is not None:
+            from prunecli.criteria import check_params
+
+            check_params(req.method, kv)
+        return dict(kv)
+    from prunecli.reconstruction.joint import PRUNE_DEFAULTS, obs_params
+
+    own: list[str] = []
+    if req.method is not None:
+        from prunecli.criteria import CRITERIA, option_help
+
+        own = list(option_help(CRITERIA.get(req.method).Options))
+    what = (
+        f"method {req.method!r} with --reconstruct {req.reconstruct}"
+        if req.method
+        else f"--reconstruct {req.reconstruct}"
+    )
+    kv.check([*own, *PRUNE_DEFAULTS], what)
+    obs_params(kv)  # converted and checked before any work
+    if not req.data:
+        raise InputError(f"--reconstruct {req.reconstruct} needs calibration data",
+                         hint="pass --data SPEC (e.g. --data digits:train)")  # fmt: skip
+    return {k: v for k, v in kv.items() if k not in PRUNE_DEFAULTS or k in own}
 
 
 # ------------------------------------------------------------------------------------------------ 1. load
@@ -274,7 +318,12 @@ class _TableTarget:
 
 
 def _open_target(req: PruneRequest, scores_path: Path | None) -> PruneTarget:
-    """The table target when the run allows the fast path (:mod:`prunecli.pruning.fast_input`), else the model."""
+    """The table target when the run allows the fast path (:mod:`prunecli.pruning.fast_input`), else the model.
+
+    ``--reconstruct`` always takes the model path: the solver runs the model on calibration data.
+    """
+    if req.reconstruct:
+        return _ModelTarget(load_input(req.checkpoint, req.source))
     fast = fast_input(
         req.checkpoint,
         kind=req.kind,
@@ -406,10 +455,13 @@ def _select_layers(
 # ------------------------------------------------------------------------------------------------ 2. score
 
 
-def _score(req: PruneRequest, job: _Job) -> None:
-    """Computes the scores in process when neither a scores file nor magnitude-on-the-fly gives them."""
+def _score(req: PruneRequest, job: _Job, params: Mapping[str, str]) -> None:
+    """Computes the scores in process when neither a scores file nor magnitude-on-the-fly gives them.
+
+    ``params``: the criterion's ``-p`` keys (``--reconstruct``'s own keys taken out).
+    """
     name = job.method
-    if job.sf is not None or (name.lower() in MAGNITUDE and (req.kind != "channel" or not req.params)):
+    if job.sf is not None or (name.lower() in MAGNITUDE and (req.kind != "channel" or not params)):
         return
     try:
         from prunecli.scoring import compute_scores
@@ -423,7 +475,7 @@ def _score(req: PruneRequest, job: _Job) -> None:
         data_options=req.transforms,
         batches=req.batches,
         fraction=req.fraction,
-        params=dict(req.params),
+        params=dict(params),
         device=run.device,
         batch_size=run.batch_size,
         workers=run.workers,
@@ -625,6 +677,118 @@ class _Channel:
 
     def report(self, plan: Any, before: Mapping[str, int] | None, metrics: Mapping[str, Any]) -> dict[str, Any]:
         return {**plan.summary(), **{k: metrics[k] for k in ("params_nonzero", "macs_nonzero")}}
+
+
+class _Obs:
+    """``--reconstruct obs``: the mask chosen jointly with OBS/SparseGPT updates of the kept weights (docs/obs.md).
+
+    Wraps the structure's engine: its plan (the criterion's, exactly as without ``--reconstruct``) gives
+    each layer's target — the fraction of the layer the plan removes (so ``--scope global`` keeps the
+    criterion's global ranking of layers, and ``--layer-ratio``/``--exclude``/the head rule hold), or N:M —
+    and :func:`prunecli.reconstruction.reconstruct` then chooses the mask and the updates layer by layer in
+    forward order on the calibration images. Layers the calibration forward never reaches (or that the
+    solver cannot handle) get the criterion's plain mask from the plan, with a warning. A dry run applies
+    the plan without the solve and reports what the solve would remove.
+    """
+
+    def __init__(self, base: _Engine) -> None:
+        self.base = base
+
+    def plan(self, job: _Job) -> Any:
+        return self.base.plan(job)
+
+    def report(self, plan: Any, before: Mapping[str, int] | None, metrics: Mapping[str, Any]) -> dict[str, Any]:
+        return self.base.report(plan, before, metrics)
+
+    def apply(self, job: _Job, plan: Any, *, restore: bool) -> tuple[dict[str, Any], Any]:
+        import time
+
+        from prunecli.device import resolve_device
+        from prunecli.reconstruction import reconstruct
+        from prunecli.reconstruction.joint import layer_rows, obs_params, predicted_zeros, summary, targets_from_plan
+
+        p = obs_params(job.req.params)
+        targets = targets_from_plan(plan, job.req.nm)
+        model = job.target.loaded.model
+        modules = dict(model.named_modules())
+        shown = {n: (f"{t.n}:{t.m}" if not isinstance(t, float) else t) for n, t in targets.items()}
+        if not restore:  # dry run: the criterion's plan in memory, no solve
+            metrics, manifest = self.base.apply(job, plan, restore=False)
+            metrics["reconstruct"] = {
+                "method": "obs", "solved": False, "params": p, "targets": shown,
+                "removed_by_solver": {n: predicted_zeros(modules[n].weight, t) for n, t in targets.items()},
+            }  # fmt: skip
+            return metrics, manifest
+        calib, images = self._calibration(job, int(p["samples"]))
+        zeros_before = {n: int((modules[n].weight == 0).sum()) for n in targets}
+        start = time.perf_counter()
+        report = reconstruct(model, targets, calib, damp=float(p["damp"]), blocksize=int(p["blocksize"]),
+                             device=resolve_device(job.req.runtime.device), refit=bool(p["refit"]))  # fmt: skip
+        model.cpu()
+        seconds = round(time.perf_counter() - start, 4)
+        rows = layer_rows(report)
+        left = [n for n, r in rows.items() if r["status"] != "reconstructed"]
+        removed = self._plain(job, plan, [f"{n}.weight" for n in left])
+        for n in targets:
+            rows[n]["target"] = shown[n]
+            if n in left:
+                rows[n]["note"] = f"{rows[n].get('note', '')}; pruned with the plan's mask, not reconstructed"
+            else:
+                removed[f"{n}.weight"] = max(0, int((modules[n].weight == 0).sum()) - zeros_before[n])
+        for message in report.warnings:
+            _LOG.warning("--reconstruct obs: %s", message)
+        removed.update({lp.name: 0 for lp in plan.layers if lp.name not in removed})
+        trace = job.trace()
+        if job.req.nm is not None:
+            n_, m_ = job.req.nm
+            job.selected = [s for s in job.selected if s not in plan.skipped]
+            metrics, manifest = _finish(job, trace, removed, (m_ - n_) / m_, None)
+            metrics["nm_skipped"] = list(plan.skipped)
+        else:
+            sizes = sum(w.numel() for n, w in job.target.weights().items() if n in job.selected)
+            metrics, manifest = _finish(job, trace, removed, sum(s.k for s in plan.scopes) / max(sizes, 1), None)
+        metrics["reconstruct"] = {
+            "method": "obs", "solved": True, "params": p, "calib_samples": images, "layers": rows,
+            "warnings": list(report.warnings), "reconstruct_s": seconds, **summary(rows),
+        }  # fmt: skip
+        return metrics, manifest
+
+    def _calibration(self, job: _Job, samples: int) -> tuple[list[Any], int]:
+        """This process's calibration batches (its shard under torchrun) and the images over all processes."""
+        from prunecli import distributed as D
+        from prunecli.data import load_data, make_loader
+        from prunecli.reconstruction.joint import calibration, shard
+
+        req, run = job.req, job.req.runtime
+        assert req.data is not None  # _check_params
+        ds, _ = load_data(req.data, job.target.loaded, req.transforms, default_split="train")
+        loader = make_loader(ds, batch_size=run.batch_size, workers=run.workers, shuffle=True, seed=run.seed)
+        batches = calibration(loader, samples)
+        return shard(batches, D.rank(), D.world_size()), sum(len(b) for b in batches)
+
+    def _plain(self, job: _Job, plan: Any, names: list[str]) -> dict[str, int]:
+        """The plan's own (criterion) mask on ``names`` only: the same weights the full plan removes there."""
+        from prunecli.pruning.plan import UnstructuredPlan
+
+        if not names:
+            return {}
+        weights = job.target.weights()
+        layers = tuple(lp for lp in plan.layers if lp.name in names)
+        if job.req.nm is not None:
+            from prunecli.pruning.nm import apply_nm
+
+            scopes = tuple(sc for sc in plan.scopes if sc.names[0] in names)
+            return apply_nm(weights, job.score_of(), UnstructuredPlan(plan.structure, scopes, layers))
+        from prunecli.pruning.unstructured import Scope, apply_unstructured, plan_unstructured
+
+        # per layer, the plan's count: its k smallest keys are the weights a shared threshold takes there
+        scopes = [Scope((lp.name,), lp.removed, lp.sparsity) for lp in layers]
+        sub = plan_unstructured({lp.name: weights[lp.name] for lp in layers}, job.score_of(), scopes)
+        return apply_unstructured(weights, job.score_of(), sub)
+
+
+_RECONSTRUCTORS: dict[str, Callable[[_Engine], _Engine]] = {"obs": _Obs}
+"""``--reconstruct`` method → the engine wrapper that runs it after the structure's plan."""
 
 
 # ------------------------------------------------------------------------------------------------ --target

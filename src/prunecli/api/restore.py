@@ -1,6 +1,11 @@
-"""``prunecli restore``: training-free restoration after channel pruning (paper B; docs/restoration.md).
+"""``prunecli restore``: training-free restoration after pruning (paper B, docs/restoration.md; OBS, docs/obs.md).
 
-Two entry points:
+A channel-pruned checkpoint is restored by ``lbyl``, ``merge``, ``lstsq``, ``bn``; a masked one
+(unstructured or N:M, ``manifest.masked``) by ``obs`` (its surviving weights refit to the dense parent's
+layer outputs, masks kept exactly) and ``bn``. Which methods apply to which kind is declared in the
+registry (``Restorer.kinds``); the kind is read from the checkpoint's manifest.
+
+Three entry points:
 
 ``restore(spec, *, method, dense=None, data=None, val=None, params={}, out, force=False, ...) -> Result``
     The subcommand: reads a channel-pruned checkpoint, finds its dense parent through the lineage (the
@@ -18,8 +23,12 @@ device="cpu", example_input=None) -> RestoreReport``
     ``example_input`` is one input batch for tracing (default: the first calibration batch, else
     ``dense_model.pretrained_cfg["input_size"]``). ``RestoreReport.metrics()`` is what the record shows.
 
-``method`` is a registry name (``lbyl``, ``merge``, ``lstsq``, ``bn``) or several joined by ``+``
-(``lbyl+bn``), applied in order.
+``restore_masked_model(pruned_model, dense_model, masked, method="obs", *, params=None, calib=None, val=None,
+device="cpu") -> MaskedRestoreReport``
+    The same for a masked model (``obs``, ``bn``, ``obs+bn``); ``masked`` is ``manifest.masked``.
+
+``method`` is a registry name (``lbyl``, ``merge``, ``lstsq``, ``bn``, ``obs``) or several joined by ``+``
+(``lbyl+bn``, ``obs+bn``), applied in order.
 """
 
 from __future__ import annotations
@@ -36,7 +45,7 @@ from prunecli.errors import CheckpointError, InputError
 from prunecli.record import Result
 from prunecli.requests import KeyValues, RestoreRequest
 
-__all__ = ["RestoreReport", "restore", "restore_model"]
+__all__ = ["MaskedRestoreReport", "RestoreReport", "restore", "restore_masked_model", "restore_model"]
 
 _RECON_BATCHES = 4  # calibration batches used for the per-layer reconstruction errors
 
@@ -142,11 +151,12 @@ def restore_model(
     """
     import torch
 
-    from prunecli.restoration import parse_methods, resolve_params
+    from prunecli.restoration import check_kind, parse_methods, resolve_params
     from prunecli.restoration.core import RestoreContext, channel_plan, pruned_producers, reconstruction_errors
     from prunecli.restoration.graph import find_pairs
 
     methods = parse_methods(method)
+    check_kind(methods, "channel", "the model")
     resolved = resolve_params(methods, params)
     plan = channel_plan(structure)
     producers = pruned_producers(plan)
@@ -319,7 +329,11 @@ def _prune_step(lineage: list[dict[str, Any]]) -> tuple[int, dict[str, Any]] | N
 
 
 def restore(req: RestoreRequest) -> Result:
-    """Restores a channel-pruned checkpoint (written by ``prune --structure channel``) and writes OUT.
+    """Restores a channel-pruned or masked checkpoint and writes OUT.
+
+    A masked checkpoint (unstructured/N:M) takes ``obs``, ``bn`` or ``obs+bn`` (default ``obs+bn`` with
+    BatchNorms, else ``obs``; data needed) and goes to :func:`restore_masked_model`; the rest of this
+    paragraph is about channel-pruned checkpoints (written by ``prune --structure channel``).
 
     ``req.method`` is ``lbyl``, ``merge``, ``lstsq``, ``bn``, or several joined by ``+``; None (the
     default) follows from the data: ``lstsq+bn`` with ``req.data`` (``lstsq`` without BatchNorms), else
@@ -338,13 +352,14 @@ def restore(req: RestoreRequest) -> Result:
     from prunecli.checkpoint.writer import check_output
     from prunecli.data import make_loader
     from prunecli.device import describe, resolve_device, seed_everything
-    from prunecli.restoration import default_method, parse_methods, resolve_params
+    from prunecli.restoration import check_kind, default_method, parse_methods, resolve_params
 
     spec, out, force, opts, run = req.checkpoint, req.output, req.force, req.source, req.runtime
     method = req.method or default_method(None, bool(req.data))  # refined once the model is loaded
     methods = parse_methods(method)
-    KeyValues.of(req.params).check([k for m in methods for k in m.params], method)
-    resolve_params(methods, req.params)  # convert and validate the values before any work
+    if req.method is not None:  # the default's keys are checked once the checkpoint tells which default
+        KeyValues.of(req.params).check([k for m in methods for k in m.params], method)
+        resolve_params(methods, req.params)  # convert and validate the values before any work
     needs_data = [m.name for m in methods if m.needs_data]
     if needs_data and not req.data:
         raise InputError(f"{needs_data[0]} needs calibration data", hint="pass --data SPEC (e.g. --data digits:train)")
@@ -355,17 +370,25 @@ def restore(req: RestoreRequest) -> Result:
     seed_everything(run.seed)
     loaded = load_checkpoint(spec, arch=opts.arch, num_classes=opts.num_classes, ema=opts.ema,
                              model_args=dict(opts.model_args), source=source)  # fmt: skip
-    if req.method is None:
-        method = default_method(loaded.model, bool(req.data))
-        methods = parse_methods(method)
-        resolve_params(methods, {k: v for k, v in req.params.items() if any(k in m.params for m in methods)})
     manifest = loaded.manifest
     structure = manifest.structure
-    if not structure or not (structure.get("channels") if isinstance(structure, dict) else None):
+    kind = _kind(manifest)
+    if kind is None:
         raise InputError(
-            f"{spec} is not channel-pruned: restore rebuilds channels removed by structured pruning",
-            hint="prune with --structure channel first (unstructured/N:M masks have nothing to restore)",
+            f"{spec} is not channel-pruned and has no masked weights: nothing to restore",
+            hint="prune first (--structure channel, unstructured or N:M)",
         )
+    if req.method is None:
+        if kind == "masked" and not req.data:
+            raise InputError(f"{spec} is not channel-pruned but masked (unstructured or N:M): it is restored "
+                             "with obs, which needs calibration data", hint="pass --data SPEC")  # fmt: skip
+        method = default_method(loaded.model, bool(req.data), kind)
+        methods = parse_methods(method)
+        KeyValues.of(req.params).check([k for m in methods for k in m.params], method)
+        resolve_params(methods, req.params)
+    check_kind(methods, kind, spec)
+    if kind == "masked":
+        return _restore_masked(req, loaded, method, dev)
     lineage = list(manifest.lineage)
     found = _prune_step(lineage)
     if any(m.compensates for m in methods) and found is not None:
@@ -402,6 +425,175 @@ def restore(req: RestoreRequest) -> Result:
     metrics["arch"] = manifest.arch
     from prunecli.counting import count_model
 
+    metrics.update(count_model(loaded.model).metrics())  # params, params_nonzero, sparsity (one convention)
+    return Result(checkpoint=path, sha256=sha, metrics=metrics, device=describe(dev))
+
+
+def _kind(manifest: Any) -> str | None:
+    """``channel`` (a channel structure), ``masked`` (masked weights listed) or None (nothing pruned)."""
+    structure = manifest.structure
+    if isinstance(structure, dict) and structure.get("channels"):
+        return "channel"
+    return "masked" if manifest.masked else None
+
+
+@dataclass
+class MaskedRestoreReport:
+    """What :func:`restore_masked_model` did.
+
+    Attributes:
+        methods: the methods applied, in order.
+        params: resolved parameters per method.
+        layers: method → what it did (``obs``: per masked layer, :func:`prunecli.reconstruction.joint.layer_rows`;
+            ``bn``: ``"*"`` → the BN layers re-estimated).
+        warnings: every warning emitted (unreached or skipped layers, …).
+        accuracy: {"before": {...}, "after": {...}} evaluation metrics with ``val``.
+        seconds: wall time per method.
+        samples: calibration images this process used.
+    """
+
+    methods: list[str]
+    params: dict[str, dict[str, Any]]
+    layers: dict[str, dict[str, Any]] = field(default_factory=dict)
+    warnings: list[str] = field(default_factory=list)
+    accuracy: dict[str, dict[str, Any]] = field(default_factory=dict)
+    seconds: dict[str, float] = field(default_factory=dict)
+    samples: int = 0
+
+    def metrics(self) -> dict[str, Any]:
+        """Flat, JSON-able metrics for the record (the same top-level keys as channel restoration)."""
+        from prunecli.reconstruction.joint import summary
+
+        rows = [{"method": m, "layer": name, **info} for m, layers in self.layers.items()
+                for name, info in layers.items()]  # fmt: skip
+        obs = self.layers.get("obs", {})
+        done = summary(obs) if obs else {"reconstructed": 0}
+        out: dict[str, Any] = {
+            "method": "+".join(self.methods),
+            "params": self.params,
+            "restored_layers": done["reconstructed"],
+            "reconstructed": sorted(n for n, r in obs.items() if r["status"] == "reconstructed"),
+            "layers": rows,
+            "warnings": self.warnings,
+            "restore_s": self.seconds,
+        }
+        if "error_obs_mean" in done:  # mean over the reconstructed layers of the relative errors
+            out["recon_error_before_mean"] = done["error_mask_mean"]
+            out["recon_error_mean"] = done["error_obs_mean"]
+        if self.accuracy:
+            after, before = self.accuracy.get("after", {}), self.accuracy.get("before", {})
+            out.update({k: v for k, v in after.items() if k in ("top1", "top5", "loss", "samples")})
+            out.update({f"{k}_before": v for k, v in before.items() if k in ("top1", "top5", "loss")})
+        return out
+
+
+def restore_masked_model(
+    pruned_model: Any,
+    dense_model: Any,
+    masked: list[str],
+    method: str = "obs",
+    *,
+    params: Mapping[str, Any] | None = None,
+    calib: Iterable[Any] | None = None,
+    val: Iterable[Any] | None = None,
+    device: Any = "cpu",
+) -> MaskedRestoreReport:
+    """Restores a masked (unstructured or N:M) model in place: ``obs``, ``bn`` or ``obs+bn``.
+
+    ``masked`` is ``manifest.masked``; every mask is kept exactly. ``calib`` is an iterable of input
+    batches or ``(x, y)`` pairs (needed by both methods); under ``torchrun`` (an initialised process
+    group) ``obs`` uses this process's share of its ``samples`` images. ``val`` adds accuracy before/after.
+
+    Raises:
+        InputError: a method that does not restore masked checkpoints, unknown or bad parameters, no data,
+            ``obs`` without the dense parent.
+        CheckpointError: the dense parent does not fit the masked weights.
+
+    Example:
+        >>> restore_masked_model(loaded.model, parent.model, loaded.manifest.masked, "obs+bn", calib=loader)
+    """
+    import torch
+
+    from prunecli import distributed as D
+    from prunecli.reconstruction.joint import calibration
+    from prunecli.restoration import check_kind, parse_methods, resolve_params
+    from prunecli.restoration.masked import MaskedContext
+
+    methods = parse_methods(method)
+    check_kind(methods, "masked", "the model")
+    resolved = resolve_params(methods, params)
+    if calib is None:
+        raise InputError(
+            f"{methods[0].name} needs calibration data", hint="pass --data SPEC (e.g. --data digits:train)"
+        )
+    if any(m.needs_dense for m in methods) and dense_model is None:
+        raise InputError(f"{methods[0].name} needs the dense parent model", hint="pass --dense PATH")
+    limit = max(int(p.get("samples", 0)) for p in resolved)
+    batches = calibration(calib, max(limit, 1))
+    dev = torch.device(device) if not isinstance(device, torch.device) else device
+    ctx = MaskedContext(pruned_model, dense_model, list(masked), batches, dev, rank=D.rank(), world=D.world_size())
+    report = MaskedRestoreReport([m.name for m in methods], {m.name: p for m, p in zip(methods, resolved, strict=True)})
+    report.samples = sum(len(b) for b in batches)
+    before = copy.deepcopy(pruned_model) if val is not None else None
+    for m, p in zip(methods, resolved, strict=True):
+        assert m.masked is not None  # check_kind
+        ctx.layers = {}
+        start = time.perf_counter()
+        m.masked(ctx, p)
+        report.seconds[m.name] = round(time.perf_counter() - start, 4)
+        report.layers[m.name] = ctx.layers
+    pruned_model.to("cpu").eval()
+    report.warnings = list(ctx.warnings)
+    if val is not None and before is not None:
+        from prunecli.evaluation import evaluate_model
+
+        val_list = list(val)
+        report.accuracy = {"before": evaluate_model(before, val_list, dev),
+                           "after": evaluate_model(pruned_model, val_list, dev)}  # fmt: skip
+        before.to("cpu")
+        pruned_model.to("cpu")
+    return report
+
+
+def _restore_masked(req: RestoreRequest, loaded: Any, method: str, dev: Any) -> Result:
+    """``restore`` of a masked checkpoint (:func:`restore_masked_model`); under ``torchrun`` only rank 0 writes."""
+    from prunecli import distributed as D
+    from prunecli.counting import count_model
+    from prunecli.data import make_loader
+    from prunecli.device import describe
+    from prunecli.restoration import parse_methods
+
+    spec, run, manifest = req.checkpoint, req.runtime, loaded.manifest
+    methods = parse_methods(method)
+    dense_loaded = None
+    if any(m.needs_dense for m in methods):
+        dense_loaded = _load_dense(spec, req.dense, _prune_step(list(manifest.lineage)), manifest, req.source)
+    D.init(dev)  # under torchrun: obs solves from this process's share of the calibration images
+    loader = {"batch_size": run.batch_size, "workers": run.workers, "seed": run.seed, "device": dev}
+    calib = val = None
+    if req.data:
+        ds, _ = load_data(req.data, loaded, req.transforms, default_split="train")
+        calib = make_loader(ds, shuffle=True, **loader)
+    if req.val:
+        vs, _ = load_data(req.val, loaded, req.transforms, default_split="test")
+        val = make_loader(vs, **loader)
+    report = restore_masked_model(
+        loaded.model, dense_loaded.model if dense_loaded else None, list(manifest.masked), method,
+        params=dict(req.params), calib=calib, val=val, device=dev,
+    )  # fmt: skip
+    provenance = {"dense": str(dense_loaded.source.path or dense_loaded.source.spec) if dense_loaded else None,
+                  "dense_sha256": dense_loaded.sha256 if dense_loaded else None, "resolved_params": report.params,
+                  "resolved_method": method}  # fmt: skip
+    written = None
+    if D.is_main():
+        written = save_output(req.output, loaded.model, loaded, command="restore", options=req.to_json(),
+                              force=req.force, provenance=provenance)  # fmt: skip
+    path, sha = D.broadcast_object(written)
+    metrics = report.metrics()
+    metrics["arch"] = manifest.arch
+    metrics["calib_samples"] = report.samples
+    if D.world_size() > 1:
+        metrics["world_size"] = D.world_size()
     metrics.update(count_model(loaded.model).metrics())  # params, params_nonzero, sparsity (one convention)
     return Result(checkpoint=path, sha256=sha, metrics=metrics, device=describe(dev))
 
