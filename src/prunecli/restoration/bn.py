@@ -15,7 +15,10 @@ What is estimated, and why this way:
   its size (a short last batch is over-weighted), and the variance is an average of per-batch
   variances (the spread of the batch means is lost). Here the BNs are visited in execution order; for
   each, one pass over the calibration batches (stopped at that BN) accumulates the per-channel mean and
-  M2 in float64 (Chan et al.'s pairwise update). Cost: about ``#BN / 2`` full forward passes.
+  M2 in float64 (Chan et al.'s pairwise update). Run from the image, that costs about ``#BN / 2``
+  full forward passes; each pass resumes instead from activations cached before the BN's block
+  (:mod:`prunecli.restoration.replay`: the same operations on the same tensors, bit-identical
+  statistics), which on a ResNet brings the prefix work down to a few full passes.
   ``exact=false`` keeps one train-mode pass (pooled float64 statistics, but per-batch normalisation
   upstream), for deep models on slow devices.
 * **Only the BNs downstream of a changed layer** (``scope=downstream``, the default). A layer changed
@@ -34,7 +37,6 @@ What is estimated, and why this way:
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -44,6 +46,7 @@ from torch import nn
 
 from prunecli.errors import InputError
 from prunecli.restoration.core import RestoreContext
+from prunecli.restoration.replay import Replay, Stop
 
 __all__ = ["BNEstimate", "bn_layers", "downstream_bns", "reestimate_bn", "restore_bn"]
 
@@ -154,10 +157,6 @@ class _Stats:
         self.n = n
 
 
-class _Stop(Exception):
-    """Raised by a BN's pre-hook to end a forward pass once that BN's input is recorded."""
-
-
 def _execution_order(model: nn.Module, norms: dict[str, nn.Module], x: torch.Tensor) -> tuple[list[str], set[str]]:
     """BN names in first-call order on ``x`` (upstream before downstream), and those called more than once."""
     calls: dict[str, int] = {}
@@ -240,22 +239,23 @@ def reestimate_bn(
         if not exact:
             _batch_stats_pass(model, norms, batches)
             return BNEstimate(order, 1, samples)
+        replay = Replay(model, batches)
         for name in order:
             acc = _Stats()
 
             def record(_m: nn.Module, inp: Any, acc: _Stats = acc, stop: bool = name not in shared) -> None:
                 acc.add(inp[0])
                 if stop:  # nothing after this BN matters for its statistics
-                    raise _Stop
+                    raise Stop
 
             hook = norms[name].register_forward_pre_hook(record)
             try:
-                for x in batches:
-                    with contextlib.suppress(_Stop):
-                        model(x)
+                for b in range(len(batches)):
+                    replay.forward_to(name, b, whole=name in shared)
             finally:
                 hook.remove()
             _store(norms[name], acc)
+            replay.changed(name)
         return BNEstimate(order, len(order), samples)
     finally:
         model.eval().to("cpu")

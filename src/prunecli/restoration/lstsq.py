@@ -27,12 +27,9 @@ from torch import nn
 
 from prunecli.errors import InputError
 from prunecli.restoration.core import RestoreContext
+from prunecli.restoration.replay import Replay
 
 __all__ = ["refit_consumer", "restore_lstsq"]
-
-
-class _Stop(Exception):
-    """Raised by a hook once the wanted activation is captured: the rest of the forward is not needed."""
 
 
 def _supported(mod: nn.Module) -> str | None:
@@ -43,30 +40,6 @@ def _supported(mod: nn.Module) -> str | None:
     if mod.groups != 1 or mod.padding_mode != "zeros" or isinstance(mod.padding, str):
         return "grouped conv, non-zero padding mode or string padding"
     return None
-
-
-def _capture(model: nn.Module, name: str, x: torch.Tensor, *, want: str) -> torch.Tensor:
-    box: dict[str, torch.Tensor] = {}
-    mod = model.get_submodule(name)
-
-    def pre(_m: nn.Module, args: tuple[Any, ...]) -> None:
-        box["t"] = args[0].detach()
-        raise _Stop
-
-    def post(_m: nn.Module, _a: tuple[Any, ...], out: torch.Tensor) -> None:
-        box["t"] = out.detach()
-        raise _Stop
-
-    hook = mod.register_forward_pre_hook(pre) if want == "input" else mod.register_forward_hook(post)
-    try:
-        model(x)
-    except _Stop:
-        pass
-    finally:
-        hook.remove()
-    if "t" not in box:
-        raise RuntimeError(f"{name} was not reached by the forward pass")
-    return box["t"]
 
 
 def _design(mod: nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -90,10 +63,29 @@ def _targets(mod: nn.Module, y: torch.Tensor, rows: list[int] | None) -> torch.T
     return y.reshape(-1, y.shape[-1]).to(torch.float64)
 
 
-@torch.no_grad()
-def refit_consumer(ctx: RestoreContext, name: str, batches: list[torch.Tensor], *, ridge: float) -> dict[str, float]:
-    """Refits consumer ``name`` of ``ctx.pruned`` in place; returns the fit's sample count and λ."""
+def _replays(ctx: RestoreContext, batches: list[torch.Tensor]) -> tuple[Replay, Replay]:
+    """Replays of the pruned and the dense model over ``batches`` (moved to ``ctx.device``)."""
     assert ctx.dense is not None
+    on = [b.to(ctx.device) for b in batches]
+    return Replay(ctx.pruned, on), Replay(ctx.dense, on)
+
+
+@torch.no_grad()
+def refit_consumer(
+    ctx: RestoreContext,
+    name: str,
+    batches: list[torch.Tensor],
+    *,
+    ridge: float,
+    replays: tuple[Replay, Replay] | None = None,
+) -> dict[str, float]:
+    """Refits consumer ``name`` of ``ctx.pruned`` in place; returns the fit's sample count and λ.
+
+    ``replays``: the (pruned, dense) :class:`Replay` of ``batches`` shared by a whole run, so that each
+    refit resumes from cached activations instead of the image (built here when not given).
+    """
+    assert ctx.dense is not None
+    pruned_run, dense_run = replays if replays is not None else _replays(ctx, batches)
     dmod, pmod = ctx.dense.get_submodule(name), ctx.pruned.get_submodule(name)
     out_entry = ctx.plan.get(name, {}).get("out")
     rows = list(out_entry["kept"]) if out_entry is not None else None
@@ -105,10 +97,9 @@ def refit_consumer(ctx: RestoreContext, name: str, batches: list[torch.Tensor], 
     xtx = torch.zeros(d, d, dtype=torch.float64, device=ctx.device)
     xty = torch.zeros(d, w0.shape[0], dtype=torch.float64, device=ctx.device)
     n = 0
-    for xb in batches:
-        xb = xb.to(ctx.device)
-        x = _design(pmod, _capture(ctx.pruned, name, xb, want="input"))
-        y = _targets(dmod, _capture(ctx.dense, name, xb, want="output"), rows)
+    for b in range(len(batches)):
+        x = _design(pmod, pruned_run.capture(name, b, "input"))
+        y = _targets(dmod, dense_run.capture(name, b, "output"), rows)
         if y.shape[0] != x.shape[0]:
             raise RuntimeError(f"{name}: {x.shape[0]} input rows but {y.shape[0]} target rows")
         xtx += x.T @ x
@@ -122,6 +113,7 @@ def refit_consumer(ctx: RestoreContext, name: str, batches: list[torch.Tensor], 
         pmod.bias.copy_(new[:, -1].to(pmod.bias.dtype))
         new = new[:, :-1]
     pmod.weight.copy_(new.reshape(pmod.weight.shape).to(pmod.weight.dtype))
+    pruned_run.changed(name)
     return {"samples": n, "ridge_lambda": lam}
 
 
@@ -142,14 +134,13 @@ def _reads_pruned(ctx: RestoreContext) -> list[str]:
 
 
 @torch.no_grad()
-def _attention_error(ctx: RestoreContext, proj: str, cols: list[int], batches: list[torch.Tensor]) -> float:
+def _attention_error(ctx: RestoreContext, proj: str, cols: list[int], replays: tuple[Replay, Replay]) -> float:
     """Squared error of the attention output (``proj``'s input) against the dense one at the kept dimensions."""
-    assert ctx.dense is not None
     err = 0.0
-    for xb in batches:
-        xb = xb.to(ctx.device)
-        got = _capture(ctx.pruned, proj, xb, want="input").to(torch.float64)
-        ref = _capture(ctx.dense, proj, xb, want="input").to(torch.float64)[..., cols]
+    pruned_run, dense_run = replays
+    for b in range(len(pruned_run.batches)):
+        got = pruned_run.capture(proj, b, "input").to(torch.float64)
+        ref = dense_run.capture(proj, b, "input").to(torch.float64)[..., cols]
         err += float(((got - ref) ** 2).sum())
     return err
 
@@ -169,6 +160,7 @@ def restore_lstsq(ctx: RestoreContext, params: dict[str, Any]) -> None:
     order = {n: i for i, n in enumerate(ctx.pairs.order)}
     ctx.pruned.eval().to(ctx.device)
     ctx.dense.eval().to(ctx.device)
+    replays = _replays(ctx, batches)
     fits: dict[str, dict[str, Any]] = {}
     failed: dict[str, str] = {}
     try:
@@ -179,21 +171,22 @@ def restore_lstsq(ctx: RestoreContext, params: dict[str, Any]) -> None:
                 failed[name] = why
                 continue
             if name not in attention:
-                fits[name] = refit_consumer(ctx, name, batches, ridge=ridge)
+                fits[name] = refit_consumer(ctx, name, batches, ridge=ridge, replays=replays)
                 continue
             spec = attention[name][0].attention
             cols = ctx.plan.get(spec.proj, {}).get("in", {}).get("kept") or list(range(spec.num_heads * spec.head_dim))
             mod = ctx.pruned.get_submodule(name)
             saved = [t.detach().clone() for t in (mod.weight, mod.bias) if t is not None]
-            before = _attention_error(ctx, spec.proj, cols, batches)
-            info = refit_consumer(ctx, name, batches, ridge=ridge)
-            after = _attention_error(ctx, spec.proj, cols, batches)
+            before = _attention_error(ctx, spec.proj, cols, replays)
+            info = refit_consumer(ctx, name, batches, ridge=ridge, replays=replays)
+            after = _attention_error(ctx, spec.proj, cols, replays)
             info = {**info, "attention_error_before": before, "attention_error_after": after}
             info["kept_fit"] = after < before
             if not after < before:  # the q/k rows act through a softmax: a better fit of qkv can be worse
                 with torch.no_grad():
                     for t, old in zip((t for t in (mod.weight, mod.bias) if t is not None), saved, strict=True):
                         t.copy_(old)
+                replays[0].changed(name)
             fits[name] = info
     finally:
         ctx.pruned.to("cpu")
