@@ -10,7 +10,8 @@ channel (timm's ``ScaledStdConv2d.gain``, shape ``[C_out, 1, 1, 1]``): any other
 buffer whose first dimension equals the layer's width before pruning is sliced the same way. Fused
 attention modules get their ``head_dim``/``attn_dim`` updated so ``forward`` reshapes correctly;
 ``scale`` keeps its dense value ``1/sqrt(d_dense)`` (the pruned logits are the surviving terms of the
-dense dot product, so the dense scale keeps them closest to the dense model).
+dense dot product, so the dense scale keeps them closest to the dense model). Whole-head pruning
+(``prune --heads``) lowers ``num_heads`` instead and leaves ``head_dim`` and ``scale`` as they were.
 """
 
 from __future__ import annotations
@@ -83,6 +84,8 @@ def apply_groups(
         handler = pruner.prune_out_channels if group_plan.handler == "out" else pruner.prune_in_channels
         try:  # building the pruning group modifies nothing: a failure here just skips the group
             group = dg.get_pruning_group(root, handler, group_plan.removed_indices)
+            if group_plan.attention:
+                _keep_head_norms(group, modules[group_plan.attention])
             ok = dg.check_pruning_group(group)
         except Exception as exc:  # Torch-Pruning's index mapping fails on some op chains
             if strict:
@@ -102,6 +105,18 @@ def apply_groups(
             raise GroupFailed(group_plan.root, short(exc)) from None
         done.pruned.append(group_plan)
     return done
+
+
+def _keep_head_norms(group: Any, attn: nn.Module) -> None:
+    """Whole-head pruning: the per-head norms (``q_norm``/``k_norm``, over ``head_dim``) lose nothing.
+
+    They normalise each head's ``head_dim`` features with weights shared by all heads; Torch-Pruning maps a
+    removed head's channels onto them as if they were head dimensions (which would remove all of them).
+    The head's features go, the shared norm stays: its items are dropped from the group.
+    """
+    norms = {id(m) for n in ("q_norm", "k_norm") if isinstance(m := getattr(attn, n, None), nn.Module)}
+    if norms:
+        group._group = [item for item in group._group if id(item.dep.target.module) not in norms]
 
 
 def _record(dg: Any, model: nn.Module, group: Any, member_name: Any, channels: dict, dense: dict) -> list:
@@ -161,12 +176,25 @@ def _prune_companions(companions: Sequence[tuple[nn.Module, list[int], int]]) ->
                 store[name] = nn.Parameter(new, requires_grad=t.requires_grad) if isinstance(t, nn.Parameter) else new
 
 
-def fix_attention(attn: Mapping[str, nn.Module]) -> None:
-    """Updates ``head_dim``/``attn_dim`` of fused-qkv attention modules to their pruned ``qkv`` width."""
+def fix_attention(attn: Mapping[str, nn.Module], *, heads: bool = False) -> None:
+    """Updates the head attributes of fused-qkv attention modules to their pruned ``qkv`` width.
+
+    Head-dimension pruning keeps ``num_heads`` and narrows ``head_dim``; whole-head pruning (``heads``)
+    keeps ``head_dim`` and lowers ``num_heads``. ``attn_dim`` is their product either way; ``scale``
+    is left as it is (whole heads: ``head_dim`` and so ``head_dim^-0.5`` do not change).
+    """
     for m in attn.values():
-        heads = int(m.num_heads)
-        head_dim = m.qkv.out_features // (3 * heads)
+        if heads:
+            head_dim = int(m.head_dim) if isinstance(getattr(m, "head_dim", None), int) else None
+            if head_dim is None:  # a layout without head_dim: its dense width split by the dense head count
+                continue
+            m.num_heads = m.qkv.out_features // (3 * head_dim)
+            if isinstance(getattr(m, "attn_dim", None), int):
+                m.attn_dim = m.num_heads * head_dim
+            continue
+        heads_n = int(m.num_heads)
+        head_dim = m.qkv.out_features // (3 * heads_n)
         if isinstance(getattr(m, "head_dim", None), int):
             m.head_dim = head_dim
         if isinstance(getattr(m, "attn_dim", None), int):
-            m.attn_dim = heads * head_dim
+            m.attn_dim = heads_n * head_dim

@@ -182,6 +182,7 @@ class ChannelCost:
         exclude: Sequence[str],
         round_to: int | None,
         min_channels: int,
+        heads: bool = False,
     ) -> None:
         from prunecli import surgery
         from prunecli.prunable import match_any, prunable_layers
@@ -199,13 +200,15 @@ class ChannelCost:
         excluded = {n for n in names if match_any(n, list(exclude))}
         dg = _build(model, example_input)
         # scope "global" marks the groups without a --layer-ratio (ratio None); layer scope fills in r per step
-        found = GroupSearch(model, scores, 0.0, "global", layer_ratios, excluded).candidates(dg, [])
+        found = GroupSearch(model, scores, 0.0, "global", layer_ratios, excluded, heads=heads).candidates(dg, [])
         self.shapes = {n: tuple(p.shape) for n, p in model.named_parameters()}
         self.dims: dict[str, list[tuple[int, int, int]]] = {}  # param → (dim, group, δ per removed position)
         self.candidates = []
         snap = surgery.snapshot(model)
         for c in found.candidates:
-            probe = ChannelGroup(c.root, c.handler, c.members, c.slices, c.size, tuple(range(1, c.size)), None)
+            probe = ChannelGroup(
+                c.root, c.handler, c.members, c.slices, c.size, tuple(range(1, c.size)), None, c.block, c.attention
+            )
             try:
                 applied = apply_groups(dg, model, [probe])
             except GroupFailed:
@@ -285,7 +288,7 @@ class ChannelCost:
         for gi in order:
             seen[gi] += 1
             c = self.candidates[gi]
-            step = self.round_to // math.gcd(self.round_to, c.slices) if self.round_to and self.round_to > 1 else 1
+            step = self.round_to // math.gcd(self.round_to, c.unit) if self.round_to and self.round_to > 1 else 1
             behind = self.scope == "global" and seen[gi] <= keeps[gi]  # a position the threshold already keeps
             if gi in dead or behind or keeps[gi] + step > c.size:
                 continue

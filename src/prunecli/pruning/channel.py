@@ -15,6 +15,7 @@ API (called by :func:`prunecli.api.prune.prune` for ``--structure channel``)::
         exclude=None,                # globs of modules whose OUTPUT channels stay; None = the classifier head
         round_to=None,               # kept channel counts become multiples of this
         min_channels=1,              # never keep fewer channels in a group
+        heads=False,                 # attention loses whole heads (num_heads shrinks) instead of head dims
     )
     plan.groups, plan.widths_after, plan.params_after, plan.macs_after   # see prunecli.pruning.plan
     structure = apply_channels(model, plan, example_input=x)   # prunes IN PLACE; manifest.structure
@@ -160,6 +161,7 @@ def plan_channels(
     min_channels: int = 1,
     max_retries: int = 4,
     keeps: Mapping[tuple[str, str], int] | None = None,
+    heads: bool = False,
 ) -> ChannelPlan:
     """The channel plan of ``model`` (module docstring); the model is pruned as a trial and reverted.
 
@@ -177,6 +179,10 @@ def plan_channels(
         max_retries: attempts after a failed forward, each freezing one more module class.
         keeps: ``(root, handler)`` → kept positions per slice, overriding the count of those groups
             (``--target``'s fill, :mod:`prunecli.pruning.budget`).
+        heads: fused-qkv attention loses whole heads (``prune --heads``): its positions are heads ranked
+            by their mean channel importance (:mod:`~prunecli.pruning.groups`), ``num_heads`` shrinks and
+            ``head_dim`` stays; ``ratio`` is then the fraction of each attention's heads (at least one
+            is kept). Other groups (MLP hidden units, the residual stream) are pruned as without it.
 
     Raises:
         InputError: a ratio outside [0, 1), an unknown scope, scores that do not fit the model, or a
@@ -199,7 +205,7 @@ def plan_channels(
     params_before = sum(p.numel() for p in model.parameters())
     widths_before = _layer_widths(model)
     numel_before = {n: m.weight.numel() for n, m in prunable_layers(model).items()}
-    search = GroupSearch(model, scores, ratio, scope, layer_ratios, excluded)
+    search = GroupSearch(model, scores, ratio, scope, layer_ratios, excluded, heads=heads)
     dense_out: list[Any] = []  # the dense model's output shape, seen while Torch-Pruning first traces it
     traces: list[Any] = []  # layer positions, from the safety net's forward of the pruned model
 
@@ -213,12 +219,14 @@ def plan_channels(
         given = keeps or {}
         counts = [given.get((c.root, c.handler), k) for c, k in zip(found.candidates, counts, strict=True)]
         groups = [
-            ChannelGroup(c.root, c.handler, c.members, c.slices, c.size, tuple(top(c.imp, keep)), c.ratio)
+            ChannelGroup(
+                c.root, c.handler, c.members, c.slices, c.size, tuple(top(c.imp, keep)), c.ratio, c.block, c.attention
+            )
             for c, keep in zip(found.candidates, counts, strict=True)
             if keep < c.size
         ]
         applied = apply_groups(dg, model, groups, skip=retries.bad_roots)
-        fix_attention(search.attn)
+        fix_attention(search.attn, heads=heads)
         traces.append(trace_run(model, lambda: run_checked(model, example_input, dense_out[0] if dense_out else None)))
         stats = {
             "groups_planned": len(found.candidates),
@@ -253,6 +261,8 @@ def plan_channels(
             "criterion_reduction": "L2 filter norm" if scores is None else "scores, mean of member-mean-normalised",
             "attention_fixed": sorted(search.attn),
             "attention_kept": sorted(search.other_attn),
+            "heads": heads,
+            "heads_before": {n: int(m.num_heads) for n, m in sorted(search.attn.items())} if heads else {},
             "exclude": sorted(excluded),
             "exclude_unmatched": unmatched,
         },
@@ -282,7 +292,7 @@ def apply_channels(model: nn.Module, plan: ChannelPlan, *, example_input: torch.
     snap = surgery.snapshot(model)
     dg = _build(model, example_input)
     applied = apply_groups(dg, model, plan.groups, strict=True)
-    fix_attention(attn)
+    fix_attention(attn, heads=bool(plan.notes.get("heads")))
     structure = _structure(model, snap, applied)
     _narrow_num_features(model)
     return structure
@@ -374,6 +384,15 @@ def channel_metrics(plan: ChannelPlan, model: nn.Module) -> dict[str, Any]:
         "attention_kept": notes["attention_kept"],
         "exclude": notes["exclude"],
         "exclude_unmatched": notes["exclude_unmatched"],
+        **({"heads": _heads_now(plan, model)} if notes.get("heads") else {}),
+    }
+
+
+def _heads_now(plan: ChannelPlan, model: nn.Module) -> dict[str, dict[str, int]]:
+    """Whole-head pruning's record: attention → heads before and the ``num_heads`` the pruned model has."""
+    modules = dict(model.named_modules())
+    return {
+        n: {"heads_before": row["heads_before"], "heads": int(modules[n].num_heads)} for n, row in plan.heads().items()
     }
 
 
@@ -390,6 +409,7 @@ def prune_channels(
     round_to: int | None = None,
     min_channels: int = 1,
     max_retries: int = 4,
+    heads: bool = False,
 ) -> ChannelPruneResult:
     """Removes output channels of ``model`` in place: :func:`plan_channels`, then :func:`apply_channels`.
 
@@ -410,6 +430,7 @@ def prune_channels(
         round_to=round_to,
         min_channels=min_channels,
         max_retries=max_retries,
+        heads=heads,
     )
     structure = apply_channels(model, plan, example_input=example_input)
     return ChannelPruneResult(model, structure, channel_metrics(plan, model), plan)

@@ -8,6 +8,10 @@ importance is averaged over the slices and the same positions are removed from e
 keeps ``n_keep`` of ``C/g``. ``scope="global"`` ranks the positions of all groups counted globally
 together and keeps the top ``floor(T·(1−r))`` of the ``T`` positions; ``round_to`` and
 ``min_channels`` then apply per group.
+
+A position may stand for a *block* of channels: whole-head pruning (``prune --heads``) counts an
+attention's heads, each a block of ``head_dim`` channels. ``round_to`` and ``min_channels`` are about
+channels, so they apply to ``kept · slices · block``: ``min_channels=1`` keeps at least one head.
 """
 
 from __future__ import annotations
@@ -23,16 +27,28 @@ __all__ = ["Counted", "keep_counts", "n_keep", "round_and_clamp", "top"]
 
 @dataclass(frozen=True)
 class Counted:
-    """What counting needs of one group: positions per slice, slices, importance per position, own ratio."""
+    """What counting needs of one group: positions per slice, slices, importance per position, own ratio.
+
+    ``block``: channels per position (1; ``head_dim`` when the positions are whole attention heads).
+    """
 
     size: int
     slices: int
     imp: torch.Tensor  # per position of one slice
     ratio: float | None  # None: counted globally
+    block: int = 1
+
+    @property
+    def unit(self) -> int:
+        """Channels removed together per position: the same position of every slice, each ``block`` wide."""
+        return self.slices * self.block
 
 
 def n_keep(channels: int, ratio: float, round_to: int | None, min_channels: int, slices: int) -> int:
-    """Kept positions per slice for a group of ``channels`` positions per slice (module docstring)."""
+    """Kept positions per slice for a group of ``channels`` positions per slice (module docstring).
+
+    ``slices``: channels removed together per position (slices × block).
+    """
     keep = math.floor(channels * (1.0 - ratio) + 1e-9)
     return round_and_clamp(keep, channels, round_to, min_channels, slices)
 
@@ -54,9 +70,7 @@ def top(imp: torch.Tensor, keep: int) -> list[int]:
 
 def keep_counts(groups: Sequence[Counted], ratio: float, round_to: int | None, min_channels: int) -> list[int]:
     """Kept positions per slice of every group: its own ratio, or its share of the global ranking at ``ratio``."""
-    keeps = [
-        n_keep(g.size, g.ratio, round_to, min_channels, g.slices) if g.ratio is not None else g.size for g in groups
-    ]
+    keeps = [n_keep(g.size, g.ratio, round_to, min_channels, g.unit) if g.ratio is not None else g.size for g in groups]
     pool = [i for i, g in enumerate(groups) if g.ratio is None]
     if pool:
         imps = torch.cat([groups[i].imp for i in pool])
@@ -67,5 +81,5 @@ def keep_counts(groups: Sequence[Counted], ratio: float, round_to: int | None, m
         per = torch.bincount(owner[chosen], minlength=len(groups))
         for i in pool:
             g = groups[i]
-            keeps[i] = round_and_clamp(int(per[i]), g.size, round_to, min_channels, g.slices)
+            keeps[i] = round_and_clamp(int(per[i]), g.size, round_to, min_channels, g.unit)
     return keeps

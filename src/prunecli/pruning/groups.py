@@ -13,6 +13,12 @@ an excluded module (the classifier head by default) or of an attention module of
 has no scored member. timm attention modules with a fused ``qkv`` Linear and a ``num_heads``
 attribute are re-rooted at the output projection's input, where heads are contiguous slices, so
 the same head dimensions go from every head in q, k and v (Torch-Pruning's ``prune_head_dims``).
+With ``heads`` (``prune --heads``) the positions of such a group are the attention's *heads* instead
+(Torch-Pruning's ``prune_num_heads``): one position per head, a block of ``head_dim`` root channels,
+whose importance is the mean of the group's channel importance over the head's channels — the mean,
+over the head's q, k and v rows, of the criterion's channel score divided by the ``qkv`` layer's mean
+score (:mod:`~prunecli.pruning.importance`). The mean, not the sum, keeps a head's score on the scale
+of a channel's, so global ranking can put heads and channels in one list.
 ``layer_ratios`` apply to a group when a pattern matches a conv/linear member whose output
 channels are in the group (the first matching pattern wins).
 """
@@ -104,6 +110,7 @@ class Candidate(Counted):
     root: str = ""
     handler: str = "out"
     members: tuple[str, ...] = ()
+    attention: str = ""  # whole-head pruning: the attention module whose heads the positions are
 
 
 @dataclass(frozen=True)
@@ -123,6 +130,11 @@ class GroupSearch:
         scores: per-output-channel scores (None: filter L2 norms).
         ratio, scope, layer_ratios: the counting options (a group's own ratio, or None when counted globally).
         excluded: module names whose output channels stay.
+        heads: fused-qkv attention groups count whole heads (module docstring), not head dimensions.
+
+    Raises:
+        InputError: ``heads`` on a model without fused-qkv attention (a CNN): nothing to remove heads from,
+            and pruning channels instead would not be what was asked.
     """
 
     def __init__(
@@ -133,11 +145,20 @@ class GroupSearch:
         scope: str,
         layer_ratios: Mapping[str, float],
         excluded: set[str],
+        heads: bool = False,
     ) -> None:
         self.model, self.scores = model, scores
         self.ratio, self.scope, self.layer_ratios, self.excluded = ratio, scope, dict(layer_ratios), excluded
         self.names = {m: n for n, m in model.named_modules()}
         self.attn, self.other_attn = attention_modules(model)
+        self.heads = heads
+        if heads and not self.attn:
+            other = f" (its attention {self.other_attn[0]!r} has another layout)" if self.other_attn else ""
+            raise InputError(
+                f"--heads: the model has no attention with a fused qkv and num_heads to remove heads from{other}",
+                hint="drop --heads to prune its channels",
+            )
+        self.proj_of = {m.proj: n for n, m in self.attn.items() if isinstance(getattr(m, "proj", None), nn.Module)}
 
     def candidates(self, dg: Any, frozen: Sequence[str]) -> Found:
         """Every prunable group of ``dg`` with its importance; frozen modules are touched by none."""
@@ -181,6 +202,15 @@ class GroupSearch:
             if imp is None:
                 unscored += 1
                 continue
+            out_names = tuple(self.names[it.dep.target.module] for it in group if is_scored_member(it))
+            root = group[0].dep.target.module
+            if handler == "in" and self.heads:
+                head = self._heads(root, imp, out_names)
+                if head is None:
+                    skipped += 1
+                else:
+                    found.append(head)
+                continue
             slices = max(
                 [out_groups.get(it.dep.target.module, 1) for it in group if is_out(dg, it)]
                 + [in_groups.get(it.dep.target.module, 1) for it in group if not is_out(dg, it)]
@@ -188,8 +218,6 @@ class GroupSearch:
             if len(imp) % slices or len(imp) // slices <= 1:
                 skipped += 1
                 continue
-            out_names = tuple(self.names[it.dep.target.module] for it in group if is_scored_member(it))
-            root = group[0].dep.target.module
             size = len(imp) // slices
             found.append(
                 Candidate(
@@ -203,6 +231,29 @@ class GroupSearch:
                 )
             )
         return Found(found, unscored, skipped)
+
+    def _heads(self, root: nn.Module, imp: torch.Tensor, out_names: tuple[str, ...]) -> Candidate | None:
+        """The whole-head candidate of an attention group rooted at ``proj``'s input (None: not head-prunable)."""
+        name = self.proj_of.get(root)
+        if name is None:
+            return None
+        attn = self.attn[name]
+        heads = int(attn.num_heads)
+        if heads <= 1 or len(imp) % heads or getattr(attn, "head_dim", None) != len(imp) // heads:
+            # one head cannot be removed (one is always kept); without a head_dim attribute that forward
+            # reads, a smaller num_heads would change the width of every head instead of their count
+            return None
+        return Candidate(
+            size=heads,
+            slices=1,
+            imp=imp.view(heads, -1).mean(1),
+            ratio=self._group_ratio(out_names),
+            block=len(imp) // heads,
+            root=self.names.get(root, "?"),
+            handler="in",
+            members=out_names,
+            attention=name,
+        )
 
     def _allowed(self, dg: Any, group: Any, member_name: Any, frozen: Sequence[str], keep_out: Sequence[str]) -> bool:
         for it in group:

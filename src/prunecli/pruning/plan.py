@@ -154,6 +154,9 @@ class ChannelGroup(_Json):
         width: positions per slice before pruning.
         kept: positions kept in every slice (dense indices, ascending).
         ratio: the group's own ratio (layer scope or ``--layer-ratio``), None when counted globally.
+        block: root channels per position: 1, or ``head_dim`` when the positions are whole attention
+            heads (``prune --heads``; ``width`` is then the head count and ``kept`` the heads kept).
+        attention: the attention module whose heads the positions are (whole-head pruning), else "".
     """
 
     root: str
@@ -163,13 +166,29 @@ class ChannelGroup(_Json):
     width: int
     kept: tuple[int, ...]
     ratio: float | None
+    block: int = 1
+    attention: str = ""
 
     @property
     def removed_indices(self) -> list[int]:
-        """Indices of the root dimension removed (over all slices), as Torch-Pruning takes them."""
+        """Indices of the root dimension removed (over all slices), as Torch-Pruning takes them.
+
+        Position ``p`` of slice ``s`` is root channels ``[(s·width + p)·block, (s·width + p + 1)·block)``.
+        """
         kept = set(self.kept)
         drop = [i for i in range(self.width) if i not in kept]
-        return [i + s * self.width for s in range(self.slices) for i in drop]
+        b = self.block
+        return [(s * self.width + i) * b + j for s in range(self.slices) for i in drop for j in range(b)]
+
+    @property
+    def channels(self) -> int:
+        """Root channels before pruning (all slices)."""
+        return self.width * self.slices * self.block
+
+    @property
+    def channels_kept(self) -> int:
+        """Root channels kept (all slices)."""
+        return len(self.kept) * self.slices * self.block
 
 
 @dataclass(frozen=True)
@@ -207,6 +226,14 @@ class ChannelPlan(_Json):
     notes: Mapping[str, Any] = field(default_factory=dict)
     trial: Any = field(default=None, compare=False, repr=False, metadata={"json": False})
 
+    def heads(self) -> dict[str, dict[str, int]]:
+        """Whole-head pruning: attention module → heads before and kept (every attention, pruned or not)."""
+        out = {name: {"heads_before": n, "heads": n} for name, n in self.notes.get("heads_before", {}).items()}
+        for g in self.groups:
+            if g.attention:
+                out[g.attention] = {"heads_before": g.width, "heads": len(g.kept)}
+        return dict(sorted(out.items()))
+
     def summary(self) -> dict[str, Any]:
         """The plan as ``prune --dry-run`` reports it (``metrics.plan``)."""
         return {
@@ -217,14 +244,10 @@ class ChannelPlan(_Json):
                 if n in self.widths_after
             },
             "groups": [
-                {
-                    "root": g.root,
-                    "members": list(g.members),
-                    "width": g.width * g.slices,
-                    "kept": len(g.kept) * g.slices,
-                }
+                {"root": g.root, "members": list(g.members), "width": g.channels, "kept": g.channels_kept}
                 for g in self.groups
             ],
+            **({"heads": self.heads()} if self.notes.get("heads") else {}),
             "params_before": self.params_before,
             "params": self.params_after,
             "macs_before": self.macs_before,

@@ -16,6 +16,15 @@ dimensions from q, k and v) drop terms of the attention logits ``q·k``, which c
 through a softmax; no change of ``proj`` undoes that. They are exact only when the pruned q/k terms are
 zero. ``lstsq`` refits ``proj`` (and ``qkv``'s kept rows where that lowers the attention output error)
 on calibration data instead.
+
+Whole heads (``prune --heads``): a removed head takes its q, k and v rows with it, so the kept heads'
+attention weights are the dense ones (nothing of theirs is approximate), and there is nothing *within*
+the head left to rebuild its value dimensions from. Another head cannot stand in for it either: its
+output is mixed by its own attention weights, not the removed head's. What can be compensated without
+data is the removed head's value *bias*: ``A_h (1 b_hᵀ) = 1 b_hᵀ`` for any softmax weights, so its
+contribution through ``proj`` is the constant ``W_proj[:, h] b_h``, folded into ``proj``'s bias exactly
+(the same fold as for pruned value dimensions, with no kept dimensions to combine). What the head
+computed from the tokens is lost; ``lstsq`` refits ``proj`` on the kept heads' outputs.
 """
 
 from __future__ import annotations
@@ -34,7 +43,8 @@ Coefficients = Callable[[ProducerStats, Sequence[int], Sequence[int]], tuple[tor
 
 
 def value_split(spec: AttentionSpec, kept_qkv: Sequence[int]) -> tuple[list[int], list[int], bool]:
-    """Kept and pruned value dimensions (indices into ``proj``'s input) and whether q/k lost dimensions.
+    """Kept and pruned value dimensions (indices into ``proj``'s input) and whether q/k lost dimensions in a
+    head that is not removed whole (those change the attention weights of a head that still runs).
 
     ``qkv``'s outputs are q, k, v, each ``num_heads × head_dim`` head-major: value dimension ``d`` of
     head ``h`` is output ``2C + h·head_dim + d`` and ``proj`` input ``h·head_dim + d`` (``C`` the width).
@@ -42,8 +52,21 @@ def value_split(spec: AttentionSpec, kept_qkv: Sequence[int]) -> tuple[list[int]
     width = spec.num_heads * spec.head_dim
     kept_v = [k - 2 * width for k in kept_qkv if k >= 2 * width]
     pruned_v = sorted(set(range(width)) - set(kept_v))
-    qk_pruned = sum(1 for k in kept_qkv if k < 2 * width) < 2 * width
+    gone = set(removed_heads(spec, kept_qkv))
+    kept_qk = sum(1 for k in kept_qkv if k < 2 * width)
+    qk_pruned = kept_qk < 2 * width - 2 * spec.head_dim * len(gone)
     return kept_v, pruned_v, qk_pruned
+
+
+def removed_heads(spec: AttentionSpec, kept_qkv: Sequence[int]) -> list[int]:
+    """Heads whose q, k and v rows are all pruned (whole-head pruning), in dense numbering."""
+    kept = set(kept_qkv)
+    width, d = spec.num_heads * spec.head_dim, spec.head_dim
+    return [
+        h
+        for h in range(spec.num_heads)
+        if not any(part * width + h * d + i in kept for part in range(3) for i in range(d))
+    ]
 
 
 def compensate_values(ctx: RestoreContext, group: Group, kept_qkv: Sequence[int], coefficients: Coefficients,
@@ -56,6 +79,7 @@ def compensate_values(ctx: RestoreContext, group: Group, kept_qkv: Sequence[int]
     assert ctx.dense is not None and group.attention is not None
     spec = group.attention
     kept_v, pruned_v, qk_pruned = value_split(spec, kept_qkv)
+    gone = removed_heads(spec, kept_qkv)
     qkv = ctx.dense.get_submodule(spec.qkv)
     width = spec.num_heads * spec.head_dim
     w = qkv.weight.detach().to(torch.float64).cpu()[2 * width :]
@@ -85,18 +109,25 @@ def compensate_values(ctx: RestoreContext, group: Group, kept_qkv: Sequence[int]
             ctx.add_bias(spec.proj, ctx.pruned.get_submodule(spec.proj), shift)
     ctx.done(group, method)
     return {"method": method, "consumers": consumers, "kept": len(kept_v), "pruned": len(pruned_v),
-            "heads": spec.num_heads, "kind": "attention", count_key: count,
-            "exact_theory": not qk_pruned}  # fmt: skip
+            "heads": spec.num_heads, "heads_removed": len(gone), "kind": "attention", count_key: count,
+            "qk_pruned": qk_pruned,
+            "exact_theory": not qk_pruned and not gone}  # fmt: skip
 
 
 def compensate_attention(ctx: RestoreContext, coefficients: Coefficients, method: str, count_key: str) -> None:
     """:func:`compensate_values` for every pruned attention of ``ctx``; one warning for all q/k losses."""
-    approximate = []
+    approximate, headless = [], []
     for group, kept_qkv in ctx.attention_units():
         row = compensate_values(ctx, group, kept_qkv, coefficients, method, count_key)
         ctx.layers[group.producers[0]] = row
-        if not row["exact_theory"]:
+        if row["heads_removed"]:
+            headless.append(group.producers[0])
+        if row["qk_pruned"]:
             approximate.append(group.producers[0])
+    if headless:
+        ctx.warn(f"{_layer_list(headless)}: whole heads removed: only their value bias is compensated (a "
+                 "constant, in proj's bias); what they computed from the tokens is lost (lstsq refits proj on "
+                 "data)")  # fmt: skip
     if approximate:
         ctx.warn(f"{_layer_list(approximate)}: restoration is approximate (pruned query/key dimensions change the "
                  "attention weights; only value dimensions are compensated, in proj)")  # fmt: skip
