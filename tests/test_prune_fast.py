@@ -248,23 +248,37 @@ def test_inputs_without_a_table_take_the_model_path(
 
     model = _model("test_resnet")
     save_file(model.state_dict(), str(tmp_path / "bare.safetensors"))  # third-party: a bare state dict
+    save_file({n: t.half() if t.is_floating_point() else t for n, t in model.state_dict().items()},
+              str(tmp_path / "bare16.safetensors"))  # fmt: skip
     from prunecli.api._common import InputOptions
 
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))  # never the real home
+    src = InputOptions(arch="test_resnet", num_classes=10)
     r = _run(monkeypatch, False, tmp_path / "bare.safetensors", tmp_path / "p.safetensors", method="magnitude",
-             ratio=0.5, source=InputOptions(arch="test_resnet", num_classes=10))  # fmt: skip
+             ratio=0.5, source=src)  # fmt: skip
+    # a third-party file takes the fast path with a table from the cache (tests/test_table_cache.py) ...
+    fast = _run(monkeypatch, True, tmp_path / "bare.safetensors", tmp_path / "f.safetensors", method="magnitude",
+                ratio=0.5, source=src)  # fmt: skip
+    assert fast.metrics == r.metrics
+    assert (tmp_path / "f.safetensors").read_bytes() == (tmp_path / "p.safetensors").read_bytes()
     monkeypatch.setenv("PRUNECLI_FAST_PRUNE", "1")
     calls = []
     monkeypatch.setattr(PRUNE, "load_input", lambda *a, **k: calls.append(1) or _load_input(*a, **k))
-    again = PRUNE.prune(
-        PruneRequest.build(
-            checkpoint=str(tmp_path / "bare.safetensors"),
-            output=tmp_path / "q.safetensors",
-            method="magnitude",
-            ratio=0.5,
-            source=InputOptions(arch="test_resnet", num_classes=10),
+    # ... unless it is not float32 (the model path converts it) or model args are given
+    with_args = InputOptions(arch="test_resnet", num_classes=10, model_args={"drop_rate": 0.1})
+    for name, opts in (("bare16", src), ("bare", with_args)):
+        PRUNE.prune(
+            PruneRequest.build(
+                checkpoint=str(tmp_path / f"{name}.safetensors"),
+                output=tmp_path / "q.safetensors",
+                method="magnitude",
+                ratio=0.5,
+                force=True,
+                source=opts,
+            )
         )
-    )
-    assert calls == [1] and again.metrics == r.metrics  # fast path on: still the model path
+    assert calls == [1, 1]
+    calls.clear()
     # an older prunecli file (no table) and a float16 one also take the model path
     header = read_header(ckpts["test_resnet"])
     meta = json.loads(header.metadata["prunecli"])
