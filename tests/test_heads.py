@@ -270,3 +270,22 @@ def test_lstsq_on_a_head_pruned_vit_lowers_the_error() -> None:
         after = float((pruned(x) - ref).norm())
     assert after < before
     assert all(g["restored_by"] == ["lstsq"] for g in report.groups)
+
+
+def test_restore_cli_on_a_head_pruned_checkpoint(dense_ckpt: Path, tmp_path: Path) -> None:
+    """``restore`` rebuilds the head-pruned model from its checkpoint and says what it did for the heads."""
+    from typer.testing import CliRunner
+
+    from prunecli.api.prune import prune
+    from prunecli.cli.main import app
+
+    pruned, out = tmp_path / "h.safetensors", tmp_path / "r.safetensors"
+    prune(_request(dense_ckpt, pruned, ratio=0.0, layer_ratios=(("*.attn.qkv", 0.5),)))
+    args = ["restore", str(pruned), "--dense", str(dense_ckpt), "--method", "lbyl", "-o", str(out)]
+    r = CliRunner().invoke(app, args, catch_exceptions=False)
+    assert r.exit_code == 0, r.stderr
+    assert "whole heads removed" in r.stderr
+    metrics = json.loads(r.stdout.strip().splitlines()[0])["metrics"]
+    rows = {g["group"]: g for g in metrics["groups"]}
+    assert {n for n, g in rows.items() if g["kind"] == "attention"} == {f"blocks.{b}.attn.qkv" for b in range(DEPTH)}
+    assert all(g["restored_by"] == ["lbyl"] for g in rows.values())
