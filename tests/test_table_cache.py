@@ -273,6 +273,7 @@ def test_a_cache_dir_that_cannot_be_written_means_no_cache(
 ) -> None:
     (tmp_path / "file").write_text("not a folder")
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "file"))  # mkdir fails, for root too
+    monkeypatch.delenv("PRUNECLI_NO_CACHE", raising=False)
     src, _ = sources["hf-folder"]
     a = _prune(src, tmp_path / "a.safetensors", method="magnitude", ratio=0.5)
     b = _prune(src, tmp_path / "b.safetensors", method="magnitude", ratio=0.5, fast=False)
