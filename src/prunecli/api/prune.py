@@ -719,6 +719,8 @@ class _Obs:
                 "removed_by_solver": {n: predicted_zeros(modules[n].weight, t) for n, t in targets.items()},
             }  # fmt: skip
             return metrics, manifest
+        from prunecli import distributed as D
+
         calib, images = self._calibration(job, int(p["samples"]))
         zeros_before = {n: int((modules[n].weight == 0).sum()) for n in targets}
         start = time.perf_counter()
@@ -748,7 +750,8 @@ class _Obs:
             sizes = sum(w.numel() for n, w in job.target.weights().items() if n in job.selected)
             metrics, manifest = _finish(job, trace, removed, sum(s.k for s in plan.scopes) / max(sizes, 1), None)
         metrics["reconstruct"] = {
-            "method": "obs", "solved": True, "params": p, "calib_samples": images, "layers": rows,
+            "method": "obs", "solved": True, "params": p, "calib_samples": images, "world_size": D.world_size(),
+            "calib_shard": sum(len(b) for b in calib), "layers": rows,
             "warnings": list(report.warnings), "reconstruct_s": seconds, **summary(rows),
         }  # fmt: skip
         return metrics, manifest

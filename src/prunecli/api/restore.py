@@ -449,7 +449,8 @@ class MaskedRestoreReport:
         warnings: every warning emitted (unreached or skipped layers, …).
         accuracy: {"before": {...}, "after": {...}} evaluation metrics with ``val``.
         seconds: wall time per method.
-        samples: calibration images this process used.
+        samples: calibration images read (every process reads the same).
+        shard: of those, the images ``obs`` solved from in this process (its share under torchrun).
     """
 
     methods: list[str]
@@ -459,6 +460,7 @@ class MaskedRestoreReport:
     accuracy: dict[str, dict[str, Any]] = field(default_factory=dict)
     seconds: dict[str, float] = field(default_factory=dict)
     samples: int = 0
+    shard: int | None = None
 
     def metrics(self) -> dict[str, Any]:
         """Flat, JSON-able metrics for the record (the same top-level keys as channel restoration)."""
@@ -544,6 +546,7 @@ def restore_masked_model(
         report.layers[m.name] = ctx.layers
     pruned_model.to("cpu").eval()
     report.warnings = list(ctx.warnings)
+    report.shard = ctx.shard
     if val is not None and before is not None:
         from prunecli.evaluation import evaluate_model
 
@@ -592,8 +595,9 @@ def _restore_masked(req: RestoreRequest, loaded: Any, method: str, dev: Any) -> 
     metrics = report.metrics()
     metrics["arch"] = manifest.arch
     metrics["calib_samples"] = report.samples
-    if D.world_size() > 1:
-        metrics["world_size"] = D.world_size()
+    if report.shard is not None:
+        metrics["calib_shard"] = report.shard
+    metrics["world_size"] = D.world_size()
     metrics.update(count_model(loaded.model).metrics())  # params, params_nonzero, sparsity (one convention)
     return Result(checkpoint=path, sha256=sha, metrics=metrics, device=describe(dev))
 

@@ -41,6 +41,7 @@ class MaskedContext:
         calib: calibration input batches (every image up to the largest ``samples`` of the chain).
         device: where the passes and solves run.
         rank, world: this process's place under ``torchrun`` (0, 1 in a single process).
+        shard: set by ``obs``: the calibration images this process solved from (its share under torchrun).
         layers: filled by the method: what it did (per layer for ``obs``, ``"*"`` for ``bn``).
         warnings: every warning emitted.
     """
@@ -52,6 +53,7 @@ class MaskedContext:
     device: torch.device
     rank: int = 0
     world: int = 1
+    shard: int | None = None
     layers: dict[str, Any] = field(default_factory=dict)
     warnings: list[str] = field(default_factory=list)
 
@@ -95,6 +97,7 @@ def restore_obs(ctx: MaskedContext, params: dict[str, Any]) -> None:
     for message in report.warnings:
         ctx.warn(f"obs: {message}")
     ctx.layers.update(layer_rows(report))
+    ctx.shard = sum(len(b) for b in batches)
 
 
 def restore_bn_masked(ctx: MaskedContext, params: dict[str, Any]) -> None:
