@@ -7,7 +7,9 @@ which state-dict entries are buffers rather than parameters (for the parameter c
 writes this table into the manifest of every checkpoint it saves from a model
 (:func:`build_layer_table`), so a later ``prune --structure unstructured|N:M`` of that file can read
 the tensors with safetensors and never import timm or rebuild the model (``api/prune.py``'s fast
-path). Files without a table (third-party checkpoints, older prunecli files) take the model path.
+path). Third-party files (timm folders, train.py files, bare state dicts) get the table the model
+path would write from the layer-table cache, built once per architecture
+(:mod:`prunecli.checkpoint.table_cache`); older prunecli files without a table take the model path.
 
 Schema (``manifest.layer_table``, JSON; ``version`` :data:`TABLE_VERSION`)::
 

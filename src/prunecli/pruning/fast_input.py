@@ -2,7 +2,15 @@
 
 Used by ``prunecli prune`` (see :mod:`prunecli.api.prune`, "Fast path") for unstructured and N:M
 pruning with magnitude scores or a scores file. ``fast_input`` returns None whenever the model path
-must run instead; ``no_cache`` is ``--no-cache`` (the layer-table cache of third-party checkpoints).
+must run instead.
+
+Where the table comes from depends on the input (:data:`_READERS`): a prunecli checkpoint carries it
+in its manifest; a third-party file (timm folder, train.py file, bare state dict with ``--arch``) gets
+it from the layer-table cache (:mod:`prunecli.checkpoint.table_cache`), which the first run of an
+architecture fills by rebuilding the model once through the model path's own loader. ``no_cache`` is
+``--no-cache``: the table is then built in process every time, and the cache neither read nor written.
+Either way the manifest is computed by the model path's own functions, so the output is the model
+path's, byte for byte.
 """
 
 from __future__ import annotations
