@@ -143,13 +143,12 @@ def _prunecli_input(source: Any, run: _Run) -> FastInput | None:
         return None
     if any(t.dtype in _FLOAT_DTYPES and t.dtype != "F32" for t in header.tensors):
         return None
-    from prunecli.checkpoint.loaders import Loaded
     from prunecli.checkpoint.loaders import check_finite as _check_finite
 
     run.check_output(source)
     assert source.weights is not None
     tensors, sha, mapped = _read_safetensors(header, run.maps, source.weights)
-    fast = FastInput(Loaded(None, manifest, source), tensors, table, mapped=mapped, sha=sha)  # type: ignore[arg-type]
+    fast = _fast(manifest, source, tensors, table, mapped, sha)
     try:
         _check_finite(tensors, source.spec)
     except BaseException:
@@ -159,24 +158,25 @@ def _prunecli_input(source: Any, run: _Run) -> FastInput | None:
 
 
 def _read_safetensors(header: Any, maps: bool, weights: Path) -> tuple[dict[str, Any], Any, bool]:
-    """(tensors, a future of the file's sha256, mapped?): mapped read-only where ``maps``, else read once."""
+    """(tensors, the file's sha256 or a future of it, mapped?): mapped read-only where ``maps``, else read once."""
     from prunecli.checkpoint.safetensors_io import map_safetensors_hashed, read_safetensors_hashed
 
     mapped = map_safetensors_hashed(header) if maps else None
     if mapped is not None:
         return mapped[0], mapped[1], True
     tensors, sha = read_safetensors_hashed(header)
-    return tensors, _Done(sha), False
+    return tensors, sha, False
 
 
-class _Done:
-    """A finished future (a digest computed while reading)."""
+def _fast(manifest: Any, source: Any, tensors: dict[str, Any], table: Any, mapped: bool, sha: Any) -> FastInput:
+    """The FastInput; a digest already known (``str``) is the input's at once (a scores file is checked against it)."""
+    from prunecli.checkpoint.hashing import remember_sha256
+    from prunecli.checkpoint.loaders import Loaded
 
-    def __init__(self, value: str) -> None:
-        self.value = value
-
-    def result(self) -> str:
-        return self.value
+    if isinstance(sha, str):
+        remember_sha256(source.weights, sha)
+        return FastInput(Loaded(None, manifest, source, _sha=sha), tensors, table, mapped=mapped)  # type: ignore[arg-type]
+    return FastInput(Loaded(None, manifest, source), tensors, table, mapped=mapped, sha=sha)  # type: ignore[arg-type]
 
 
 # ------------------------------------------------------------------------------------ third-party files
@@ -233,15 +233,12 @@ def _third_party_input(source: Any, run: _Run) -> FastInput | None:
         if read is not None:
             _settle(read[1])
         return None
-    from prunecli.checkpoint.loaders import Loaded
-
-    loaded = Loaded(None, manifest, source)  # type: ignore[arg-type]
-    return FastInput(loaded, tensors, table, mapped=mapped, sha=sha)
+    return _fast(manifest, source, tensors, table, mapped, sha)
 
 
 def _settle(sha: Any) -> None:
     """Waits for the input's hashing thread (an abandoned mapping must not be hashed behind the model path)."""
-    if sha is not None:
+    if sha is not None and not isinstance(sha, str):
         sha.result()
 
 
@@ -254,19 +251,21 @@ def _read_third_party(source: Any, run: _Run) -> tuple[dict[str, Any], Any, bool
             return None
         tensors, sha, mapped = _read_safetensors(source.header, run.maps, source.weights)
         return tensors, sha, mapped, None
-    if source.kind is SourceKind.TORCH:
-        sd, file_arch = read_torch_state(source, run.load_options)
-    else:
-        sd, file_arch = read_weights(source.weights), None
-    if not _plain_float32(sd):
-        return None
     from concurrent.futures import ThreadPoolExecutor
 
-    from prunecli.checkpoint.hashing import file_sha256
+    from prunecli.checkpoint.hashing import hash_file
 
-    pool = ThreadPoolExecutor(1, thread_name_prefix="prunecli-sha256")
-    sha = pool.submit(file_sha256, source.weights)  # the lineage's input digest, beside the pruning
-    pool.shutdown(wait=False)
+    with ThreadPoolExecutor(1, thread_name_prefix="prunecli-sha256") as pool:
+        future = pool.submit(hash_file, source.weights)  # the input's digest, hashed while torch reads it
+        try:
+            if source.kind is SourceKind.TORCH:
+                sd, file_arch = read_torch_state(source, run.load_options)
+            else:
+                sd, file_arch = read_weights(source.weights), None
+        finally:
+            sha = future.result()
+    if not _plain_float32(sd):
+        return None
     return sd, sha, False, file_arch
 
 
