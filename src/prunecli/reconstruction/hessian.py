@@ -38,6 +38,7 @@ __all__ = ["GramAccumulator", "input_columns", "supports"]
 
 _CHUNK_ELEMENTS = 1 << 24  # float64 elements converted at once (128 MiB), for float64 inputs
 BLOCK = 4096  # positions per float32 product (the precision bound in the module docstring)
+_PATCH_ELEMENTS = 1 << 23  # unfolded patch elements of the images converted at once (32 MiB in float32)
 
 
 def _timm_same(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -126,7 +127,16 @@ class GramAccumulator:
 
     def add(self, x: torch.Tensor) -> None:
         """Adds one batch of the layer's input (as the layer receives it)."""
-        cols = input_columns(self.module, x.detach())
+        x = x.detach()
+        if x.ndim < 2 or not x.numel():
+            self._add_columns(input_columns(self.module, x))
+            return
+        per_image = max(1, input_columns(self.module, x[:1]).numel())
+        step = max(1, _PATCH_ELEMENTS // per_image)
+        for i in range(0, x.shape[0], step):  # a few images at a time: the unfolded patches stay small
+            self._add_columns(input_columns(self.module, x[i : i + step]))
+
+    def _add_columns(self, cols: torch.Tensor) -> None:
         g, n, d = cols.shape
         if cols.dtype == torch.float64:
             step = max(1, _CHUNK_ELEMENTS // max(1, g * d))

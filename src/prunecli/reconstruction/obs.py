@@ -107,21 +107,58 @@ def dampen(h: torch.Tensor, damp: float, *, inplace: bool = False) -> tuple[torc
 def inverse_cholesky(h_damped: torch.Tensor) -> torch.Tensor:
     """Upper ``U`` with ``H⁻¹ = UᵀU``: row ``j`` scaled by ``1/U_jj`` is row ``j`` of the inverse of ``H[j:, j:]``.
 
+    Computed without forming ``H⁻¹``: with ``J`` the order-reversing permutation and ``C`` the lower
+    Cholesky factor of ``J H J``, ``H = K Kᵀ`` with ``K = J C J`` upper triangular, so ``H⁻¹ = K⁻ᵀ K⁻¹`` and
+    ``U = K⁻¹ = J C⁻¹ J``. One factorisation and one triangular inverse (``2d³/3`` flops) instead of a
+    factorisation, an inverse and a second factorisation (``4d³/3``); everything happens in one ``d × d``
+    buffer besides ``H`` (plus blocks of 256 rows or columns).
+
     Raises:
         InputError: the dampened matrix is not positive definite (non-finite activations).
     """
     if not bool(torch.isfinite(h_damped).all()):
         raise InputError("the calibration activations hold NaN or inf", hint="check the model and the data")
-    # one d × d buffer besides H': the factor, the inverse and the inverse's factor overwrite each other
-    work = torch.empty_like(h_damped)
+    work = torch.flip(h_damped, (0, 1))
     info = torch.empty((), dtype=torch.int32, device=h_damped.device)
-    torch.linalg.cholesky_ex(h_damped, out=(work, info))
-    if int(info) == 0:
-        torch.cholesky_inverse(work, out=work)
-        torch.linalg.cholesky_ex(work, upper=True, out=(work, info))
+    torch.linalg.cholesky_ex(work, out=(work, info))
     if int(info) != 0:
         raise InputError("the dampened Gram matrix is not positive definite", hint="raise -p damp")
+    _invert_lower(work)
+    _flip_both(work)
     return work
+
+
+_PANEL = 256  # rows or columns per block in the in-place triangular inverse and flip
+
+
+def _invert_lower(c: torch.Tensor) -> None:
+    """Inverts a lower-triangular matrix in place: ``[[A, 0], [B, D]]⁻¹ = [[A⁻¹, 0], [−D⁻¹ B A⁻¹, D⁻¹]]``,
+    recursively; ``B`` is overwritten panel by panel, so the temporaries stay ``n/2 × 256``."""
+    n = c.shape[0]
+    if n <= _PANEL:
+        eye = torch.eye(n, dtype=c.dtype, device=c.device)
+        c.copy_(torch.linalg.solve_triangular(c, eye, upper=False))
+        return
+    k = n // 2
+    a, b, d = c[:k, :k], c[k:, :k], c[k:, k:]
+    _invert_lower(a)
+    for i in range(0, n - k, _PANEL):  # B ← B A⁻¹, by rows
+        b[i : i + _PANEL] = b[i : i + _PANEL] @ a
+    _invert_lower(d)
+    for j in range(0, k, _PANEL):  # B ← −D⁻¹ B, by columns
+        b[:, j : j + _PANEL] = -(d @ b[:, j : j + _PANEL])
+
+
+def _flip_both(m: torch.Tensor) -> None:
+    """``m ← J m J`` (rows and columns reversed) in place, swapping mirrored panels of rows."""
+    n = m.shape[0]
+    for i in range(0, n // 2, _PANEL):
+        b = min(_PANEL, n // 2 - i)
+        top = m[i : i + b].flip((0, 1)).clone()
+        m[i : i + b] = m[n - i - b : n - i].flip((0, 1))
+        m[n - i - b : n - i] = top
+    if n % 2:
+        m[n // 2] = m[n // 2].flip(0).clone()
 
 
 def row_errors(w: torch.Tensor, w_hat: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
