@@ -32,7 +32,6 @@ import json
 import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 PRUNECLI = Path(sys.executable).with_name("prunecli")
@@ -87,8 +86,9 @@ for acc in accs.values():
 t2 = time.perf_counter()
 gram = max(acc.h[0].numel() * acc.h.shape[0] * 8 for acc in accs.values()) / 2**20
 del accs
+params = sum(p.numel() * p.element_size() for p in model.parameters()) / 2**20
 print(json.dumps({"base_mib": base, "loaded_mib": loaded, "gram_mib": gram, "forward_gram_s": t1 - t0,
-                  "cholesky_s": t2 - t1, "model_mib": sum(p.numel() * p.element_size() for p in model.parameters()) / 2**20}))
+                  "cholesky_s": t2 - t1, "model_mib": params}))
 """
 )
 
@@ -152,8 +152,8 @@ def _via(choice: str) -> str:
     """``cli`` once ``prune --reconstruct obs`` is committed (its wiring lives in reconstruction/joint.py)."""
     if choice != "auto":
         return choice
-    log = subprocess.run(["git", "log", "--oneline", "-1", "--", "src/prunecli/reconstruction/joint.py"],
-                         capture_output=True, text=True, check=False, cwd=Path(__file__).resolve().parents[1])  # fmt: skip
+    cmd = ["git", "log", "--oneline", "-1", "--", "src/prunecli/reconstruction/joint.py"]
+    log = subprocess.run(cmd, capture_output=True, text=True, check=False, cwd=Path(__file__).resolve().parents[1])
     return "cli" if log.stdout.strip() else "library"
 
 
@@ -169,9 +169,8 @@ def main() -> None:
     args.workdir.mkdir(parents=True, exist_ok=True)
     env = {**os.environ, "PRUNECLI_NO_PROGRESS": "1"}
     via = _via(args.via)
-    print(
-        f"via {via}; threads {env.get('OMP_NUM_THREADS', 'default')}; loadavg {Path('/proc/loadavg').read_text().strip()}"
-    )
+    load = Path("/proc/loadavg").read_text().strip()
+    print(f"via {via}; threads {env.get('OMP_NUM_THREADS', 'default')}; loadavg {load}")
     rows = []
     for arch in args.arch:
         ckpt = args.workdir / f"{arch}.safetensors"
@@ -202,7 +201,7 @@ def main() -> None:
             "wall_ratio": round(o["wall_s"] / f["wall_s"], 2), "cpu_ratio": round(o["cpu_s"] / f["cpu_s"], 2),
             "obs_peak_mib": round(o["peak_mib"]), "bound_mib": round(bound),
             "mem_ratio": round(o["peak_mib"] / bound, 2),
-            "terms_mib": {"interpreter": round(f["base_mib"]), "loaded (interpreter+model+images)": round(f["loaded_mib"]),
+            "terms_mib": {"interpreter": round(f["base_mib"]), "loaded": round(f["loaded_mib"]),
                           "model_params": round(f["model_mib"]), "largest_gram": round(f["gram_mib"]),
                           "one_batch_activations": round(act["act_mib"])},
             "floor_peak_mib": round(f["peak_mib"]), "loadavg": Path("/proc/loadavg").read_text().split()[:3],

@@ -209,3 +209,21 @@ def test_float32_gram_within_the_stated_bound() -> None:
     # the float32 path really ran: float64 products would be off by ~1e-16 of Σ|x_i||x_j|, float32 ones by ~1e-7
     assert float((err / (x64.abs().T @ x64.abs())).max()) > 1e-10
     assert acc.h.dtype == DT and acc.positions == n
+
+
+@pytest.mark.parametrize("d", [5, 256, 600])
+def test_inverse_cholesky_is_the_upper_factor_of_the_inverse(d: int) -> None:
+    """``UᵀU = H⁻¹`` (explicit inverse) with ``U`` upper triangular and a positive diagonal, which makes it
+    the unique upper Cholesky factor; 600 exercises the blocked in-place inverse and the panel flip."""
+    from prunecli.reconstruction.obs import inverse_cholesky
+
+    g = torch.Generator().manual_seed(d)
+    x = torch.randn(d, 2 * d, generator=g, dtype=DT)
+    h = x @ x.T + 0.1 * torch.eye(d, dtype=DT)
+    u = inverse_cholesky(h)
+    inv = torch.linalg.inv(h)
+    cond = float(torch.linalg.cond(h))
+    assert torch.equal(u, torch.triu(u)) and bool((torch.diagonal(u) > 0).all())
+    # backward-stable factorisations: relative error O(d · cond · eps); 10 · d leaves room, a wrong U is off by O(1)
+    tol = 10 * d * cond * torch.finfo(DT).eps * float(inv.abs().max())
+    assert float((u.T @ u - inv).abs().max()) <= tol
