@@ -306,6 +306,79 @@ def test_prune_reconstruct_dry_run_writes_nothing(cli, ckpts: dict[str, Path], t
                                           ["sparsity"])  # fmt: skip
 
 
+# ------------------------------------------------------------------------------------------------ unreached layers
+
+
+class _AuxNet(torch.nn.Module):
+    """A small conv net with an auxiliary Linear (``aux``) that its forward never calls."""
+
+    def __init__(self, num_classes: int = 10, **_: Any) -> None:
+        super().__init__()
+        self.num_classes = num_classes
+        self.conv = torch.nn.Conv2d(3, 8, 3, padding=1)
+        self.pool = torch.nn.AdaptiveAvgPool2d(4)
+        self.fc1 = torch.nn.Linear(128, 32)
+        self.aux = torch.nn.Linear(128, 32)  # e.g. a training-only head
+        self.head = torch.nn.Linear(32, num_classes)
+
+    def get_classifier(self) -> torch.nn.Module:
+        return self.head
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.pool(torch.relu(self.conv(x))).flatten(1)
+        return self.head(torch.relu(self.fc1(x)))
+
+
+def _register_aux_net() -> None:
+    import sys
+
+    from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
+
+    mod = sys.modules[__name__]
+    if getattr(mod, "default_cfgs", None) is not None:
+        return
+    cfg = {"url": "", "num_classes": 10, "input_size": (3, 32, 32), "crop_pct": 1.0, "interpolation": "bilinear",
+           "mean": (0.5,) * 3, "std": (0.5,) * 3, "first_conv": "conv", "classifier": "head"}  # fmt: skip
+    mod.default_cfgs = generate_default_cfgs({"obs_test_aux_net.untrained": cfg})  # type: ignore[attr-defined]
+
+    def obs_test_aux_net(pretrained: bool = False, **kwargs: Any) -> _AuxNet:
+        return build_model_with_cfg(_AuxNet, "obs_test_aux_net", pretrained, **kwargs)
+
+    obs_test_aux_net.__module__ = __name__
+    register_model(obs_test_aux_net)
+
+
+def test_unreached_layer_is_warned_and_gets_the_plain_mask(cli, save_model, tmp_path: Path) -> None:
+    """prune: ``aux`` (never called) gets the criterion's mask (= torch's l1_unstructured), status unreached;
+    restore: it keeps the checkpoint's weights; both records warn about it."""
+    import torch.nn.utils.prune as P
+
+    import prunecli.archs  # noqa: F401
+
+    _register_aux_net()
+    torch.manual_seed(0)
+    base = save_model(_AuxNet(), tmp_path / "aux.safetensors", "obs_test_aux_net", 10)
+    out = tmp_path / "o.safetensors"
+    rec = _run_ok(cli, "prune", base, "--method", "magnitude", "--ratio", "0.5", "--reconstruct", "obs",
+                  "--data", CALIB, "-o", out)  # fmt: skip
+    rc = rec["metrics"]["reconstruct"]
+    assert rc["layers"]["aux"]["status"] == "unreached" and any("aux" in w for w in rc["warnings"])
+    assert rc["layers"]["fc1"]["status"] == "reconstructed"
+    ref = _load(base).model
+    P.l1_unstructured(ref.aux, "weight", amount=0.5)
+    assert torch.equal(load_file(str(out))["aux.weight"], ref.aux.weight.detach())
+    assert "aux.weight" in _load(out).manifest.masked
+
+    masked = tmp_path / "m.safetensors"
+    _run_ok(cli, "prune", base, "--method", "magnitude", "--ratio", "0.5", "-o", masked)
+    restored = tmp_path / "r.safetensors"
+    rec = _run_ok(cli, "restore", masked, "--method", "obs", "--data", CALIB, "-o", restored)
+    rows = {r["layer"]: r for r in rec["metrics"]["layers"]}
+    assert rows["aux"]["status"] == "unreached" and any("aux" in w for w in rec["metrics"]["warnings"])
+    assert rec["metrics"]["reconstructed"] == ["conv", "fc1"]
+    assert torch.equal(load_file(str(restored))["aux.weight"], load_file(str(masked))["aux.weight"])
+
+
 # ------------------------------------------------------------------------------------------------ bad input
 
 
@@ -339,6 +412,8 @@ BAD: dict[str, tuple[str, Any, tuple[str, ...], str]] = {
                                           "--data", "digits:train", "-p", "blocksize=0"), "blocksize=0"),
     "prune_unknown_key": ("prune", "base", ("--method", "magnitude", "--ratio", "0.5", "--reconstruct", "obs",
                                             "--data", "digits:train", "-p", "lambda=1"), "unknown -p key 'lambda'"),
+    "prune_restore_obs": ("prune", "base", ("--method", "l2", "--structure", "channel", "--ratio", "0.3",
+                                            "--restore", "obs"), "not masked"),
     "restore_no_data": ("restore", "m70", ("--method", "obs"), "obs needs calibration data"),
     "restore_obs_bn_no_data": ("restore", "m70", ("--method", "obs+bn"), "needs calibration data"),
     "restore_dense": ("restore", "base", ("--method", "obs", "--data", "digits:train"), "no masked weights"),

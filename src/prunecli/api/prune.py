@@ -91,6 +91,10 @@ def prune(req: PruneRequest) -> Result:
 
     out, force, run = req.output, req.force, req.runtime
     criterion_params = _check_params(req)
+    if req.restore:  # a method that does not restore channels (obs) is refused before any work
+        from prunecli.restoration import check_kind, parse_methods
+
+        check_kind(parse_methods(req.restore), "channel", "the output of --structure channel")
     if req.reconstruct:
         from prunecli import distributed as D
         from prunecli.device import resolve_device
