@@ -289,3 +289,17 @@ def test_restore_cli_on_a_head_pruned_checkpoint(dense_ckpt: Path, tmp_path: Pat
     rows = {g["group"]: g for g in metrics["groups"]}
     assert {n for n, g in rows.items() if g["kind"] == "attention"} == {f"blocks.{b}.attn.qkv" for b in range(DEPTH)}
     assert all(g["restored_by"] == ["lbyl"] for g in rows.values())
+
+
+@pytest.mark.parametrize(("min_channels", "round_to", "heads"), [(1, None, 2), (40, None, 3), (1, 48, 3), (1, 32, 2)])
+def test_min_channels_and_round_to_count_channels_of_whole_heads(
+    min_channels: int, round_to: int | None, heads: int
+) -> None:
+    """Kept heads·head_dim (16 per head) is at least ``min_channels`` and a multiple of ``round_to``.
+
+    Half of 4 heads is 2 (32 channels); 40 channels need 3 heads (48); a multiple of 48 channels is 3 heads
+    (rounding 2 heads down to a multiple of 3 would give 0, and at least one step is kept); 32 is 2 heads.
+    """
+    plan = plan_channels(_vit(), example_input=_x(1), heads=True, min_channels=min_channels, round_to=round_to,
+                         **ATTN_ONLY)  # fmt: skip
+    assert {v["heads"] for v in plan.heads().values()} == {heads}
