@@ -5,7 +5,11 @@
 * :mod:`~prunecli.reconstruction.obs` — the per-layer solver: Optimal Brain Surgeon updates on
   SparseGPT's column schedule, with the mask given or chosen jointly (unstructured or N:M);
 * :mod:`~prunecli.reconstruction.sequential` — layers solved in forward order, each from the inputs of
-  the already reconstructed prefix.
+  the already reconstructed prefix;
+* :mod:`~prunecli.reconstruction.masked` — a masked checkpoint's weights refit to its dense parent
+  (``restore --method obs``);
+* :mod:`~prunecli.reconstruction.joint` — what ``prune --reconstruct obs`` and ``restore --method obs``
+  share: parameters, calibration batches and their shards, targets from a prune plan, the record.
 
 Example:
     >>> from prunecli.reconstruction import NM, reconstruct
@@ -15,6 +19,7 @@ Example:
 from __future__ import annotations
 
 from prunecli.reconstruction.hessian import GramAccumulator, input_columns
+from prunecli.reconstruction.masked import restore_masked
 from prunecli.reconstruction.obs import NM, ObsResult, dampen, obs_prune
 from prunecli.reconstruction.sequential import LayerResult, ReconstructionReport, Target, reconstruct
 
@@ -29,4 +34,5 @@ __all__ = [
     "input_columns",
     "obs_prune",
     "reconstruct",
+    "restore_masked",
 ]

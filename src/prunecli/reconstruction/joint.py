@@ -46,16 +46,36 @@ def obs_params(params: Mapping[str, Any], defaults: Mapping[str, Any] = PRUNE_DE
         InputError: ``damp <= 0``, ``blocksize < 1``, ``samples < 1`` or a value of the wrong type.
     """
     from prunecli.reconstruction.masked import check_params
-    from prunecli.restoration import cast_param
 
     out = dict(defaults)
     for key, value in params.items():
         if key in out:
-            out[key] = cast_param(key, value, defaults[key])
+            out[key] = _convert(key, value)
     check_params(float(out["damp"]), int(out["blocksize"]))
     if int(out["samples"]) < 1:
         raise InputError(f"samples={out['samples']}: at least one calibration image", hint="e.g. -p samples=128")
     return out
+
+
+def _flag(text: str) -> bool:
+    words = {"1": True, "true": True, "yes": True, "on": True, "0": False, "false": False, "no": False, "off": False}
+    if text.lower() not in words:
+        raise ValueError(text)
+    return words[text.lower()]
+
+
+_TYPES: dict[str, Any] = {"damp": float, "blocksize": int, "samples": int, "refit": _flag}
+
+
+def _convert(key: str, value: Any) -> Any:
+    """A ``-p`` value (a string from the command line) as its key's type; other values are taken as they are."""
+    if not isinstance(value, str):
+        return value
+    try:
+        return _TYPES[key](value.strip())
+    except ValueError:
+        kind = {"damp": "number", "refit": "true or false"}.get(key, "integer")
+        raise InputError(f"-p {key}={value}: expected a {kind}") from None
 
 
 def calibration(batches: Iterable[Any], samples: int) -> list[torch.Tensor]:

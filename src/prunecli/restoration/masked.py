@@ -84,9 +84,8 @@ def restore_obs(ctx: MaskedContext, params: dict[str, Any]) -> None:
     """
     from prunecli.reconstruction.joint import layer_rows, obs_params, shard
     from prunecli.reconstruction.masked import restore_masked
-    from prunecli.restoration import RESTORERS
 
-    p = obs_params(params, RESTORERS.get("obs").params)
+    p = obs_params(params, params)  # resolved by the registry (defaults filled in); checked again here
     if ctx.dense is None:
         raise InputError("obs needs the dense parent model", hint="pass --dense PATH")
     batches = shard(ctx.calib_samples(int(p["samples"])), ctx.rank, ctx.world)
