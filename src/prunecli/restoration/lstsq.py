@@ -106,8 +106,13 @@ def refit_consumer(
         xty += x.T @ y
         n += x.shape[0]
     lam = ridge * float(torch.trace(xtx)) / d if float(torch.trace(xtx)) > 0 else ridge
-    a = xtx + lam * torch.eye(d, dtype=torch.float64, device=ctx.device)
-    sol = torch.linalg.solve(a, xty + lam * w0.T)  # (d, out)
+    a = xtx
+    a.diagonal().add_(lam)  # xtx is not used again: no D×D identity or copy
+    rhs = xty + lam * w0.T
+    # A = XᵀX + λI is symmetric positive definite for λ > 0: Cholesky takes half the work of LU;
+    # LU remains for what Cholesky refuses (λ = 0 with a rank-deficient XᵀX, as before).
+    factor, info = torch.linalg.cholesky_ex(a)
+    sol = torch.cholesky_solve(rhs, factor) if int(info) == 0 else torch.linalg.solve(a, rhs)  # (d, out)
     new = sol.T
     if pmod.bias is not None:
         pmod.bias.copy_(new[:, -1].to(pmod.bias.dtype))
