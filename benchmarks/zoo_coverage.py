@@ -172,10 +172,10 @@ def select() -> None:
     FAMILIES.write_text("\n".join(lines) + "\n")
 
 
-def read_families(path: Path = FAMILIES) -> list[dict]:
-    """Parses ``zoo_families.txt``."""
+def read_families(path: Path | None = None) -> list[dict]:
+    """Parses ``zoo_families.txt`` (or ``path``)."""
     rows = []
-    for line in path.read_text().splitlines():
+    for line in (path or FAMILIES).read_text().splitlines():
         if not line.strip() or line.startswith("#"):
             continue
         family, model, size, args, params = line.split("\t")
@@ -187,38 +187,53 @@ def read_families(path: Path = FAMILIES) -> list[dict]:
 # ------------------------------------------------------------------------------------------------ run
 
 
-def _prune_one(row: dict, outdir: Path) -> dict:
-    """prunecli channel pruning + save, then plain Torch-Pruning on a fresh model (worker process)."""
+def _limit_memory() -> None:
+    """Torch-Pruning's graph can explode on some windowed-attention models; fail cleanly, not the machine."""
     import resource
 
+    cap = int(float(os.environ.get("ZOO_MEMORY_GB", MEMORY_CAP / (1 << 30))) * (1 << 30))
+    resource.setrlimit(resource.RLIMIT_AS, (cap, cap))
+
+
+def _fresh(row: dict):  # -> nn.Module
     import timm
+    import torch
+
+    torch.manual_seed(0)
+    return timm.create_model(row["model"], pretrained=False, num_classes=10, **row["model_args"]).eval()
+
+
+def _example(row: dict):  # -> torch.Tensor
+    import torch
+
+    return torch.randn(2, *row["input_size"], generator=torch.Generator().manual_seed(1))
+
+
+def _prune_one(row: dict, outdir: Path) -> dict:
+    """prunecli channel pruning to each target + save (worker process); prints its row after each target."""
     import torch
 
     from prunecli.checkpoint.manifest import Manifest
     from prunecli.checkpoint.writer import save_checkpoint
     from prunecli.models import default_pretrained_cfg
     from prunecli.prunable import classifier_modules
-
-    # Torch-Pruning's graph can explode on some windowed-attention models; fail cleanly, not the machine.
-    resource.setrlimit(resource.RLIMIT_AS, (MEMORY_CAP, MEMORY_CAP))
-    torch.set_num_threads(1)
-    name, args = row["model"], row["model_args"]
-    res: dict = {"family": row["family"], "model": name}
-
-    def fresh() -> torch.nn.Module:
-        torch.manual_seed(0)
-        return timm.create_model(name, pretrained=False, num_classes=10, **args).eval()
-
-    g = torch.Generator().manual_seed(1)
-    x = torch.randn(2, *row["input_size"], generator=g)
-    # --- prunecli, to each target: plan by bisection (prunecli.pruning.budget), apply, forward, save
     from prunecli.pruning.budget import plan_channels_to
     from prunecli.pruning.channel import apply_channels, channel_metrics
 
+    _limit_memory()
+    torch.set_num_threads(1)
+    name, args = row["model"], row["model_args"]
+    res: dict = {"family": row["family"], "model": name}
+    t0 = time.perf_counter()
+    dense = _fresh(row)
+    res["build_s"] = round(time.perf_counter() - t0, 2)
+    res["default_input"] = list(dense.pretrained_cfg.get("input_size", (3, 224, 224)))
+    del dense
+    x = _example(row)
     for kind in TARGETS:
         key = f"{kind}50"
         try:
-            model = fresh()
+            model = _fresh(row)
             before = sum(p.numel() for p in model.parameters())
             t0 = time.perf_counter()
             plan, _, steps = plan_channels_to(
@@ -257,29 +272,47 @@ def _prune_one(row: dict, outdir: Path) -> dict:
             res[f"{key}_pruned"] = False
             res[f"{key}_error"] = _short(exc)
             res[f"{key}_trace"] = traceback.format_exc(limit=-3)[-600:]
-    res["prunecli_pruned"] = res.get("macs50_pruned", False)
-    res["prunecli_error"] = res.get("macs50_error", "")
-    print(json.dumps({k: v for k, v in res.items() if not k.endswith("_trace")}), flush=True)  # if TP times out
-    # --- plain Torch-Pruning asked for the same MACs by its own means: iterative_steps, a MAC count after
-    # each step, the ratio raised until the budget is met
-    try:
-        import torch_pruning as tp
+        print(json.dumps(res), flush=True)  # the runner keeps the last line printed, should the next target time out
+    return res
 
-        model = fresh()
+
+def _tp_one(row: dict) -> dict:
+    """Plain Torch-Pruning asked for the same MACs by its own means (worker process).
+
+    Its pruner with ``iterative_steps``, a MAC count (its own counter) after each step, the ratio raised
+    until the budget is met; for attention modules with a fused ``qkv`` its ViT recipe
+    (examples/transformers/prune_timm_vit.py): ``num_heads`` registered, ``head_dim`` reset after each step.
+    """
+    import torch
+    import torch_pruning as tp
+
+    from prunecli.prunable import classifier_modules
+
+    _limit_memory()
+    torch.set_num_threads(1)
+    res: dict = {}
+    try:
+        model = _fresh(row)
+        x = _example(row)
         ignored = [model.get_submodule(n) for n in classifier_modules(model)]
         dense_macs, _ = tp.utils.count_ops_and_params(model, x[:1])
+        attn = [m for m in model.modules() if isinstance(getattr(m, "qkv", None), torch.nn.Linear)
+                and isinstance(getattr(m, "num_heads", None), int)]  # fmt: skip
         t0 = time.perf_counter()
         pruner = tp.pruner.BasePruner(model, x[:1], importance=tp.importance.GroupMagnitudeImportance(p=2),
-                                      pruning_ratio=TP_MAX_RATIO, iterative_steps=TP_STEPS,
-                                      ignored_layers=ignored, global_pruning=True)  # fmt: skip
-        macs = dense_macs
-        for _ in range(TP_STEPS):
+                                      pruning_ratio=TP_MAX_RATIO, iterative_steps=TP_STEPS, ignored_layers=ignored,
+                                      global_pruning=True, num_heads={m.qkv: m.num_heads for m in attn})  # fmt: skip
+        macs, steps = dense_macs, 0
+        while steps < TP_STEPS and macs > TARGET * dense_macs:
             pruner.step()
+            for m in attn:
+                m.head_dim = m.qkv.out_features // (3 * m.num_heads)
+                if hasattr(m, "attn_dim"):  # timm >= 1.0.20 reshapes the heads' output by attn_dim
+                    m.attn_dim = m.head_dim * m.num_heads
+            steps += 1
             macs, _ = tp.utils.count_ops_and_params(model, x[:1])
-            if macs <= TARGET * dense_macs:
-                break
+            res.update(tp_macs=macs / dense_macs, tp_steps=steps)
         res["tp_s"] = round(time.perf_counter() - t0, 3)
-        res["tp_macs"] = macs / dense_macs
         with torch.no_grad():
             y = model(x)
         if tuple(y.shape) != (2, 10):
@@ -326,7 +359,6 @@ def _verify(rows: list[dict], outdir: Path) -> dict[str, dict]:
             except BaseException as exc:
                 signal.alarm(0)
                 res.update({f"{key}_reload_ok": False, f"{key}_reload_error": _short(exc)})
-        print(name, res, flush=True)
     return out
 
 
@@ -339,18 +371,54 @@ def _reason(r: dict, key: str = "macs50") -> str:
         return r.get(f"{key}_error", r.get("prunecli_error", "?"))
     if not r.get(f"{key}_reload_ok"):
         diff = r.get(f"{key}_reload_diff")
+        if diff is None:
+            return r.get(f"{key}_reload_error") or f"reload not checked ({r.get('verify_error', '?')})"
         return r.get(f"{key}_reload_error") or f"reload max abs diff {diff:.2e} > {TOL}·max(1, max|y|)"
     return ""
+
+
+CAUSES = (  # (substring of the failure, whose it is) — the first match names the cause in the table
+    ("cannot build the dependency graph", "Torch-Pruning's tracer"),
+    ("timeout", "time limit"),
+    ("allocate memory", "memory cap"),
+    ("MemoryError", "memory cap"),
+    ("unreachable", "target unreachable"),
+    ("breaks the model's forward", "forward broken after pruning"),
+    ("reload", "reload"),
+)
+
+
+def _cause(reason: str) -> str:
+    return next((who for text, who in CAUSES if text in reason), "other") if reason else ""
+
+
+NOTES: dict[str, str] = {}
+"""Family → what was found out about its failure (written under the table; the runner does not change it)."""
 
 
 def _pct(v: float | None) -> str:
     return f"{100 * v:.2f} %" if v is not None else ""
 
 
+def _input_cell(r: dict) -> str:
+    side = "x".join(map(str, r["input_size"][1:]))
+    default = r.get("default_input")
+    if not default:  # rows recorded before the runner kept it
+        from prunecli.models import default_pretrained_cfg
+
+        default = default_pretrained_cfg(r["model"]).get("input_size")
+    if not default or list(default[1:]) == list(r["input_size"][1:]):
+        return f"{side} (default)"
+    return f"{side} (default {'x'.join(map(str, default[1:]))})"
+
+
 def write_table(results: list[dict]) -> None:
-    """Writes the markdown pass/fail table (rows of the earlier ratio run, without a target, are left out)."""
-    listed = len(read_families())
-    results = [r for r in results if r.get("target_run") or "macs50_pruned" in r]
+    """Writes the markdown table; the pass rate is over every family listed (not run = not passing)."""
+    families = read_families()
+    listed = len(families)
+    by_model = {r["model"]: r for r in results if _target_row(r)}
+    results = [{**f, **by_model[f["model"]]} for f in families if f["model"] in by_model]
+    not_run = [f for f in families if f["model"] not in by_model]
     n = len(results)
     ok = [r for r in results if _passed(r, "macs50")]
     ok_p = [r for r in results if _passed(r, "params50")]
@@ -358,127 +426,177 @@ def write_table(results: list[dict]) -> None:
     lines = [
         "# Channel pruning to a budget across timm's model zoo",
         "",
-        f"Generated by `python benchmarks/zoo_coverage.py run --only …` (list: `benchmarks/zoo_families.txt`, how "
-        f"it is chosen: the script's docstring). Every family pruned to `--target macs={TARGET}` and, second "
-        f"column, `params={TARGET}` (`prunecli.pruning.budget.plan_channels_to`: magnitude, global scope, "
-        f"classifier excluded); random init, num_classes=10, CPU, one thread.",
+        "Generated by `nice -n 19 python benchmarks/zoo_coverage.py run` (resumable: families already in "
+        "`zoo_coverage.jsonl` are skipped unless `--redo`; `--only FAMILY…` runs some; `--table-only` rewrites this "
+        "file). List: `benchmarks/zoo_families.txt` (how it is chosen: the script's docstring — the smallest variant "
+        "of each family, at the smallest input side in 64/96/128/160/224 that the family runs at; the input column "
+        f"says when that is not the default). Every family pruned to `--target macs={TARGET}` and, second column, "
+        f"`params={TARGET}` (`prunecli.pruning.budget.plan_channels_to`: magnitude, global scope, classifier "
+        "excluded); random init, num_classes=10, CPU, one thread, each family in its own `nice -n 19` processes "
+        "with a time limit.",
         "",
-        f"* **prunecli, macs={TARGET}: {len(ok)}/{n} families pass ({100 * len(ok) / max(n, 1):.0f} %)**; "
-        f"params={TARGET}: {len(ok_p)}/{n} ({100 * len(ok_p) / max(n, 1):.0f} %) — a pass is: achieved within "
-        f"{PASS_TOL:.0%} of the target, forward with the right output shape, save, reload in a fresh process "
-        f"through `load_checkpoint` (pickle-free), max abs output diff ≤ {TOL}·max(1, max|y|).",
+        f"* **prunecli, macs={TARGET}: {len(ok)}/{listed} of all listed families pass "
+        f"({100 * len(ok) / max(listed, 1):.0f} %)**; {len(ok)}/{n} of those run "
+        f"({100 * len(ok) / max(n, 1):.0f} %). params={TARGET}: {len(ok_p)}/{listed} "
+        f"({100 * len(ok_p) / max(listed, 1):.0f} %). A pass is: achieved within {PASS_TOL:.0%} of the target, "
+        "forward with the right output shape, save, reload in a fresh process through `load_checkpoint` "
+        f"(pickle-free), max abs output diff ≤ {TOL}·max(1, max|y|).",
+        f"* **Not run: {len(not_run)} of the {listed} listed** (they count as not passing; 2 shared CPU cores): "
+        + (", ".join(f["family"] for f in not_run) or "none")
+        + ".",
         f"* plain Torch-Pruning asked for the same MACs by its own means (`BasePruner`, global, "
-        f"`GroupMagnitudeImportance`, `iterative_steps={TP_STEPS}` up to ratio {TP_MAX_RATIO}, "
-        f"`count_ops_and_params` after each step, stop at the first step at or under the budget): "
-        f"{len(tp_ok)}/{n} ({100 * len(tp_ok) / max(n, 1):.0f} %) land within {PASS_TOL:.0%} and still run. It "
-        f"has no pickle-free reload, so by the full criterion it passes 0 %.",
-        f"* **Families run: {n} of the {listed} listed** (the rest were not run with a target yet; 2 shared CPU "
-        "cores); the pass rate is over the families run.",
-        "* MACs are prunecli's convention (conv/linear weights · output positions); Torch-Pruning's column is "
-        "its own counter.",
+        f"`GroupMagnitudeImportance(p=2)`, `iterative_steps={TP_STEPS}` up to ratio {TP_MAX_RATIO}, "
+        "`count_ops_and_params` after each step, stop at the first step at or under the budget; its ViT recipe "
+        "— `num_heads` given, `head_dim` reset after each step — for fused-qkv attention): "
+        f"{len(tp_ok)}/{n} of the families run ({100 * len(tp_ok) / max(n, 1):.0f} %) land within {PASS_TOL:.0%} "
+        "and still run with the right output shape. It has no pickle-free reload (a state dict cannot be loaded "
+        "into a freshly built model of pruned shapes), so by the full criterion it passes 0 %.",
+        "* MACs (prunecli's columns) are prunecli's convention (conv/linear weights · output positions); "
+        "Torch-Pruning's column is its own counter.",
         "",
-        "| family | model | input | macs=0.5: MACs / params | pass | params=0.5: MACs / params | pass | "
-        "frozen | plain TP MACs | reason |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        f"| family | model | input | macs={TARGET}: MACs / params | pass | params={TARGET}: MACs / params | pass | "
+        "frozen | plain TP: MACs (pass) | cause | reason |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for r in results:
         m = f"{_pct(r.get('macs50_macs'))} / {_pct(r.get('macs50_params'))}" if "macs50_macs" in r else ""
         p = f"{_pct(r.get('params50_macs'))} / {_pct(r.get('params50_params'))}" if "params50_macs" in r else ""
-        tp_cell = _pct(r.get("tp_macs")) + ("" if r.get("tp_ok") else f" fail ({r.get('tp_error', '?')[:70]})")
-        reason = "; ".join(x for x in (_reason(r, "macs50"), _reason(r, "params50")) if x)
+        tp_cell = _pct(r.get("tp_macs")) + (" (pass)" if r.get("tp_ok") else f" fail: {r.get('tp_error', '?')[:70]}")
+        reasons = [x for x in dict.fromkeys((_reason(r, "macs50"), _reason(r, "params50"))) if x]
+        cause = ", ".join(dict.fromkeys(_cause(x) for x in reasons))
         lines.append(
-            f"| {r['family']} | {r['model']} | {'x'.join(map(str, r['input_size'][1:]))} | {m} | "
+            f"| {r['family']} | {r['model']} | {_input_cell(r)} | {m} | "
             f"{'**pass**' if _passed(r, 'macs50') else 'FAIL'} | {p} | "
             f"{'**pass**' if _passed(r, 'params50') else 'FAIL'} | {', '.join(r.get('frozen') or [])} | "
-            f"{tp_cell.replace('|', '/')} | {reason.replace('|', '/')} |"
+            f"{tp_cell.replace('|', '/')} | {cause} | {'; '.join(reasons).replace('|', '/')} |"
         )
+    for f in not_run:
+        lines.append(f"| {f['family']} | {f['model']} | {_input_cell(f)} | | not run | | not run | | | not run | |")
     fails = [r for r in results if not _passed(r, "macs50")]
-    lines += ["", f"## Failures at macs={TARGET} ({len(fails)})", ""]
-    lines += [f"* `{r['model']}` ({r['family']}): {_reason(r)}" for r in fails] or ["none"]
+    lines += ["", f"## Failures at macs={TARGET} ({len(fails)} of the {n} run)", ""]
+    for r in fails:
+        reason = _reason(r)
+        note = NOTES.get(r["family"])
+        lines.append(f"* `{r['model']}` ({r['family']}, {_cause(reason)}): {reason}" + (f" — {note}" if note else ""))
+    if not fails:
+        lines.append("none")
     TABLE.write_text("\n".join(lines) + "\n")
 
 
-def run(timeout: int, only: list[str] | None, from_log: Path | None = None) -> None:
+def _worker(args: list[str], timeout: int) -> tuple[list[dict], str]:
+    """Runs ``zoo_coverage.py ARGS`` under ``nice -n 19`` (one thread); (JSON rows it printed, why it stopped)."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    cmd = ["nice", "-n", "19", sys.executable, str(Path(__file__).resolve()), *args]
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
+        out, why = (
+            proc.stdout,
+            ""
+            if proc.returncode == 0
+            else f"worker died (rc {proc.returncode}): " + " ".join(proc.stderr.strip().splitlines()[-1:])[-300:],
+        )
+    except subprocess.TimeoutExpired as exc:
+        out = exc.stdout.decode() if isinstance(exc.stdout, bytes) else (exc.stdout or "")
+        why = f"timeout after {timeout}s"
+    return [json.loads(ln) for ln in out.splitlines() if ln.startswith("{")], why
+
+
+def read_raw() -> list[dict]:
+    """The rows of ``zoo_coverage.jsonl`` (one per model; the earlier ratio run's rows lack ``target_run``)."""
+    return [json.loads(line) for line in RAW.read_text().splitlines() if line.strip()] if RAW.exists() else []
+
+
+def _target_row(r: dict) -> bool:
+    """A row of a ``--target`` run (the earlier ratio run's rows have neither key)."""
+    return bool(r.get("target_run") or "macs50_pruned" in r)
+
+
+def _record(res: dict) -> list[dict]:
+    """Puts ``res`` in ``zoo_coverage.jsonl`` in place of that model's earlier row (appended when new)."""
+    rows = read_raw()
+    at = next((i for i, r in enumerate(rows) if r["model"] == res["model"]), None)
+    if at is None:
+        rows.append(res)
+    else:
+        rows[at] = res
+    tmp = RAW.with_suffix(".jsonl.tmp")
+    tmp.write_text("".join(json.dumps(r, sort_keys=True) + "\n" for r in rows))
+    tmp.replace(RAW)
+    return rows
+
+
+def run_family(row: dict, outdir: Path, timeout: int, tp_timeout: int) -> dict:
+    """One family: prunecli's part, the reload in a fresh process, plain Torch-Pruning's part (three workers)."""
+    t0 = time.perf_counter()
+    base = {"family": row["family"], "model": row["model"], "input_size": row["input_size"], "target_run": True}
+    for kind in TARGETS:  # a checkpoint of an earlier run must not be reloaded as this run's
+        for suffix in ("safetensors", "io.safetensors"):
+            (outdir / f"{row['model']}.{kind}50.{suffix}").unlink(missing_ok=True)
+    printed, why = _worker(["_prune", json.dumps(row), str(outdir)], timeout)
+    res = {**base, **(printed[-1] if printed else {})}
+    for kind in TARGETS:
+        key = f"{kind}50"
+        if f"{key}_pruned" not in res:
+            res.update({f"{key}_pruned": False, f"{key}_error": f"{why or 'no result'} in prunecli's part"})
+    res["prunecli_pruned"] = res["macs50_pruned"]
+    res["prunecli_error"] = res.get("macs50_error", "")
+    res["prunecli_wall_s"] = round(time.perf_counter() - t0, 1)
+    if any(res[f"{k}50_pruned"] for k in TARGETS):
+        checks, why = _worker(["_verify", json.dumps([row]), str(outdir)], 300)
+        res.update(checks[-1].get(row["model"], {}) if checks else {"verify_error": why})
+    t1 = time.perf_counter()
+    tp_rows, why = _worker(["_tp", json.dumps(row)], tp_timeout)
+    res.update(tp_rows[-1] if tp_rows else {"tp_ok": False, "tp_error": f"{why} (Torch-Pruning's iterative steps)"})
+    res["tp_wall_s"] = round(time.perf_counter() - t1, 1)
+    res["wall_s"] = round(time.perf_counter() - t0, 1)
+    res["loadavg"] = Path("/proc/loadavg").read_text().split()[0] if Path("/proc/loadavg").exists() else ""
+    return res
+
+
+def run(timeout: int, tp_timeout: int, only: list[str] | None, redo: bool) -> None:
+    """Runs the listed families not yet recorded (all of ``only`` with ``redo``); records each as it ends."""
     rows = read_families()
     if only:
         rows = [r for r in rows if r["model"] in only or r["family"] in only]
+    done = {r["model"] for r in read_raw() if _target_row(r)}
+    if not redo:
+        rows = [r for r in rows if r["model"] not in done]
     outdir = Path(os.environ.get("ZOO_OUT", "/tmp/prunecli-zoo"))
     outdir.mkdir(parents=True, exist_ok=True)
-    results = []
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
-    if from_log is not None:  # an interrupted run: its printed rows, the checkpoints it left in ZOO_OUT
-        results = [json.loads(ln) for ln in from_log.read_text().splitlines() if ln.startswith("{")]
-        done = {r["model"] for r in results}
-        rows = [r for r in rows if r["model"] in done]
-        only = [r["model"] for r in rows]
-    for row in rows if from_log is None else ():
-        t0 = time.perf_counter()
-        try:
-            proc = subprocess.run(
-                [sys.executable, __file__, "_prune", json.dumps(row), str(outdir)],
-                capture_output=True, text=True, timeout=timeout, env=env,
-            )  # fmt: skip
-            lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
-            res = json.loads(lines[-1]) if lines else {
-                "family": row["family"], "model": row["model"], "prunecli_pruned": False,
-                "prunecli_error": f"worker died (rc {proc.returncode}): {proc.stderr.strip().splitlines()[-1:]}",
-            }  # fmt: skip
-        except subprocess.TimeoutExpired as exc:  # prunecli's part prints its row before Torch-Pruning's starts
-            out = exc.stdout.decode() if isinstance(exc.stdout, bytes) else (exc.stdout or "")
-            lines = [ln for ln in out.splitlines() if ln.startswith("{")]
-            res = json.loads(lines[-1]) if lines else {
-                "family": row["family"], "model": row["model"], "prunecli_pruned": False,
-                "prunecli_error": f"timeout after {timeout}s in prunecli's part",
-            }  # fmt: skip
-            if lines:
-                res.update(tp_ok=False, tp_error=f"timeout after {timeout}s (Torch-Pruning's iterative steps)")
-        res["input_size"] = row["input_size"]
-        res["wall_s"] = round(time.perf_counter() - t0, 1)
-        results.append(res)
+    for row in rows:
+        res = run_family(row, outdir, timeout, tp_timeout)
+        write_table(_record(res))
         print(json.dumps({k: v for k, v in res.items() if not k.endswith("_trace")}), flush=True)
-    proc = subprocess.run(
-        [sys.executable, __file__, "_verify", json.dumps(rows), str(outdir)],
-        capture_output=True, text=True, env=env,
-    )  # fmt: skip
-    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("VERIFY ")]
-    checks = json.loads(lines[-1][7:]) if lines else {}
-    if not lines:
-        print(proc.stderr[-2000:], file=sys.stderr)
-    for r in results:
-        r.update(checks.get(r["model"], {}))
-        r["target_run"] = True  # a row of a --target run, timeouts included (the earlier ratio run's rows lack it)
-    if only and RAW.exists():  # re-run of some models: replace their rows, keep the others
-        fresh = {r["model"]: r for r in results}
-        old = [json.loads(line) for line in RAW.read_text().splitlines() if line.strip()]
-        results = [fresh.pop(r["model"], r) for r in old] + list(fresh.values())
-    RAW.write_text("".join(json.dumps(r, sort_keys=True) + "\n" for r in results))
-    write_table(results)
+    results = [r for r in read_raw() if _target_row(r)]
     n_ok = sum(1 for r in results if _passed(r, "macs50"))
     print(f"prunecli {n_ok}/{len(results)}; plain TP {sum(1 for r in results if r.get('tp_ok'))}/{len(results)}")
 
 
 def main() -> None:
-    if len(sys.argv) > 1 and sys.argv[1] == "_prune":
-        print(json.dumps(_prune_one(json.loads(sys.argv[2]), Path(sys.argv[3]))))
-        return
-    if len(sys.argv) > 1 and sys.argv[1] == "_verify":
-        print("VERIFY " + json.dumps(_verify(json.loads(sys.argv[2]), Path(sys.argv[3]))))
+    workers = {
+        "_prune": lambda: _prune_one(json.loads(sys.argv[2]), Path(sys.argv[3])),
+        "_verify": lambda: _verify(json.loads(sys.argv[2]), Path(sys.argv[3])),
+        "_tp": lambda: _tp_one(json.loads(sys.argv[2])),
+    }
+    if len(sys.argv) > 1 and sys.argv[1] in workers:
+        print(json.dumps(workers[sys.argv[1]]()), flush=True)
         return
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="cmd", required=True)
     sub.add_parser("select", help="choose the architectures; writes zoo_families.txt")
     r = sub.add_parser("run", help="prune/save/reload every listed architecture; writes zoo_coverage.md")
-    r.add_argument("--timeout", type=int, default=240, help="seconds per model")
+    r.add_argument("--timeout", type=int, default=300, help="seconds per model for prunecli's part (both targets)")
+    r.add_argument("--tp-timeout", type=int, default=150, help="seconds per model for plain Torch-Pruning's part")
     r.add_argument("--only", nargs="*", help="models or families to run (default: all)")
+    r.add_argument("--redo", action="store_true", help="run families already in zoo_coverage.jsonl again")
     r.add_argument("--table-only", action="store_true", help="rewrite zoo_coverage.md from zoo_coverage.jsonl")
-    r.add_argument("--from-log", type=Path, help="finish an interrupted run from its stdout (verify + table)")
     args = ap.parse_args()
     if args.cmd == "select":
         select()
     elif args.table_only:
-        write_table([json.loads(line) for line in RAW.read_text().splitlines() if line.strip()])
+        write_table(read_raw())
     else:
-        run(args.timeout, args.only, args.from_log)
+        run(args.timeout, args.tp_timeout, args.only, args.redo)
 
 
 if __name__ == "__main__":

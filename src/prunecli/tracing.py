@@ -171,13 +171,30 @@ class LayerTrace:
 
 
 def meta_forward(model: nn.Module, input_size: Sequence[int]) -> None:
-    """Runs the forward pass with every parameter and buffer replaced by a meta tensor."""
+    """Runs the forward pass with every parameter and buffer replaced by a meta tensor.
+
+    The model's own tensors are put back by hand afterwards: ``functional_call`` swaps a module that is
+    reachable under two names (timm's CoaT shares ``cpe1``/``crpe1`` between its blocks) once per name
+    and restores it in an order that leaves the meta tensor in place, which breaks every later use.
+    """
     from torch.func import functional_call
 
+    owned = [
+        (slots, key, t)
+        for mod in model.modules()
+        for slots in (mod._parameters, mod._buffers)
+        for key, t in slots.items()
+        if t is not None
+    ]
     state = {n: torch.empty_like(t, device="meta") for n, t in model.named_parameters()}
     state.update({n: torch.empty_like(t, device="meta") for n, t in model.named_buffers()})
-    with torch.no_grad():
-        functional_call(model, state, (torch.zeros(1, *input_size, device="meta"),), strict=False, tie_weights=True)
+    try:
+        with torch.no_grad():
+            x = torch.zeros(1, *input_size, device="meta")
+            functional_call(model, state, (x,), strict=False, tie_weights=True)
+    finally:
+        for slots, key, t in owned:
+            slots[key] = t
 
 
 def _cpu_forward(model: nn.Module, input_size: Sequence[int]) -> None:
