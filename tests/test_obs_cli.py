@@ -170,7 +170,10 @@ def test_restore_obs_keeps_the_mask_and_lowers_each_layer_error(cli, ckpts: dict
 
 def test_restore_obs_on_nm_keeps_the_pattern_group_by_group(cli, ckpts: dict[str, Path], tmp_path: Path) -> None:
     out = tmp_path / "r.safetensors"
-    _run_ok(cli, "restore", ckpts["nm24"], "--method", "obs", "--data", "digits:train", "-o", out)
+    args = ("restore", ckpts["nm24"], "--method", "obs", "--data", "digits:train")
+    rec = _run_ok(cli, *args, "-o", out)
+    again = _run_ok(cli, *args, "-o", tmp_path / "r2.safetensors")
+    assert again["sha256"] == rec["sha256"] == _sha(out)  # same inputs, same bytes
     zin, tout = _zero_pattern(ckpts["nm24"]), load_file(str(out))
     masked = _load(ckpts["nm24"]).manifest.masked
     assert masked
