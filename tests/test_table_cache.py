@@ -338,3 +338,27 @@ def test_a_hit_does_not_import_timm(tmp_path: Path, sources: dict) -> None:
     assert seen[0] != "[]" and "timm" in seen[0]  # the miss builds the table through timm
     assert seen[1] == "[]"  # the hit does not
     assert (tmp_path / "miss.safetensors").read_bytes() == (tmp_path / "hit.safetensors").read_bytes()
+
+
+def test_bad_weights_are_refused_as_the_model_path_refuses_them(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, cache: Path, sources: dict
+) -> None:
+    """NaN weights on a cache hit (an entry of the same structure exists): the model path's error, no output."""
+    from safetensors.torch import load_file, save_file
+
+    from prunecli.errors import CheckpointError
+
+    src, flags = sources["bare"]
+    _prune(src, tmp_path / "good.safetensors", method="magnitude", ratio=0.5, **flags)  # fills the cache
+    entries = _listing(cache)
+    sd = load_file(str(src))
+    sd["fc.weight"][0, 0] = float("nan")
+    save_file(sd, str(tmp_path / "nan.safetensors"))
+    messages = []
+    for fast in (True, False):
+        with pytest.raises(CheckpointError, match="NaN or infinite") as err:
+            _prune(tmp_path / "nan.safetensors", tmp_path / "o.safetensors", fast=fast, method="magnitude", ratio=0.5,
+                   **flags)  # fmt: skip
+        messages.append(str(err.value))
+    assert messages[0] == messages[1] and not (tmp_path / "o.safetensors").exists()
+    assert _listing(cache) == entries  # same structure: the same entry, read and left as it was

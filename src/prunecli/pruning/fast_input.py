@@ -201,6 +201,39 @@ class _Unusable(Exception):
     """A cache entry that does not describe this input (it is rebuilt)."""
 
 
+@dataclasses.dataclass(frozen=True)
+class _Described:
+    """A third-party input as far as its manifest and its table depend on it, before its weights are read.
+
+    ``shapes``: name → tensor of the state's shapes (the read tensors of a torch file; meta tensors from
+    the header of a safetensors file, which is then only read once its table is known).
+    """
+
+    source: Any
+    opts: Any  # LoadOptions
+    config: dict[str, Any] | None
+    file_arch: str | None
+    structure: list[tuple[str, str, tuple[int, ...]]]  # (name, safetensors dtype, shape)
+    shapes: dict[str, Any]
+
+    @property
+    def name(self) -> str | None:
+        """The architecture as the model path resolves it (``--arch``, the folder's, the train.py file's)."""
+        from prunecli.checkpoint.loaders import folder_arch
+
+        if self.config is not None:
+            return folder_arch(self.source, self.opts, self.config)
+        return self.opts.arch or self.file_arch
+
+    def manifest(self, registry: Any) -> Any:
+        """The manifest the model path's loader computes (:mod:`prunecli.checkpoint.loaders`), asking ``registry``."""
+        from prunecli.checkpoint.loaders import bare_manifest, folder_manifest
+
+        if self.config is not None:
+            return folder_manifest(self.source, self.opts, self.config, registry)
+        return bare_manifest(self.source, self.opts, self.shapes, self.file_arch, registry)
+
+
 def _third_party_input(source: Any, run: _Run) -> FastInput | None:
     """A timm folder, a train.py file or a bare state dict: the table from the cache, or built once and cached.
 
@@ -208,31 +241,44 @@ def _third_party_input(source: Any, run: _Run) -> FastInput | None:
     ``weights_only=True``), the manifest is computed by the loaders' own functions
     (:func:`~prunecli.checkpoint.loaders.folder_manifest`, :func:`~prunecli.checkpoint.loaders.bare_manifest`)
     with timm's two answers taken from the entry. On a miss the model path's loader rebuilds the model
-    once (timm) and the table is built from it exactly as the model path's save builds it. Any error
-    of the input returns None: the model path then reports it, in its own words and order.
+    once (timm) and the table is built from it exactly as the model path's save builds it; for a
+    safetensors file this happens before the file is mapped, so a miss holds no more memory than the
+    model path. Any error of the input returns None: the model path then reports it, in its own words
+    and order.
     """
-    from prunecli.checkpoint.loaders import read_folder_config
+    from prunecli.checkpoint.loaders import check_finite, read_folder_config
     from prunecli.errors import PrunecliError
 
     run.check_output(source)
-    read: tuple[dict[str, Any], Any, bool, str | None] | None = None
+    sha: Any = None
     try:
         # the model path refuses a bad config.json before reading any weight
         config = read_folder_config(source) if source.kind is SourceKind.HF_FOLDER else None
-        read = _read_third_party(source, run)
-        if read is None:
-            return None
-        tensors, sha, mapped, file_arch = read
-        found = _table_for(source, run, config, tensors, file_arch)
-        if found is None:
-            _settle(sha)
-            return None
-        manifest, table = found
+        header = source.header
+        if header is not None:
+            if any(t.dtype in _FLOAT_DTYPES and t.dtype != "F32" for t in header.tensors):
+                return None
+            structure = [(t.name, t.dtype, tuple(t.shape)) for t in header.tensors]
+            found = _table_for(_Described(source, run.load_options, config, None, structure, _meta(structure)), run)
+            if found is None:
+                return None
+            tensors, sha, mapped = _read_safetensors(header, run.maps, source.weights)
+        else:
+            read = _read_torch(source, run)
+            if read is None:
+                return None
+            tensors, sha, file_arch = read
+            mapped = False
+            structure = _structure(tensors)
+            found = _table_for(_Described(source, run.load_options, config, file_arch, structure, tensors), run)
+            if found is None:
+                return None
+        check_finite(tensors, source.spec)
     except PrunecliError as exc:
         _LOG.debug("fast path: %s; the model path reads %s", exc, source.spec)
-        if read is not None:
-            _settle(read[1])
+        _settle(sha)
         return None
+    manifest, table = found
     return _fast(manifest, source, tensors, table, mapped, sha)
 
 
@@ -242,18 +288,22 @@ def _settle(sha: Any) -> None:
         sha.result()
 
 
-def _read_third_party(source: Any, run: _Run) -> tuple[dict[str, Any], Any, bool, str | None] | None:
-    """(tensors, a future of the weights file's sha256, mapped?, the file's own architecture name) or None."""
-    from prunecli.checkpoint.loaders import read_torch_state, read_weights
+def _meta(structure: list[tuple[str, str, tuple[int, ...]]]) -> dict[str, Any]:
+    """Tensors of the state's shapes and no data (what the manifest reads of a bare state dict: the head's width)."""
+    import torch
 
-    if source.header is not None:
-        if any(t.dtype in _FLOAT_DTYPES and t.dtype != "F32" for t in source.header.tensors):
-            return None
-        tensors, sha, mapped = _read_safetensors(source.header, run.maps, source.weights)
-        return tensors, sha, mapped, None
+    from prunecli.checkpoint.safetensors_io import ST_DTYPES
+
+    dtypes = {v: k for k, v in ST_DTYPES.items()}
+    return {n: torch.empty(shape, dtype=dtypes.get(dt, torch.uint8), device="meta") for n, dt, shape in structure}
+
+
+def _read_torch(source: Any, run: _Run) -> tuple[dict[str, Any], str, str | None] | None:
+    """(tensors, the file's sha256, the file's own architecture name) of a torch file, or None (not float32)."""
     from concurrent.futures import ThreadPoolExecutor
 
     from prunecli.checkpoint.hashing import hash_file
+    from prunecli.checkpoint.loaders import read_torch_state, read_weights
 
     with ThreadPoolExecutor(1, thread_name_prefix="prunecli-sha256") as pool:
         future = pool.submit(hash_file, source.weights)  # the input's digest, hashed while torch reads it
@@ -266,7 +316,7 @@ def _read_third_party(source: Any, run: _Run) -> tuple[dict[str, Any], Any, bool
             sha = future.result()
     if not _plain_float32(sd):
         return None
-    return sd, sha, False, file_arch
+    return sd, sha, file_arch
 
 
 def _plain_float32(sd: dict[str, Any]) -> bool:
@@ -288,145 +338,105 @@ def _plain_float32(sd: dict[str, Any]) -> bool:
     return True
 
 
-def _table_for(
-    source: Any, run: _Run, config: dict[str, Any] | None, tensors: dict[str, Any], file_arch: str | None
-) -> tuple[Any, Any] | None:
+def _structure(tensors: dict[str, Any]) -> list[tuple[str, str, tuple[int, ...]]]:
+    """(name, safetensors dtype, shape) of every tensor: the state's structure (the key's digest, the checks)."""
+    from prunecli.checkpoint.safetensors_io import ST_DTYPES
+
+    return [(n, ST_DTYPES[t.dtype], tuple(t.shape)) for n, t in tensors.items()]
+
+
+_WHY = {
+    "stale": "its key is not this input's",
+    "tampered": "its content does not match its digest",
+    "invalid": "it does not describe this input",
+}
+
+
+def _table_for(d: _Described, run: _Run) -> tuple[Any, Any] | None:
     """(the manifest the model path would build, with its layer table; the parsed table), or None → model path."""
     from prunecli.checkpoint import table_cache
-    from prunecli.checkpoint.loaders import check_finite, folder_arch
 
-    opts = run.load_options
-    name = folder_arch(source, opts, config) if config is not None else (opts.arch or file_arch)
+    name = d.name
     if not name:
         return None  # the model path says what is missing
-    structure = _structure(source, tensors)
     key = table_cache.cache_key(
-        kind=source.kind.value, arch=name, num_classes=opts.num_classes, ema=opts.ema, config=config,
-        structure=table_cache.structure_digest(structure),
+        kind=d.source.kind.value, arch=name, num_classes=d.opts.num_classes, ema=d.opts.ema, config=d.config,
+        structure=table_cache.structure_digest(d.structure),
     )  # fmt: skip
     folder = table_cache.cache_dir(run.no_cache)
     entry, found = table_cache.read_entry(folder, key) if folder is not None else (None, "off")
     where = str(table_cache.entry_path(folder, key)) if folder is not None else "layer-table cache"
     if entry is not None:
         try:
-            result = _from_entry(source, opts, config, tensors, file_arch, structure, entry, where)
+            result = _from_entry(d, entry, where)
         except _Unusable as why:
             _LOG.debug("layer-table cache: %s: %s", where, why)
             found = "invalid"
         else:
-            check_finite(tensors, source.spec)
             _LOG.debug("layer-table cache: hit %s", where)
             return result
-    if found in ("stale", "tampered", "invalid"):
-        _LOG.warning(
-            "layer-table cache entry %s is %s (%s); rebuilt", where, found,
-            {"stale": "its key is not this input's", "tampered": "its content does not match its digest",
-             "invalid": "it does not describe this input"}[found],
-        )  # fmt: skip
-    entry = _build_entry(source, opts, config, tensors, file_arch, structure)
+    if found in _WHY:
+        _LOG.warning("layer-table cache entry %s is %s (%s); rebuilt", where, found, _WHY[found])
+    entry = _build_entry(d)
     if entry is None:
         return None
     if folder is not None:
         table_cache.write_entry(folder, key, entry)
     try:
-        return _from_entry(source, opts, config, tensors, file_arch, structure, entry, where)
+        return _from_entry(d, entry, where)
     except _Unusable as why:  # pragma: no cover - an entry just built from this input describes it
-        _LOG.debug("fast path: the built entry does not describe %s (%s)", source.spec, why)
+        _LOG.debug("fast path: the built entry does not describe %s (%s)", d.source.spec, why)
         return None
 
 
-def _structure(source: Any, tensors: dict[str, Any]) -> list[tuple[str, str, tuple[int, ...]]]:
-    """(name, safetensors dtype, shape) of every tensor: the state's structure (the key's digest, the checks)."""
-    if source.header is not None:
-        return [(t.name, t.dtype, tuple(t.shape)) for t in source.header.tensors]
-    from prunecli.checkpoint.safetensors_io import ST_DTYPES
-
-    return [(n, ST_DTYPES[t.dtype], tuple(t.shape)) for n, t in tensors.items()]
-
-
-def _manifest(
-    source: Any, opts: Any, config: dict[str, Any] | None, tensors: dict[str, Any], file_arch: str | None, registry: Any
-) -> Any:
-    """The manifest the model path's loader computes (:mod:`prunecli.checkpoint.loaders`), asking ``registry``."""
-    from prunecli.checkpoint.loaders import bare_manifest, folder_manifest
-
-    if config is not None:
-        return folder_manifest(source, opts, config, registry)
-    return bare_manifest(source, opts, tensors, file_arch, registry)
-
-
-def _from_entry(
-    source: Any,
-    opts: Any,
-    config: dict[str, Any] | None,
-    tensors: dict[str, Any],
-    file_arch: str | None,
-    structure: list[tuple[str, str, tuple[int, ...]]],
-    entry: Any,
-    where: str,
-) -> tuple[Any, Any] | None:
+def _from_entry(d: _Described, entry: Any, where: str) -> tuple[Any, Any] | None:
     """The manifest and table an entry gives for this input, checked as a checkpoint's own table is.
+
+    Returns None where the entry says that no exact table exists (the model path, without a rebuild).
 
     Raises:
         _Unusable: the entry contradicts the tensors (a table a checkpoint could not carry, or one that
             does not fit the state), or lacks an answer this input needs.
     """
-    import dataclasses
-
     from prunecli.checkpoint.header import SafetensorsHeader, TensorInfo
     from prunecli.checkpoint.validate import check_manifest
     from prunecli.errors import CheckpointError
     from prunecli.layertable import LayerTable
 
-    manifest = _manifest(source, opts, config, tensors, file_arch, _Known(entry.default_cfg))
+    manifest = d.manifest(_Known(entry.default_cfg))
     if entry.layer_table is None:
-        return None  # no exact table exists for this model: the model path, without building it again
+        return None
     manifest = dataclasses.replace(manifest, layer_table=entry.layer_table)
-    header = SafetensorsHeader(
-        Path(where), tuple(TensorInfo(n, dt, shape, 0, 0) for n, dt, shape in structure), {}, 0, 0
-    )
+    infos = tuple(TensorInfo(n, dt, shape, 0, 0) for n, dt, shape in d.structure)
     try:
-        check_manifest(manifest, header, where=where)
+        check_manifest(manifest, SafetensorsHeader(Path(where), infos, {}, 0, 0), where=where)
     except CheckpointError as exc:
         raise _Unusable(str(exc)) from None
     table = LayerTable.parse(entry.layer_table)
-    if table is None or not table.fits({n: shape for n, _, shape in structure}):
+    if table is None or not table.fits({n: shape for n, _, shape in d.structure}):
         raise _Unusable("the table does not fit the tensors")
     return manifest, table
 
 
-def _build_entry(
-    source: Any,
-    opts: Any,
-    config: dict[str, Any] | None,
-    tensors: dict[str, Any],
-    file_arch: str | None,
-    structure: list[tuple[str, str, tuple[int, ...]]],
-) -> Any:
+def _build_entry(d: _Described) -> Any:
     """timm's answers for this input: the model rebuilt by the model path's own loader (meta device, the
     file's weights assigned), its layer table built as the model path's save builds it, and the default
-    pretrained_cfg where the input has none. None where that manifest is not the one the entry reproduces."""
+    pretrained_cfg where the input has none. None where the entry would not reproduce that manifest."""
     from prunecli.checkpoint.loaders import TIMM, load_checkpoint
     from prunecli.checkpoint.table_cache import CacheEntry
     from prunecli.layertable import build_layer_table
 
+    opts, config = d.opts, d.config
     loaded = load_checkpoint(
-        source.spec, arch=opts.arch, num_classes=opts.num_classes, ema=opts.ema, source=source
+        d.source.spec, arch=opts.arch, num_classes=opts.num_classes, ema=opts.ema, source=d.source
     )  # raises what the model path raises
     needs_default = config is None or not config.get("pretrained_cfg")
-    default_cfg = TIMM.pretrained_cfg(_arch_name(opts, config, file_arch)) if needs_default else None
-    model = loaded.model
-    table = build_layer_table(model, loaded.manifest, model.state_dict())
-    entry = CacheEntry(default_cfg, table)
-    again = _manifest(source, opts, config, tensors, file_arch, _Known(default_cfg))
-    if again != loaded.manifest:  # pragma: no cover - the loaders compute both from the same functions
-        _LOG.debug("fast path: the cached answers would not reproduce the manifest of %s", source.spec)
+    default_cfg = TIMM.pretrained_cfg(str(d.name)) if needs_default else None
+    table = build_layer_table(loaded.model, loaded.manifest, loaded.model.state_dict())
+    if d.manifest(_Known(default_cfg)) != loaded.manifest:  # pragma: no cover - both from the loaders' functions
+        _LOG.debug("fast path: the cached answers would not reproduce the manifest of %s", d.source.spec)
         return None
-    return entry
-
-
-def _arch_name(opts: Any, config: dict[str, Any] | None, file_arch: str | None) -> str:
-    return str(opts.arch or (config or {}).get("architecture") or file_arch)
+    return CacheEntry(default_cfg, table)
 
 
 _Reader = Callable[[Any, _Run], "FastInput | None"]
