@@ -9,8 +9,14 @@ first by prunecli so that it is self-describing, layer table included):
   path (layer table, no timm, no model);
 * ``prunecli-model`` — the same command with ``PRUNECLI_FAST_PRUNE=0`` (rebuilds the timm model, as
   for any input without a layer table); its output must be byte-identical to ``prunecli``'s;
-* ``prunecli-hf`` — the same pruning of the same weights saved by ``timm.models.save_for_hf`` (a
-  third-party Hugging Face folder: ``config.json`` + ``model.safetensors``), which takes the model path;
+* ``io-hf`` — the I/O limit of the third-party folder: ``load_file`` + ``save_file`` of its
+  ``model.safetensors`` (the same weights saved by ``timm.models.save_for_hf``);
+* ``prunecli-hf`` — the same pruning of that folder, second run: the fast path with the layer table
+  from the cache (``XDG_CACHE_HOME`` in the workdir, filled by one run before the rounds), no timm;
+* ``prunecli-hf-nocache`` — the same with ``--no-cache``: every run builds the table through timm (the
+  cost of a cache miss, without writing the entry);
+* ``prunecli-hf-model`` — the same with ``PRUNECLI_FAST_PRUNE=0``: the model path; its output must be
+  byte-identical to ``prunecli-hf``'s and ``prunecli-hf-nocache``'s;
 * ``torch``  — ``torch.nn.utils.prune.global_unstructured`` (L1) over the same weights (every
   conv/linear weight except the classifier head), ``prune.remove``, then ``save_file``.
 
@@ -110,6 +116,11 @@ def _make_checkpoint(arch: str, path: Path, num_classes: int, hf_folder: Path) -
     return sum(p.numel() for p in model.parameters()), head
 
 
+def _anchor(job: str) -> str:
+    """The I/O job a prune job is compared with: the load+save of the same file."""
+    return "io-hf" if job.startswith("prunecli-hf") else "io"
+
+
 def _same_bytes(a: Path, b: Path) -> bool:
     return a.stat().st_size == b.stat().st_size and a.read_bytes() == b.read_bytes()
 
@@ -180,16 +191,22 @@ def main() -> None:
     size_mib = src.stat().st_size / 2**20
     env_threads = os.environ.get("OMP_NUM_THREADS", "unset")
 
-    def prune_cmd(ckpt: Path, out: str) -> list[str]:
-        opts = ["--method", "magnitude", "--ratio", str(args.ratio), "--scope", "global"]
+    def prune_cmd(ckpt: Path, out: str, *extra: str) -> list[str]:
+        opts = ["--method", "magnitude", "--ratio", str(args.ratio), "--scope", "global", *extra]
         return [str(PRUNECLI), "prune", str(ckpt), *opts, "-o", str(args.workdir / out), "--force", "--quiet"]
 
+    cache = ["env", f"XDG_CACHE_HOME={args.workdir / 'xdg'}", "PRUNECLI_NO_CACHE=0"]  # never the user's cache
+    shutil.rmtree(args.workdir / "xdg", ignore_errors=True)
+    warm = _measure([*cache, *prune_cmd(hf, "prunecli_hf_miss.safetensors")])  # the first run: a cache miss
     jobs = {
         "io": [sys.executable, "-c", IO_JOB, str(src), str(args.workdir / "io.safetensors")],
         "io+timm": [sys.executable, "-c", "import timm\n" + IO_JOB, str(src), str(args.workdir / "io.safetensors")],
         "prunecli": prune_cmd(src, "prunecli.safetensors"),
         "prunecli-model": ["env", "PRUNECLI_FAST_PRUNE=0", *prune_cmd(src, "prunecli_model.safetensors")],
-        "prunecli-hf": prune_cmd(hf, "prunecli_hf.safetensors"),
+        "io-hf": [sys.executable, "-c", IO_JOB, str(hf / "model.safetensors"), str(args.workdir / "io_hf.safetensors")],
+        "prunecli-hf": [*cache, *prune_cmd(hf, "prunecli_hf.safetensors")],
+        "prunecli-hf-nocache": [*cache, *prune_cmd(hf, "prunecli_hf_nocache.safetensors", "--no-cache")],
+        "prunecli-hf-model": [*cache, "PRUNECLI_FAST_PRUNE=0", *prune_cmd(hf, "prunecli_hf_model.safetensors")],
         "torch": [
             sys.executable,
             "-c",
@@ -205,7 +222,7 @@ def main() -> None:
     if args.skip_torch:
         del jobs["torch"]
     if args.skip_model_path:
-        del jobs["prunecli-model"], jobs["prunecli-hf"]
+        del jobs["prunecli-model"], jobs["prunecli-hf-model"], jobs["prunecli-hf-nocache"]
     # Rounds run every job once, in turn: load on the shared machine drifts, and interleaving gives
     # each job the same conditions. Per job the minimum over rounds is reported; the ratios to io are
     # also given per round (their median is robust to one job having a lucky or unlucky round).
@@ -221,8 +238,8 @@ def main() -> None:
         )
     io, pc = results["io"], results["prunecli"]
     per_round = {
-        f"{name}_vs_io_{k}_per_round": [
-            round(r[f"{k}_s"] / i[f"{k}_s"], 3) for r, i in zip(rs, runs["io"], strict=True)
+        f"{name}_vs_{_anchor(name)}_{k}_per_round": [
+            round(r[f"{k}_s"] / i[f"{k}_s"], 3) for r, i in zip(rs, runs[_anchor(name)], strict=True)
         ]
         for name, rs in runs.items()
         if name.startswith("prunecli")
@@ -245,17 +262,28 @@ def main() -> None:
         **{f"{k.removesuffix('_per_round')}_median": statistics.median(v) for k, v in per_round.items()},
         "runs": runs,
     }
-    for job in ("prunecli-model", "prunecli-hf"):
+    summary["prunecli-hf-first-run (cache miss)"] = warm
+    for job in ("prunecli-model", "prunecli-hf", "prunecli-hf-nocache", "prunecli-hf-model"):
         if job in results:
-            summary[f"{job}_vs_io_wall"] = results[job]["wall_s"] / io["wall_s"]
-            summary[f"{job}_vs_io_cpu"] = results[job]["cpu_s"] / io["cpu_s"]
-            summary[f"{job}_peak_over_io_mib"] = results[job]["peak_mib"] - io["peak_mib"]
+            anchor = results[_anchor(job)]
+            summary[f"{job}_vs_{_anchor(job)}_wall"] = results[job]["wall_s"] / anchor["wall_s"]
+            summary[f"{job}_vs_{_anchor(job)}_cpu"] = results[job]["cpu_s"] / anchor["cpu_s"]
+            summary[f"{job}_peak_over_{_anchor(job)}_mib"] = results[job]["peak_mib"] - anchor["peak_mib"]
+    hf_mib = (hf / "model.safetensors").stat().st_size / 2**20
+    summary["hf_checkpoint_mib"] = round(hf_mib, 1)
+    summary["hf_peak_budget_mib"] = 0.5 * hf_mib
+    hf_out = args.workdir / "prunecli_hf.safetensors"
+    for other in ("prunecli_hf_miss", "prunecli_hf_nocache", "prunecli_hf_model"):
+        if (args.workdir / f"{other}.safetensors").exists():
+            summary[f"hf_hit_equals_{other.removeprefix('prunecli_hf_')}_bytes"] = _same_bytes(
+                hf_out, args.workdir / f"{other}.safetensors"
+            )
     if "prunecli-model" in results:
         summary["fast_equals_model_path_bytes"] = _same_bytes(
             args.workdir / "prunecli.safetensors", args.workdir / "prunecli_model.safetensors"
         )
     if "prunecli-hf" in results:
-        summary["hf_input_same_weights"] = _same_tensors(
+        summary["hf_input_same_weights_as_prunecli_input"] = _same_tensors(
             args.workdir / "prunecli.safetensors", args.workdir / "prunecli_hf.safetensors"
         )
     if "torch" in results:
