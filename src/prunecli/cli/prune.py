@@ -17,6 +17,8 @@ EXAMPLES = [
     "prunecli prune base.safetensors --scores bc.scores --ratio 0.7 --compensate bias -o bc70.safetensors",
     "prunecli prune base.safetensors --method l2 --structure channel --ratio 0.3 --dry-run -o c30.safetensors",
     "prunecli prune base.safetensors --method l2 --structure channel --target macs=0.5 -o m50.safetensors",
+    "prunecli prune base.safetensors --method magnitude --ratio 0.7 --reconstruct obs --data digits:train "
+    "-o obs70.safetensors",
     "prunecli prune base.safetensors --method magnitude --ratio 0.5 -o p.safetensors | prunecli eval - --data digits",
 ]
 
@@ -37,6 +39,7 @@ def summary(result: Any) -> None:
 def register(app: typer.Typer) -> None:
     register_command(
         app, "prune", PruneRequest, "prunecli.api.prune:prune", examples=EXAMPLES, summary=summary,
+        distributed=True,  # --reconstruct obs shards its calibration data under torchrun; rank 0 reports
         help="Prune a checkpoint: remove the lowest-scoring weights (exactly round(r·N) per scope) or channels.\n\n"
         "Unstructured and N:M pruning keep dense shapes with zeros and list the masked tensors in the output's "
         "metadata, so fine-tuning keeps them zero. --dry-run prints the plan and writes nothing.",
