@@ -27,7 +27,10 @@ def summary(result: Any) -> None:
     m = result.metrics
     where = "plan only, nothing written" if result.checkpoint is None else f"→ {result.checkpoint}"
     if m.get("structure") == "channel":
-        console().print(f"channels: {m.get('channel_ratio', 0):g} of each pruned group removed; params "
+        heads = m.get("heads") or {}
+        kept = (f"; heads {sum(h['heads_before'] for h in heads.values())} → {sum(h['heads'] for h in heads.values())}"
+                if heads else "")  # fmt: skip
+        console().print(f"channels: {m.get('channel_ratio', 0):g} of each pruned group removed{kept}; params "
                         f"{m.get('params_before', 0):,} → {m.get('params', 0):,} ({m.get('params_removed', 0):.1%} "
                         f"removed), MACs {m.get('macs_before', 0):,} → {m.get('macs', 0):,}  {where}")  # fmt: skip
         return
