@@ -88,7 +88,10 @@ def main() -> int:
     ap.add_argument("--settings", default="0.5,0.7,0.9,2:4")
     ap.add_argument("--samples", type=int, default=512)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--tag", default="", help="suffix of the json file")
+    ap.add_argument("--columns", default=",".join(COLUMNS), help="the methods to run (comma-separated)")
     args = ap.parse_args()
+    cols = set(args.columns.split(","))
     logging.getLogger("prunecli").setLevel(logging.ERROR)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -104,19 +107,24 @@ def main() -> int:
             t1 = time.perf_counter()
             mag = _prune(base, out / f"{name}_{tag}_mag.safetensors", setting, "magnitude")
             row["magnitude"] = _eval(mag)
-            wanda = _prune(base, out / f"{name}_{tag}_wanda.safetensors", setting, "wanda", data="digits:train")
-            row["wanda"] = _eval(wanda)
-            row["magnitude+bn"] = _restore(mag, out / "tmp.safetensors", "bn", args.samples)
-            obs = _prune(base, out / f"{name}_{tag}_obs.safetensors", setting, "magnitude", reconstruct="obs",
-                         data="digits:train", params={"samples": str(args.samples)})  # fmt: skip
-            row["obs"] = _eval(obs)
-            row["obs+bn (joint)"] = _restore(obs, out / "tmp.safetensors", "bn", args.samples)
-            row["restore obs"] = _restore(mag, out / "tmp.safetensors", "obs", args.samples)
-            row["restore obs+bn"] = _restore(mag, out / "tmp.safetensors", "obs+bn", args.samples)
+            if "wanda" in cols:
+                wanda = _prune(base, out / f"{name}_{tag}_wanda.safetensors", setting, "wanda", data="digits:train")
+                row["wanda"] = _eval(wanda)
+            if "magnitude+bn" in cols:
+                row["magnitude+bn"] = _restore(mag, out / "tmp.safetensors", "bn", args.samples)
+            if cols & {"obs", "obs+bn (joint)"}:
+                obs = _prune(base, out / f"{name}_{tag}_obs.safetensors", setting, "magnitude", reconstruct="obs",
+                             data="digits:train", params={"samples": str(args.samples)})  # fmt: skip
+                row["obs"] = _eval(obs)
+                if "obs+bn (joint)" in cols:
+                    row["obs+bn (joint)"] = _restore(obs, out / "tmp.safetensors", "bn", args.samples)
+            for method in ("obs", "obs+bn"):
+                if f"restore {method}" in cols:
+                    row[f"restore {method}"] = _restore(mag, out / "tmp.safetensors", method, args.samples)
             row["seconds"] = round(time.perf_counter() - t1, 1)
             rows.append(row)
             print(json.dumps(row), file=sys.stderr, flush=True)
-        (out / "obs_study.json").write_text(json.dumps(rows, indent=1))
+        (out / f"obs_study{args.tag}.json").write_text(json.dumps(rows, indent=1))
     _print(rows)
     return 0
 
@@ -128,7 +136,7 @@ def _print(rows: list[dict[str, Any]]) -> None:
         print("| sparsity | " + " | ".join(COLUMNS) + " |")
         print("|---" * (len(COLUMNS) + 1) + "|")
         for r in mine:
-            cells = [f"{r[c][0]:.4f} / {r[c][1]:.3f}" for c in COLUMNS]
+            cells = [f"{r[c][0]:.4f} / {r[c][1]:.3f}" if c in r else "—" for c in COLUMNS]
             print(f"| {r['setting']} | " + " | ".join(cells) + " |")
 
 

@@ -292,7 +292,7 @@ def exact_refit(w: torch.Tensor, h_damped: torch.Tensor, keep: torch.Tensor) -> 
     """
     w = w.to(torch.float64)
     out = torch.zeros_like(w)
-    hinv = torch.cholesky_inverse(torch.linalg.cholesky(h_damped))
+    hinv: torch.Tensor | None = None
     target = w @ h_damped
     for i in range(w.shape[0]):
         k = keep[i].nonzero().flatten()
@@ -300,13 +300,19 @@ def exact_refit(w: torch.Tensor, h_damped: torch.Tensor, keep: torch.Tensor) -> 
         if len(m) == 0:
             out[i] = w[i]
         elif len(k) <= len(m):
-            if len(k):
-                out[i, k] = torch.linalg.solve(h_damped[k][:, k], target[i, k])
+            if len(k):  # both systems are principal submatrices of SPD matrices: Cholesky, half LU's cost
+                out[i, k] = _spd_solve(h_damped[k][:, k], target[i, k])
         else:
-            lam = torch.linalg.solve(hinv[m][:, m], w[i, m])
+            if hinv is None:
+                hinv = torch.cholesky_inverse(torch.linalg.cholesky(h_damped))
+            lam = _spd_solve(hinv[m][:, m], w[i, m])
             out[i] = w[i] - lam @ hinv[m]
             out[i, m] = 0.0
     return out
+
+
+def _spd_solve(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    return torch.cholesky_solve(b[:, None], torch.linalg.cholesky(a)).flatten()
 
 
 def obs_prune(
