@@ -16,8 +16,9 @@ Two steps (both CPU; run them in the background, they take minutes):
     Resumable: families already recorded in ``benchmarks/zoo_coverage.jsonl`` are skipped unless ``--redo``;
     each family's row is written there (replacing its earlier row) and ``zoo_coverage.md`` is rewritten as
     soon as the family ends, so an interrupted run loses at most one family. Per family, three worker
-    processes, each under ``nice -n 19``, one thread, a 6 GiB address-space cap (``ZOO_MEMORY_GB``):
-    1. prunecli (time limit ``--timeout`` for both targets together), for each target ``macs=0.5`` and
+    processes, each under ``nice -n 19``, one thread, a 6 GiB address-space cap (``ZOO_MEMORY_GB``), a
+    CPU-time limit (load-independent) and a wall-clock backstop of 6 times that:
+    1. prunecli (``--timeout`` CPU seconds for both targets together), for each target ``macs=0.5`` and
        ``params=0.5``: ``plan_channels_to`` (issue 16's ``--target``: magnitude, global scope, classifier
        excluded) then ``apply_channels``; forward on a fixed input; output shape = the dense one; achieved
        value within 2 % of the target; save with ``prunecli.checkpoint.writer.save_checkpoint``
@@ -26,7 +27,7 @@ Two steps (both CPU; run them in the background, they take minutes):
     2. a fresh process (which never saw the pruned model) reloads each checkpoint through
        ``prunecli.checkpoint.loaders.load_checkpoint`` (pickle-free) and compares its output to the saved
        one (max abs diff <= 1e-5·max(1, max|y|));
-    3. plain Torch-Pruning asked for the same MACs by its own means (time limit ``--tp-timeout``), on a
+    3. plain Torch-Pruning asked for the same MACs by its own means (``--tp-timeout`` CPU seconds), on a
        fresh copy: ``BasePruner(model, x, GroupMagnitudeImportance(p=2), pruning_ratio=0.95,
        iterative_steps=40, global_pruning=True, ignored_layers=[classifier], num_heads={qkv: heads})``,
        ``step()`` and ``count_ops_and_params`` after each step until the MACs are at or under half (its ViT
@@ -62,6 +63,7 @@ PASS_TOL = 0.02  # a family passes when its achieved value is within 2 % of the 
 TP_STEPS = 40  # plain Torch-Pruning: ratio raised by 0.95/40 per step, MACs counted after each
 TP_MAX_RATIO = 0.95
 TOL = 1e-5
+WALL_FACTOR = 6  # a worker's wall-clock backstop, in multiples of its CPU-time limit
 MEMORY_CAP = 6 << 30  # bytes of address space per worker
 
 
@@ -196,11 +198,16 @@ def read_families(path: Path | None = None) -> list[dict]:
 
 
 def _limit_memory() -> None:
-    """Torch-Pruning's graph can explode on some windowed-attention models; fail cleanly, not the machine."""
+    """Limits of a worker: address space (Torch-Pruning's graph can explode on some windowed-attention models;
+    fail cleanly, not the machine) and CPU seconds (``ZOO_CPU_S``: the time limit does not depend on how many
+    other processes share the cores — a wall-clock limit under ``nice -n 19`` on a loaded machine measures
+    the load, not the family)."""
     import resource
 
     cap = int(float(os.environ.get("ZOO_MEMORY_GB", MEMORY_CAP / (1 << 30))) * (1 << 30))
     resource.setrlimit(resource.RLIMIT_AS, (cap, cap))
+    if cpu := int(os.environ.get("ZOO_CPU_S", "0")):
+        resource.setrlimit(resource.RLIMIT_CPU, (cpu, cpu + 5))  # SIGXCPU ends the worker at the soft limit
 
 
 def _fresh(row: dict):  # -> nn.Module
@@ -521,20 +528,25 @@ def write_table(results: list[dict]) -> None:
 
 
 def _worker(args: list[str], timeout: int) -> tuple[list[dict], str]:
-    """Runs ``zoo_coverage.py ARGS`` under ``nice -n 19`` (one thread); (JSON rows it printed, why it stopped)."""
+    """Runs ``zoo_coverage.py ARGS`` under ``nice -n 19`` (one thread) with ``timeout`` CPU seconds and a
+    wall-clock backstop of ``WALL_FACTOR`` times that; (JSON rows it printed, why it stopped)."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    env["ZOO_CPU_S"] = str(timeout)
+    wall = timeout * WALL_FACTOR
     cmd = ["nice", "-n", "19", sys.executable, str(Path(__file__).resolve()), *args]
     try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=wall, env=env)
         out, why = (
             proc.stdout,
             ""
             if proc.returncode == 0
             else f"worker died (rc {proc.returncode}): " + " ".join(proc.stderr.strip().splitlines()[-1:])[-300:],
         )
+        if proc.returncode in (-signal.SIGXCPU, -signal.SIGKILL):
+            why = f"timeout after {timeout} CPU-seconds"
     except subprocess.TimeoutExpired as exc:
         out = exc.stdout.decode() if isinstance(exc.stdout, bytes) else (exc.stdout or "")
-        why = f"timeout after {timeout}s"
+        why = f"timeout after {wall}s wall-clock (backstop; machine load)"
     return [json.loads(ln) for ln in out.splitlines() if ln.startswith("{")], why
 
 
@@ -622,8 +634,8 @@ def main() -> None:
     sub = ap.add_subparsers(dest="cmd", required=True)
     sub.add_parser("select", help="choose the architectures; writes zoo_families.txt")
     r = sub.add_parser("run", help="prune/save/reload every listed architecture; writes zoo_coverage.md")
-    r.add_argument("--timeout", type=int, default=300, help="seconds per model for prunecli's part (both targets)")
-    r.add_argument("--tp-timeout", type=int, default=150, help="seconds per model for plain Torch-Pruning's part")
+    r.add_argument("--timeout", type=int, default=300, help="CPU seconds per model for prunecli's part (both targets)")
+    r.add_argument("--tp-timeout", type=int, default=150, help="CPU seconds per model for plain Torch-Pruning's part")
     r.add_argument("--only", nargs="*", help="models or families to run (default: all)")
     r.add_argument("--redo", action="store_true", help="run families already in zoo_coverage.jsonl again")
     r.add_argument("--table-only", action="store_true", help="rewrite zoo_coverage.md from zoo_coverage.jsonl")

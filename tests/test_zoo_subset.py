@@ -172,3 +172,13 @@ def test_runner_skips_recorded_families_unless_redo(tmp_path, monkeypatch) -> No
     table = (tmp_path / "zoo.md").read_text()
     assert "0/2 of all listed families pass" in table and "Not run: 0 of the 2 listed" in table
     assert "| fa | resnet10t | 64x64 (default 176x176) |" in table
+
+
+def test_runner_time_limit_is_cpu_time(tmp_path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """The limit counts the worker's CPU seconds (importing torch alone takes more than one), so a loaded
+    machine slows a family down without failing it; the wall-clock backstop is set far out here."""
+    zoo = _runner()
+    monkeypatch.setattr(zoo, "WALL_FACTOR", 600)
+    row = {"family": "resnet", "model": "resnet10t", "input_size": [3, 64, 64], "model_args": {}, "params": 1}
+    printed, why = zoo._worker(["_prune", json.dumps(row), str(tmp_path)], 1)
+    assert printed == [] and why == "timeout after 1 CPU-seconds"
