@@ -14,6 +14,7 @@ import pytest
 os.environ.setdefault("PRUNECLI_NO_PROGRESS", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("OMP_NUM_THREADS", "1")
+os.environ.setdefault("PRUNECLI_NO_CACHE", "1")  # tests never write the user's layer-table cache
 
 
 @pytest.fixture(autouse=True)

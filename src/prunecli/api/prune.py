@@ -15,15 +15,17 @@ The layers pruned are the prunable ones (:mod:`prunecli.prunable`) minus the cla
 ``include_head``) minus those matching an ``exclude`` glob. ``layer_ratios`` (``GLOB=R``; the last
 matching pattern wins) gives matching layers their own ratio and scope.
 
-Fast path: unstructured and N:M pruning of a prunecli checkpoint that carries a layer table
-(:mod:`prunecli.layertable`; every checkpoint prunecli saves from a model has one), with magnitude
-scores or a scores file and without ``--compensate``/``--input-size``/model args, never rebuilds the
-model: the table gives the prunable weights, the head and the MACs; magnitude pruning maps the file
-read-only and masks each pruned tensor as it is written (no copy of the weights), scores files and
-N:M read the file once into a buffer and prune it in place; both hash the input and the output on
-a worker thread without a second pass over either. timm is not imported. The output — checkpoint
-bytes and metrics — is the one the model path writes (tests compare them); ``PRUNECLI_FAST_PRUNE=0``
-forces the model path.
+Fast path: unstructured and N:M pruning of a checkpoint whose layer table is known
+(:mod:`prunecli.layertable`: every checkpoint prunecli saves from a model carries one; a third-party
+timm folder, train.py file or bare state dict gets it from the layer-table cache,
+:mod:`prunecli.checkpoint.table_cache`), with magnitude scores or a scores file and without
+``--compensate``/``--input-size``/model args, never rebuilds the model: the table gives the prunable
+weights, the head and the MACs; magnitude pruning maps the file read-only and masks each pruned tensor
+as it is written (no copy of the weights), scores files and N:M read the file once into a buffer and
+prune it in place; both hash the input and the output on a worker thread without a second pass over
+either. timm is not imported (on a cache miss: once per architecture). The output — checkpoint bytes
+and metrics — is the one the model path writes (tests compare them); ``PRUNECLI_FAST_PRUNE=0`` forces
+the model path.
 
 Shape of a run: load → score → plan → apply → save. The fast path and the model path are the two
 implementations of :class:`PruneTarget` (weights, trace, params, state, what to save); each structure
