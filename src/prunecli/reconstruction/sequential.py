@@ -394,16 +394,28 @@ def _solve_layer(
 def _plan(
     model: nn.Module,
     todo: Mapping[str, nn.Module],
-    calls: Mapping[str, int],
     first: Any,
     forward: Forward,
     device: torch.device,
-) -> list[Step] | None:
-    """The cached schedule's steps for the reached targets, or None (then every target uses the fallback)."""
+    cache: bool,
+) -> tuple[dict[str, int], list[Step]]:
+    """(target name → calls per forward pass, in first-call order; the steps), from one pass over ``first``.
+
+    The recording pass gives both the call order and the chains; without ``cache`` (or when one module
+    has two target names) a lighter pass counts the calls and every target uses the fallback.
+    """
     names = {id(mod): name for name, mod in todo.items()}
-    if len(names) != len(todo):  # two names for one module: leave it to the fallback's per-name passes
-        return None
-    return _schedule(_record(model, first, forward, device), names, list(calls), calls)
+    if not cache or len(names) != len(todo):
+        calls = _first_calls(model, todo, first, forward, device)
+        return calls, list(calls)
+    record = _record(model, first, forward, device)
+    calls: dict[str, int] = {}
+    for call in record:
+        name = names.get(id(call.module))
+        if name is not None:
+            calls[name] = calls.get(name, 0) + 1
+    steps = _schedule(record, names, list(calls), calls)
+    return calls, list(calls) if steps is None else steps
 
 
 def _run_steps(
@@ -535,10 +547,7 @@ def reconstruct(
     solve = functools.partial(_solve_layer, damp=damp, blocksize=blocksize, guard=guard, refit=refit)
     try:
         with torch.no_grad():
-            calls = _first_calls(model, todo, first, forward, device)
-            steps = _plan(model, todo, calls, first, forward, device) if cache else None
-            if steps is None:
-                steps = list(calls)
+            calls, steps = _plan(model, todo, first, forward, device, cache)
             run = _run_steps(model, steps, todo, layers, calls, calib, forward, device, solve)
             for res in progress(run, total=len(calls), description="obs reconstruction"):
                 report.layers[res.name] = res
