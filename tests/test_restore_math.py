@@ -294,3 +294,30 @@ def test_lstsq_equals_independent_least_squares() -> None:
     restore_model(pruned, net, plan, "lstsq", params={"ridge": 1e-12, "samples": 200}, calib=[x[:100], x[100:]])
     torch.testing.assert_close(pruned[2].weight.double(), sol[:-1].T, atol=1e-4, rtol=1e-4)
     torch.testing.assert_close(pruned[2].bias.double(), sol[-1], atol=1e-4, rtol=1e-4)
+
+
+def test_lstsq_with_fewer_samples_than_inputs_equals_the_explicit_ridge_solution() -> None:
+    """5 samples, 31 unknowns per output: the refit takes the N×N dual path; the reference is the primal
+    ridge formula with an explicit inverse, ``W = (XᵀX + λI)⁻¹(XᵀY + λW₀)``, λ = ridge·tr(XᵀX)/D."""
+    gen = torch.Generator().manual_seed(3)
+    net = nn.Sequential(nn.Linear(8, 40), nn.ReLU(), nn.Linear(40, 4)).eval()
+    kept = list(range(0, 40, 4)) + list(range(1, 40, 2))
+    kept = sorted(set(kept))[:30]
+    plan = {"channels": {"0": entry(kept, 40), "2": entry(kept, 40, "in")}}
+    pruned = slice_model(net, plan["channels"])
+    x = torch.randn(5, 8, generator=gen)
+    ridge = 0.05
+    with torch.no_grad():
+        feats = torch.relu(pruned[0](x)).double()
+        design = torch.cat([feats, torch.ones(5, 1, dtype=torch.float64)], 1)  # (5, 31)
+        target = net(x).double()
+        w0 = torch.cat([pruned[2].weight.double(), pruned[2].bias.double()[:, None]], 1)  # (4, 31)
+        d = design.shape[1]
+        lam = ridge * float((design**2).sum()) / d
+        ref = torch.linalg.inv(design.T @ design + lam * torch.eye(d, dtype=torch.float64)) @ (
+            design.T @ target + lam * w0.T
+        )
+    restore_model(pruned, net, plan, "lstsq", params={"ridge": ridge, "samples": 5}, calib=[x[:2], x[2:]])
+    # float32 weights at the end: the stored result is exact to float32 rounding of values of size ~1
+    torch.testing.assert_close(pruned[2].weight.double(), ref[:-1].T, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(pruned[2].bias.double(), ref[-1], atol=1e-5, rtol=1e-5)

@@ -94,25 +94,52 @@ def refit_consumer(
         w0 = torch.cat([w0, pmod.bias.detach().to(torch.float64)[:, None]], dim=1)
     w0 = w0.to(ctx.device)
     d = w0.shape[1]
-    xtx = torch.zeros(d, d, dtype=torch.float64, device=ctx.device)
-    xty = torch.zeros(d, w0.shape[0], dtype=torch.float64, device=ctx.device)
+    # Fewer samples than unknowns (deep layers of small images): keep the rows and solve the N×N dual
+    # system instead of the D×D normal equations — the same minimiser, W = W₀ + Xᵀ(XXᵀ + λI)⁻¹(Y − XW₀).
+    xs: list[torch.Tensor] | None = []
+    ys: list[torch.Tensor] = []
+    xtx: torch.Tensor | None = None
+    xty: torch.Tensor | None = None
     n = 0
+    trace = 0.0
     for b in range(len(batches)):
         x = _design(pmod, pruned_run.capture(name, b, "input"))
         y = _targets(dmod, dense_run.capture(name, b, "output"), rows)
         if y.shape[0] != x.shape[0]:
             raise RuntimeError(f"{name}: {x.shape[0]} input rows but {y.shape[0]} target rows")
+        n += x.shape[0]
+        trace += float((x * x).sum())
+        if xs is not None and n < d:
+            xs.append(x)
+            ys.append(y)
+            continue
+        if xs is not None:  # too many rows for the dual: switch to the normal equations
+            x, y = torch.cat([*xs, x]), torch.cat([*ys, y])
+            xs, ys = None, []
+            xtx, xty = x.T @ x, x.T @ y
+            continue
+        assert xtx is not None and xty is not None
         xtx += x.T @ x
         xty += x.T @ y
-        n += x.shape[0]
-    lam = ridge * float(torch.trace(xtx)) / d if float(torch.trace(xtx)) > 0 else ridge
-    a = xtx
-    a.diagonal().add_(lam)  # xtx is not used again: no D×D identity or copy
-    rhs = xty + lam * w0.T
-    # A = XᵀX + λI is symmetric positive definite for λ > 0: Cholesky takes half the work of LU;
-    # LU remains for what Cholesky refuses (λ = 0 with a rank-deficient XᵀX, as before).
-    factor, info = torch.linalg.cholesky_ex(a)
-    sol = torch.cholesky_solve(rhs, factor) if int(info) == 0 else torch.linalg.solve(a, rhs)  # (d, out)
+    lam = ridge * trace / d if trace > 0 else ridge
+    if xs is not None and xs and lam > 0:
+        x, y = torch.cat(xs), torch.cat(ys)
+        k = x @ x.T
+        k.diagonal().add_(lam)
+        sol = w0.T + x.T @ torch.linalg.solve(k, y - x @ w0.T)  # (d, out)
+    else:
+        if xs is not None:  # λ = 0 or no rows: the normal equations, as always
+            x = torch.cat(xs) if xs else torch.zeros(0, d, dtype=torch.float64, device=ctx.device)
+            y = torch.cat(ys) if ys else torch.zeros(0, w0.shape[0], dtype=torch.float64, device=ctx.device)
+            xtx, xty = x.T @ x, x.T @ y
+        assert xtx is not None and xty is not None
+        a = xtx
+        a.diagonal().add_(lam)  # xtx is not used again: no D×D identity or copy
+        rhs = xty + lam * w0.T
+        # A = XᵀX + λI is symmetric positive definite for λ > 0: Cholesky takes half the work of LU;
+        # LU remains for what Cholesky refuses (λ = 0 with a rank-deficient XᵀX, as before).
+        factor, info = torch.linalg.cholesky_ex(a)
+        sol = torch.cholesky_solve(rhs, factor) if int(info) == 0 else torch.linalg.solve(a, rhs)
     new = sol.T
     if pmod.bias is not None:
         pmod.bias.copy_(new[:, -1].to(pmod.bias.dtype))
