@@ -391,6 +391,19 @@ def _solve_layer(
     return LayerResult(name, "reconstructed", err_mask, err_obs, acc.positions, sparsity, fallback, signal=signal)
 
 
+def _probe(batch: Any, forward: Forward) -> Any:
+    """Two images of the first batch for the recording pass when the default forward runs: the modules
+    called and their order do not depend on the batch size, and a whole calibration batch would cost a
+    full forward pass just to plan. A custom ``forward`` gets the batch as it is."""
+    if forward is not _default_forward:
+        return batch
+    if isinstance(batch, torch.Tensor):
+        return batch[:2]
+    if isinstance(batch, (tuple, list)) and batch and isinstance(batch[0], torch.Tensor):
+        return (batch[0][:2], *batch[1:])
+    return batch
+
+
 def _plan(
     model: nn.Module,
     todo: Mapping[str, nn.Module],
@@ -408,7 +421,7 @@ def _plan(
     if not cache or len(names) != len(todo):
         calls = _first_calls(model, todo, first, forward, device)
         return calls, list(calls)
-    record = _record(model, first, forward, device)
+    record = _record(model, _probe(first, forward), forward, device)
     calls: dict[str, int] = {}
     for call in record:
         name = names.get(id(call.module))
