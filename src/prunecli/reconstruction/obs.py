@@ -162,9 +162,9 @@ def _flip_both(m: torch.Tensor) -> None:
 
 
 def row_errors(w: torch.Tensor, w_hat: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
-    """Per-row ``(w − ŵ) H (w − ŵ)ᵀ`` = ``‖(w − ŵ) X‖²`` for every row (float64)."""
-    delta = (w - w_hat).to(torch.float64)
-    return ((delta @ h.to(torch.float64)) * delta).sum(dim=1).clamp_min(0.0)
+    """Per-row ``(w − ŵ) H (w − ŵ)ᵀ`` = ``‖(w − ŵ) X‖²`` for every row, computed in ``h``'s dtype (float64 out)."""
+    delta = (w - w_hat).to(h.dtype)
+    return ((delta @ h) * delta).sum(dim=1).to(torch.float64).clamp_min(0.0)
 
 
 def _given(keep: torch.Tensor) -> Selector:
@@ -362,8 +362,11 @@ def obs_prune(
     if diag is not None:  # dampening changed only the diagonal: the undamped H again, exactly
         torch.diagonal(h64).copy_(diag)
     masked = torch.where(keep, w64, 0.0)
-    err_mask = row_errors(w64, masked, h64)
-    err_obs = row_errors(w64, w_hat, h64)
+    # the errors are reported and compared, not solved with: in a lower-precision layer's own float32
+    # (d·u ≤ 2e-4 relative for d = 3072, typically ~1e-6; about 2.4× faster than float64), else float64
+    he = h64 if w.dtype == torch.float64 else h64.to(torch.float32)
+    err_mask = row_errors(w64, masked, he)
+    err_obs = row_errors(w64, w_hat, he)
     worse = err_obs > err_mask if guard else torch.zeros_like(err_obs, dtype=torch.bool)
     w_hat = torch.where(worse[:, None], masked, w_hat)
     err_obs = torch.where(worse, err_mask, err_obs)
@@ -373,5 +376,5 @@ def obs_prune(
         error_mask=float(err_mask.sum()),
         error_obs=float(err_obs.sum()),
         fallback_rows=int(worse.sum()),
-        signal=float(row_errors(w64, torch.zeros_like(w64), h64).sum()),
+        signal=float(row_errors(w64, torch.zeros_like(w64), he).sum()),
     )
