@@ -433,6 +433,21 @@ NOTES: dict[str, str] = {
     "dense at ratio 0.5, 29.0 % at 0.9, 52.1 % at 0.99 — GhostModule's `out[:, :out_chs]`), and `ChannelCost` "
     "predicts 5.2 / 3.7 / 14.2 %, so the real-plan fallback probes ratio ≈1 and calls 50 % unreachable. Ours "
     "(budget.py, reported to its owner: bisect the real plans below the cost model's ratio, not up to 1).",
+    "davit": "the floor (67.3 % of the MACs) comes from two rules: groups.py treats `SpatialBlock` (it stores "
+    "`num_heads`, but its attention is the fused-qkv `WindowAttention` child, which is handled) as attention of "
+    "unknown layout, so no output channel under it is pruned (its MLPs included); and the safety net freezes "
+    "`ChannelAttention` (heads over channels: `[B, heads, C/heads, N]`), whose `qkv` alone is 25 % of the MACs. "
+    "Ours (groups.py, proposed to its owner: a module whose head count is handled by a fused-attention child is "
+    "not of unknown layout).",
+    "mambaout": "ours (budget.py): the plan-only cost model and the real plan disagree — at ratio 0.3 `ChannelCost` "
+    "predicts 60.9 % of the MACs, the real plan keeps 98.3 % (the residual stream, 48 channels, is not pruned; "
+    "beit shows the same at 766 vs 768) — and at the ratio the search settles on the real plan lands at 5.5 %, far "
+    "UNDER the budget, which the fallback (it only checks 'over') does not catch. Proposed to the owner: fall back "
+    "when the real plan misses the budget by more than the tolerance either way, and count the same candidate set "
+    "in the cost model as in the plan (a candidate whose probe fails still takes part in the plan's global ranking).",
+    "res2net": "`Bottle2neck` splits its conv1 output by a width it stores (`torch.split(out, self.width, 1)`), which "
+    "no tracer sees; the forward breaks, the safety net freezes the class — every block — and nothing prunable "
+    "is left (100 % of the MACs). A per-class rule that keeps `width` in step with the pruned conv would be needed.",
     "deepseek_vit": "412 M parameters at 224x224 (the family has no smaller input) exceed the runner's 6 GiB "
     "address-space cap per worker (`ZOO_MEMORY_GB` raises it); not a prunecli error.",
     "gemma4_vit": "167 M parameters at 768x768 (its only input size): the 300 s limit under load.",
