@@ -62,8 +62,9 @@ def _prune(base: Path, out: Path, setting: str, method: str, **extra: Any) -> Pa
     return out
 
 
-def _restore(src: Path, out: Path, method: str, samples: int) -> tuple[float, float]:
+def _restore(src: Path, out: Path, method: str, samples: int, extra: str = "") -> tuple[float, float]:
     params = {"samples": str(samples)} if "obs" in method else {}
+    params.update(kv.split("=", 1) for kv in extra.split(",") if kv and "obs" in method)
     req = RestoreRequest.build(checkpoint=str(src), method=method, data="digits:train", val="digits:test",
                                output=str(out), transforms=DOPTS, device="cpu", force=True, params=params)  # fmt: skip
     m = restore(req).metrics
@@ -90,6 +91,7 @@ def main() -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--tag", default="", help="suffix of the json file")
     ap.add_argument("--columns", default=",".join(COLUMNS), help="the methods to run (comma-separated)")
+    ap.add_argument("--restore-params", default="", help="extra -p of the restore obs columns, e.g. refit=false")
     args = ap.parse_args()
     cols = set(args.columns.split(","))
     logging.getLogger("prunecli").setLevel(logging.ERROR)
@@ -120,7 +122,9 @@ def main() -> int:
                     row["obs+bn (joint)"] = _restore(obs, out / "tmp.safetensors", "bn", args.samples)
             for method in ("obs", "obs+bn"):
                 if f"restore {method}" in cols:
-                    row[f"restore {method}"] = _restore(mag, out / "tmp.safetensors", method, args.samples)
+                    row[f"restore {method}"] = _restore(
+                        mag, out / "tmp.safetensors", method, args.samples, args.restore_params
+                    )
             row["seconds"] = round(time.perf_counter() - t1, 1)
             rows.append(row)
             print(json.dumps(row), file=sys.stderr, flush=True)

@@ -293,3 +293,25 @@ def test_bad_options_are_refused() -> None:
     with pytest.raises(InputError, match="layer-ratio"):
         prune_channels(model, example_input=x, ratio=0.3, layer_ratios={"fc1": 1.0})
     assert model.fc1.weight.shape[0] == 10  # nothing was touched
+
+
+def test_revert_puts_back_list_attributes_as_lists() -> None:
+    """A failed pruning attempt is undone by :func:`prunecli.surgery.revert`; an attribute that model code
+    keeps as a list (hiera's ``Unroll.size``) must come back as an equal list, not a tuple, and the
+    snapshot must survive a second revert."""
+    from prunecli.surgery import revert, snapshot
+
+    class Holder(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.size = [4, 4]
+            self.pair = (2, 3)
+
+    m = torch.nn.Sequential(Holder())
+    snap = snapshot(m)
+    for _ in range(2):
+        m[0].size.append(9)
+        m[0].pair = (1, 1)
+        revert(m, snap)
+        assert type(m[0].size) is list and m[0].size == [4, 4]
+        assert m[0].pair == (2, 3)

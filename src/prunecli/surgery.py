@@ -94,7 +94,7 @@ def snapshot(model: nn.Module) -> Snapshot:
             tensors[bname] = ("buffer", b)
         snap.tensors[name] = tensors
         snap.attrs[name] = {
-            k: (tuple(v) if isinstance(v, list) else v)
+            k: (list(v) if isinstance(v, list) else v)  # a copy, still a list: model code may index or append
             for k, v in vars(mod).items()
             if not k.startswith("_") and k not in _SKIP_ATTRS and _simple(v)
         }
@@ -111,7 +111,7 @@ def revert(model: nn.Module, snap: Snapshot) -> None:
         for tname, (kind, t) in tensors.items():
             (mod._parameters if kind == "param" else mod._buffers)[tname] = t
         for k, v in snap.attrs[name].items():
-            object.__setattr__(mod, k, v)
+            object.__setattr__(mod, k, list(v) if isinstance(v, list) else v)  # the snapshot stays reusable
 
 
 def diff_structure(model: nn.Module, snap: Snapshot) -> dict[str, dict[str, Any]]:
