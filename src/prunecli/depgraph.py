@@ -19,6 +19,8 @@ from typing import Any
 import torch
 import torch_pruning as tp
 from torch import nn
+from torch_pruning.dependency import index_mapping as _index_mapping
+from torch_pruning.dependency import shape_infer as _shape_infer
 
 __all__ = [
     "DW_FNS",
@@ -43,6 +45,31 @@ ENGINE = f"torch-pruning {tp.__version__}" if hasattr(tp, "__version__") else "t
 
 Importance = tp.importance.Importance
 """Torch-Pruning's group-importance base class (``__call__(group) -> Tensor``)."""
+
+
+_TP_CONCAT_MAPPING = _index_mapping.update_concat_index_mapping
+
+
+def _concat_mapping(graph: Any, cat_node: Any) -> None:
+    """Torch-Pruning's ``update_concat_index_mapping``, skipping a concat one of whose input widths is unknown.
+
+    Torch-Pruning sums the widths that ``infer_channels_between`` found for the concat's inputs before
+    its own ``None`` check and raises ``TypeError`` (int + None) when one is unknown (cs3darknet's
+    shortcut add, coat's class token): the whole graph build then fails. Its own code gives up on such
+    a concat a few lines later (no offsets, ``concat_sizes`` left ``None`` so its concat pruner skips
+    it); this returns before the sum instead, so the rest of the graph is built. Channels coupled through
+    that concat are then not index-mapped, and the safety net (a forward after the plan) catches a
+    group whose pruning breaks it.
+    """
+    if cat_node.type == tp.ops.OPTYPE.CONCAT and cat_node.module.concat_sizes is None:
+        widths = [_shape_infer.infer_channels_between(graph, n, cat_node) for n in cat_node.inputs]
+        if any(w is None for w in widths):
+            return
+    _TP_CONCAT_MAPPING(graph, cat_node)
+
+
+# update_index_mapping looks the function up in its module at each call: replacing the module attribute is enough
+_index_mapping.update_concat_index_mapping = _concat_mapping
 
 
 def build_graph(model: nn.Module, example_inputs: Any) -> Any:

@@ -62,8 +62,13 @@ def under(name: str, roots: Sequence[str]) -> bool:
 
 
 def attention_modules(model: nn.Module) -> tuple[dict[str, nn.Module], list[str]]:
-    """(fused-qkv attention modules by name, names of other modules that hold a head count)."""
-    fused, other = {}, []
+    """(fused-qkv attention modules by name, names of other modules that hold a head count).
+
+    A module that holds a head count but contains a fused-qkv attention (davit's ``SpatialBlock`` stores
+    ``num_heads`` for its ``WindowAttention`` child) is a block around a handled attention, not an
+    attention of unknown layout: counting it as one would keep every output channel under it, MLPs included.
+    """
+    fused, holders = {}, []
     for name, m in model.named_modules():
         heads = next((getattr(m, a) for a in _HEAD_ATTRS if isinstance(getattr(m, a, None), int)), None)
         if heads is None or isinstance(heads, bool) or heads < 1:
@@ -76,7 +81,8 @@ def attention_modules(model: nn.Module) -> tuple[dict[str, nn.Module], list[str]
         ):
             fused[name] = m
         else:
-            other.append(name)
+            holders.append(name)
+    other = [n for n in holders if not any(n == "" or f.startswith(n + ".") for f in fused)]
     return fused, other
 
 

@@ -1,0 +1,128 @@
+"""Fixes for zoo families that failed ``--target macs=0.5`` for reasons of prunecli's (issue 16).
+
+Each test checks against a hand-built expectation: offsets from the convs' widths, which module of a
+hand-built block is an attention, and a hand-written cost curve that the real-plan search must hit.
+"""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+from typing import Any
+
+import pytest
+import torch
+from torch import nn
+
+import prunecli.depgraph as depgraph
+from prunecli.pruning import budget as budget_mod
+from prunecli.pruning import channel as channel_mod
+from prunecli.pruning.groups import attention_modules
+
+
+class _Cat(nn.Module):
+    """Two convs (5 and 7 channels) concatenated on channels, then a 1x1 conv."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b, self.head = nn.Conv2d(3, 5, 1), nn.Conv2d(3, 7, 1), nn.Conv2d(12, 4, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.cat([self.a(x), self.b(x)], 1))
+
+
+def _concats(dg: Any) -> list[Any]:
+    return [n for n in dg.module2node.values() if n.type == depgraph.tp.ops.OPTYPE.CONCAT]
+
+
+def test_concat_of_known_widths_is_still_index_mapped() -> None:
+    dg = depgraph.build_graph(_Cat(), torch.randn(1, 3, 4, 4))
+    (cat,) = _concats(dg)
+    assert cat.module.offsets == [0, 5, 12]  # cumulative widths of conv a (5) and conv b (7)
+
+
+def test_concat_with_an_unknown_width_no_longer_breaks_the_graph() -> None:
+    """cs3darknet: a concat input whose width Torch-Pruning cannot infer crashed its ``int + None`` sum."""
+    timm = pytest.importorskip("timm")
+    model = timm.create_model("cs3darknet_focus_s", pretrained=False).eval()
+    dg = depgraph.build_graph(model, torch.randn(1, 3, 64, 64))
+    unknown = [c for c in _concats(dg) if c.module.concat_sizes is None]
+    assert unknown, "cs3darknet_focus_s should hold a concat of unknown width (the case being fixed)"
+    assert all(c.module.offsets is None for c in unknown)  # left unmapped, so Torch-Pruning's pruner skips it
+
+
+class _Attn(nn.Module):
+    def __init__(self, dim: int, heads: int) -> None:
+        super().__init__()
+        self.num_heads, self.qkv, self.proj = heads, nn.Linear(dim, 3 * dim), nn.Linear(dim, dim)
+
+
+class _Block(nn.Module):
+    """davit's SpatialBlock: stores num_heads, its attention is a fused-qkv child."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.num_heads, self.attn, self.mlp = 2, _Attn(8, 2), nn.Linear(8, 8)
+
+
+class _Odd(nn.Module):
+    """An attention of another layout: a head count but no fused qkv anywhere below it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.num_heads, self.q, self.k = 2, nn.Linear(8, 8), nn.Linear(8, 8)
+
+
+def test_block_around_a_fused_attention_is_not_of_unknown_layout() -> None:
+    model = nn.Sequential(_Block(), _Odd())
+    fused, other = attention_modules(model)
+    assert sorted(fused) == ["0.attn"]
+    assert other == ["1"]
+
+
+# --------------------------------------------------------------------------------- real-plan search
+
+
+class _Model:
+    """The cost model's prediction: 100·(1 − r) MACs, so it settles at r = 0.5 for a budget of 50."""
+
+    def __init__(self, *_: Any, **__: Any) -> None:
+        pass
+
+    def dense(self, kind: str) -> int:
+        return 100_000
+
+    def cost(self, kind: str, r: float) -> int:
+        return int(100_000 * (1 - r))
+
+    def fill(self, kind: str, r: float, budget: float) -> tuple[dict, int]:
+        return {}, self.cost(kind, r)
+
+
+def _ghost(r: float) -> float:
+    """Ghostnet-like real plans: far under at the model's ratio, non-monotone, over the budget near 1."""
+    return 100_000 * (1 - 1.6 * r) if r <= 0.6 else 100_000 * (0.04 + 1.2 * (r - 0.6))
+
+
+def _mamba(r: float) -> float:
+    """Mambaout-like real plans: over the budget at the model's ratio (frozen modules), reachable higher up."""
+    return 100_000 * (1 - 0.6 * r)
+
+
+@pytest.mark.parametrize("real", [_ghost, _mamba], ids=["under", "over"])
+def test_real_plan_search_lands_within_tolerance(monkeypatch: pytest.MonkeyPatch, real: Any) -> None:
+    def plan(model: Any, *, ratio: float, keeps: Any = None, **_: Any) -> SimpleNamespace:
+        v = int(real(ratio))
+        return SimpleNamespace(macs_after=v, params_after=v, frozen=("Frozen",))
+
+    monkeypatch.setattr(budget_mod, "ChannelCost", _Model)
+    monkeypatch.setattr(channel_mod, "plan_channels", plan)
+    got, budget, steps = budget_mod.plan_channels_to(None, "macs", "0.5")
+    assert budget.absolute == 50_000
+    assert 50_000 * (1 - budget_mod.TOLERANCE) <= got.macs_after <= 50_000
+    assert any(s.get("planned") for s in steps)
+
+
+def test_search_stays_within_lo_hi() -> None:
+    b = budget_mod.Budget("macs", "0.5", 50.0, 100.0)
+    tried = budget_mod.search(lambda r: 100 * (1 - r), b, lo=0.25, hi=0.75).steps
+    assert all(0.25 <= s["ratio"] <= 0.75 for s in tried)
