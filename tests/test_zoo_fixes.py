@@ -126,3 +126,36 @@ def test_search_stays_within_lo_hi() -> None:
     b = budget_mod.Budget("macs", "0.5", 50.0, 100.0)
     tried = budget_mod.search(lambda r: 100 * (1 - r), b, lo=0.25, hi=0.75).steps
     assert all(0.25 <= s["ratio"] <= 0.75 for s in tried)
+
+
+# --------------------------------------------------------------------------------- bounded groups
+
+
+class _Chain(nn.Module):
+    """``n`` 1x1 convs on one residual stream: the stem's group holds every one of them (2 items per conv)."""
+
+    def __init__(self, n: int) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, 4, 1)
+        self.convs = nn.ModuleList(nn.Conv2d(4, 4, 1) for _ in range(n))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.stem(x)
+        for c in self.convs:
+            x = x + c(x)
+        return x
+
+
+def test_a_group_past_the_item_bound_is_given_up(monkeypatch: pytest.MonkeyPatch) -> None:
+    from prunecli.pruning.groups import _all_groups
+
+    model = _Chain(6)
+    dg = depgraph.build_graph(model, torch.randn(1, 3, 2, 2))
+    stem = dg.get_pruning_group(model.stem, depgraph.tp.prune_conv_out_channels, [0])
+    assert len(stem) > 12  # stem + 6 convs' outputs and inputs, the adds
+    monkeypatch.setattr(depgraph, "MAX_GROUP_ITEMS", 12)
+    with pytest.raises(depgraph.GroupTooLarge):
+        dg.get_pruning_group(model.stem, depgraph.tp.prune_conv_out_channels, [0])
+    assert [len(g) for g in _all_groups(dg, [])] == []  # the residual stream is the only group: given up
+    monkeypatch.setattr(depgraph, "MAX_GROUP_ITEMS", len(stem))
+    assert [len(g) for g in _all_groups(dg, [])] == [len(stem)]

@@ -100,7 +100,10 @@ def _all_groups(dg: Any, ignored: Sequence[nn.Module]) -> Iterator[Any]:
         try:
             group = dg.get_pruning_group(m, pruner.prune_out_channels, list(range(pruner.get_out_channels(m))))
         except Exception as exc:  # Torch-Pruning internals; the group is just not pruned
-            log.debug("cannot build the group of %s: %s", dg._module2name.get(m, "?"), short(exc))
+            from prunecli.depgraph import GroupTooLarge
+
+            say = log.warning if isinstance(exc, GroupTooLarge) else log.debug
+            say("cannot build the group of %s, its channels stay: %s", dg._module2name.get(m, "?"), short(exc))
             visited.add(id(m))
             continue
         outs = [it.dep.target.module for it in group if dg.is_out_channel_pruning_fn(it.dep.handler)]
