@@ -159,3 +159,20 @@ def test_a_group_past_the_item_bound_is_given_up(monkeypatch: pytest.MonkeyPatch
     assert [len(g) for g in _all_groups(dg, [])] == []  # the residual stream is the only group: given up
     monkeypatch.setattr(depgraph, "MAX_GROUP_ITEMS", len(stem))
     assert [len(g) for g in _all_groups(dg, [])] == [len(stem)]
+
+
+def _rising(r: float) -> float:
+    """Ghostnet as the zoo saw it: over the budget at the cost model's ratio (0.5) and again near 1, under between."""
+    return 100_000 * (1 - 0.9 * r) if r <= 0.8 else 100_000 * (0.28 + 1.5 * (r - 0.8))
+
+
+def test_over_budget_and_non_monotone_is_not_called_unreachable(monkeypatch: pytest.MonkeyPatch) -> None:
+    def plan(model: Any, *, ratio: float, keeps: Any = None, **_: Any) -> SimpleNamespace:
+        v = int(_rising(ratio))
+        return SimpleNamespace(macs_after=v, params_after=v, frozen=())
+
+    monkeypatch.setattr(budget_mod, "ChannelCost", _Model)
+    monkeypatch.setattr(channel_mod, "plan_channels", plan)
+    assert _rising(1.0) > 50_000 < _rising(0.5)  # both ends over: only the middle is within the budget
+    got, _, _ = budget_mod.plan_channels_to(None, "macs", "0.5")
+    assert 50_000 * (1 - budget_mod.TOLERANCE) <= got.macs_after <= 50_000
