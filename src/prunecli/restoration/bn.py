@@ -261,11 +261,14 @@ def reestimate_bn(
         model.eval().to("cpu")
 
 
-def restore_bn(ctx: RestoreContext, params: dict[str, Any]) -> None:
-    """Re-estimates the BN statistics of ``ctx.pruned`` (registered as ``bn``).
+def bn_request(params: dict[str, Any], has_calib: bool, model: nn.Module) -> tuple[int, str, bool, dict[str, Any]]:
+    """``bn``'s parameters checked before any work, for channel-pruned and masked checkpoints alike.
 
-    Params: ``samples`` (calibration images, default 2048: all of a small calibration set), ``scope``
-    (``downstream`` of the changed layers, default, or ``all``).
+    Returns:
+        ``samples``, ``scope``, ``exact`` and the model's BatchNorm layers.
+
+    Raises:
+        InputError: fewer than 2 samples, an unknown scope, no calibration data, or no BatchNorm.
     """
     samples = int(params["samples"])
     scope = str(params.get("scope", "downstream"))
@@ -274,11 +277,21 @@ def restore_bn(ctx: RestoreContext, params: dict[str, Any]) -> None:
         raise InputError("bn: samples must be >= 2")
     if scope not in _SCOPES:
         raise InputError(f"bn: unknown scope {scope!r}; choose from {', '.join(_SCOPES)}")
-    if not ctx.calib:
+    if not has_calib:
         raise InputError("bn needs calibration data", hint="pass --data SPEC (e.g. --data digits:train)")
-    norms = bn_layers(ctx.pruned)
+    norms = bn_layers(model)
     if not norms:
         raise InputError("bn: the model has no BatchNorm layers to re-estimate")
+    return samples, scope, exact, norms
+
+
+def restore_bn(ctx: RestoreContext, params: dict[str, Any]) -> None:
+    """Re-estimates the BN statistics of ``ctx.pruned`` (registered as ``bn``).
+
+    Params: ``samples`` (calibration images, default 2048: all of a small calibration set), ``scope``
+    (``downstream`` of the changed layers, default, or ``all``).
+    """
+    samples, scope, exact, norms = bn_request(params, bool(ctx.calib), ctx.pruned)
     batches = ctx.calib_samples(samples)
     names: set[str] = set(norms)
     if scope == "downstream":

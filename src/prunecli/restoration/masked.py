@@ -27,8 +27,6 @@ __all__ = ["MaskedContext", "restore_bn_masked", "restore_obs"]
 
 log = logging.getLogger("prunecli.restoration")
 
-_BN_SCOPES = ("downstream", "all")
-
 
 @dataclass
 class MaskedContext:
@@ -105,20 +103,9 @@ def restore_bn_masked(ctx: MaskedContext, params: dict[str, Any]) -> None:
     Params as ``bn`` on a channel-pruned checkpoint: ``samples`` (2048), ``scope`` (``downstream`` of the
     masked layers, or ``all``), ``exact`` (true).
     """
-    from prunecli.restoration.bn import bn_layers, downstream_bns, reestimate_bn
+    from prunecli.restoration.bn import bn_request, downstream_bns, reestimate_bn
 
-    samples = int(params["samples"])
-    scope = str(params.get("scope", "downstream"))
-    exact = bool(params.get("exact", True))
-    if samples < 2:
-        raise InputError("bn: samples must be >= 2")
-    if scope not in _BN_SCOPES:
-        raise InputError(f"bn: unknown scope {scope!r}; choose from {', '.join(_BN_SCOPES)}")
-    if not ctx.calib:
-        raise InputError("bn needs calibration data", hint="pass --data SPEC (e.g. --data digits:train)")
-    norms = bn_layers(ctx.pruned)
-    if not norms:
-        raise InputError("bn: the model has no BatchNorm layers to re-estimate")
+    samples, scope, exact, norms = bn_request(params, bool(ctx.calib), ctx.pruned)
     batches = ctx.calib_samples(samples)
     names: set[str] = set(norms)
     if scope == "downstream":
