@@ -448,6 +448,10 @@ NOTES: dict[str, str] = {
     "res2net": "`Bottle2neck` splits its conv1 output by a width it stores (`torch.split(out, self.width, 1)`), which "
     "no tracer sees; the forward breaks, the safety net freezes the class — every block — and nothing prunable "
     "is left (100 % of the MACs). A per-class rule that keeps `width` in step with the pruned conv would be needed.",
+    "sknet": "first run (this round), not investigated: the real-plan fallback ran (63 steps) and settled at 20.5 % "
+    "of the MACs for macs=0.5, and calls params=0.5 unreachable at 97.7 % once the safety net froze modules, "
+    "i.e. the same shape as mambaout (real plans frozen to near-dense at low ratios, a cliff at high ones); "
+    "plain Torch-Pruning reaches 49.7 % on it. The frozen class and the split that breaks are still to be found",
     "deepseek_vit": "412 M parameters at 224x224 (the family has no smaller input) exceed the runner's 6 GiB "
     "address-space cap per worker (`ZOO_MEMORY_GB` raises it); not a prunecli error.",
     "gemma4_vit": "167 M parameters at 768x768 (its only input size): the 300 s limit under load.",
