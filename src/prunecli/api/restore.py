@@ -350,7 +350,6 @@ def restore(req: RestoreRequest) -> Result:
     from prunecli.checkpoint.loaders import load_checkpoint
     from prunecli.checkpoint.sources import resolve_source
     from prunecli.checkpoint.writer import check_output
-    from prunecli.data import make_loader
     from prunecli.device import describe, resolve_device, seed_everything
     from prunecli.restoration import check_kind, default_method, parse_methods, resolve_params
 
@@ -404,14 +403,7 @@ def restore(req: RestoreRequest) -> Result:
         dense_loaded = _load_dense(spec, req.dense, found, manifest, opts)
         dense_path = str(dense_loaded.source.path or dense_loaded.source.spec)
         dense_sha = dense_loaded.sha256
-    calib_loader = val_loader = None
-    loader = {"batch_size": run.batch_size, "workers": run.workers, "seed": run.seed, "device": dev}
-    if req.data:
-        ds, _ = load_data(req.data, loaded, req.transforms, default_split="train")
-        calib_loader = make_loader(ds, shuffle=True, **loader)
-    if req.val:
-        vs, _ = load_data(req.val, loaded, req.transforms, default_split="test")
-        val_loader = make_loader(vs, **loader)
+    calib_loader, val_loader = _loaders(req, loaded, dev)
     report = restore_model(
         loaded.model, dense_loaded.model if dense_loaded else None, structure, method,
         params={k: v for k, v in req.params.items() if any(k in m.params for m in methods)},
@@ -562,24 +554,16 @@ def _restore_masked(req: RestoreRequest, loaded: Any, method: str, dev: Any) -> 
     """``restore`` of a masked checkpoint (:func:`restore_masked_model`); under ``torchrun`` only rank 0 writes."""
     from prunecli import distributed as D
     from prunecli.counting import count_model
-    from prunecli.data import make_loader
     from prunecli.device import describe
     from prunecli.restoration import parse_methods
 
-    spec, run, manifest = req.checkpoint, req.runtime, loaded.manifest
+    spec, manifest = req.checkpoint, loaded.manifest
     methods = parse_methods(method)
     dense_loaded = None
     if any(m.needs_dense for m in methods):
         dense_loaded = _load_dense(spec, req.dense, _prune_step(list(manifest.lineage)), manifest, req.source)
     D.init(dev)  # under torchrun: obs solves from this process's share of the calibration images
-    loader = {"batch_size": run.batch_size, "workers": run.workers, "seed": run.seed, "device": dev}
-    calib = val = None
-    if req.data:
-        ds, _ = load_data(req.data, loaded, req.transforms, default_split="train")
-        calib = make_loader(ds, shuffle=True, **loader)
-    if req.val:
-        vs, _ = load_data(req.val, loaded, req.transforms, default_split="test")
-        val = make_loader(vs, **loader)
+    calib, val = _loaders(req, loaded, dev)
     report = restore_masked_model(
         loaded.model, dense_loaded.model if dense_loaded else None, list(manifest.masked), method,
         params=dict(req.params), calib=calib, val=val, device=dev,
@@ -631,3 +615,20 @@ def _load_dense(
             hint="pass the exact checkpoint that was pruned as --dense",
         )
     return loaded
+
+
+def _loaders(req: RestoreRequest, loaded: Any, dev: Any) -> tuple[Any, Any]:
+    """The calibration loader (``--data``, shuffled, train split by default) and the evaluation loader
+    (``--val``, test split by default); None where the option is not given."""
+    from prunecli.data import make_loader
+
+    run = req.runtime
+    loader = {"batch_size": run.batch_size, "workers": run.workers, "seed": run.seed, "device": dev}
+    calib = val = None
+    if req.data:
+        ds, _ = load_data(req.data, loaded, req.transforms, default_split="train")
+        calib = make_loader(ds, shuffle=True, **loader)
+    if req.val:
+        vs, _ = load_data(req.val, loaded, req.transforms, default_split="test")
+        val = make_loader(vs, **loader)
+    return calib, val
