@@ -156,6 +156,22 @@ def test_conv_schedule_equals_brute_force_sequential_obs() -> None:
     assert res.error_obs == pytest.approx(float(probe(x).detach().pow(2).sum()), rel=1e-10)
 
 
+@pytest.mark.parametrize("rows", [1, 4])
+def test_solver_leaves_the_callers_tensors_unchanged(rows: int) -> None:
+    """The solver works on a copy of ``W`` laid out column by column; a one-row weight's transpose is
+    already contiguous, so a copy has to be asked for (it once wrote into the caller's weight)."""
+    x = correlated_inputs(20, 60)
+    w = torch.randn(rows, 20, dtype=DT, generator=torch.Generator().manual_seed(4))
+    h = x @ x.T
+    w0, h0 = w.clone(), h.clone()
+    h_damped, _ = dampen(h, 0.01)
+    hd0 = h_damped.clone()
+    for target in (0.5, NM(2, 4), torch.rand(rows, 20, generator=torch.Generator().manual_seed(5)) > 0.5):
+        sparsegpt_solve(w, h_damped, selector(target, 20), blocksize=8)
+        obs_prune(w, h, target, refit=True)
+        assert torch.equal(w, w0) and torch.equal(h, h0) and torch.equal(h_damped, hd0)
+
+
 # ---------------------------------------------------------------- against the least-squares optimum
 
 

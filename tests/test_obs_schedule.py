@@ -86,10 +86,10 @@ def test_residual_model_cached_equals_uncached() -> None:
     _assert_same(cached, plain, atol=1e-9)
     for name in names:
         assert rc.layers[name].error_obs == pytest.approx(rp.layers[name].error_obs, rel=1e-9, abs=1e-12)
-    # the first layer runs 1 (the call order) + 3 batches × 6 layers uncached;
-    # cached: 1 (the recording pass) + 3 (its own solve) + 3 (advancing the cache past it)
+    # the first layer runs 1 (the call order) + 3 batches × 6 layers uncached; cached: 1 (the recording
+    # pass) + 3 (advancing the cache past it); its own Gram matrix is built from the cached chain input
     assert n_plain == 1 + 3 * len(names)
-    assert n_cached == 1 + 3 + 3
+    assert n_cached == 1 + 3
     assert all(torch.equal(x, y) for x, y in zip(calib, before, strict=True))  # the batches are not touched
 
 
@@ -188,8 +188,82 @@ def test_skipped_layer_in_a_chain() -> None:
     cached, plain, rc, rp, n_cached, n_plain = _both(model, targets, calib, "body.0")
     assert rc.layers["body.1.skip"].status == rp.layers["body.1.skip"].status == "unreached"
     assert torch.equal(cached.body[1].skip.weight, model.body[1].skip.weight)
-    assert n_cached == 1 + 3 + 3 < n_plain
+    assert n_cached == 1 + 3 < n_plain  # recording, advancing past it; its Gram from the chain input
     _assert_same(cached, plain, atol=1e-9)
+
+
+class Down(nn.Module):
+    """timm's residual block layout: ``conv1`` and the ``downsample`` branch both read the block input."""
+
+    def __init__(self, cin: int, c: int) -> None:
+        super().__init__()
+        self.conv1, self.act, self.conv2 = nn.Conv2d(cin, c, 3, 2, 1), nn.ReLU(), nn.Conv2d(c, c, 3, 1, 1)
+        self.downsample = nn.Sequential(nn.Conv2d(cin, c, 1, 2))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shortcut = x
+        out = self.conv2(self.act(self.conv1(x)))
+        return self.act(out + self.downsample(shortcut))
+
+
+def test_layers_reading_the_block_input_take_it_from_the_cache() -> None:
+    """``conv1`` and ``downsample.0`` read the block's input unchanged: their Gram matrices come from the
+    cached block inputs, so the block runs once per batch for ``conv2`` and once to advance, where each
+    of the three targets used to rerun it. The result equals the uncached schedule's, and the
+    downsample's Gram matrix equals one built by hand from the block input (stride-2 1×1 patches)."""
+    torch.manual_seed(6)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), Down(4, 8), Down(8, 8), nn.Flatten(),
+                          nn.Linear(8 * 16, 3)).double().eval()  # fmt: skip
+    calib = [torch.randn(5, 3, 16, 16, dtype=DT) for _ in range(2)]
+    names = ["0", "2.conv1", "2.conv2", "2.downsample.0", "3.conv1", "3.conv2", "3.downsample.0", "5"]
+    targets = dict.fromkeys(names, 0.5)
+    cached, plain, rc, _rp, n_cached, n_plain = _both(model, targets, calib, "2")
+    assert n_cached == 1 + 2 * len(calib)  # recording; per batch: conv2's rerun, the advance
+    assert n_plain == 1 + len(calib) * (len(names) - 1)  # every target from "2.conv1" on reruns it
+    _assert_same(cached, plain, atol=1e-9)
+    # the block input after the reconstructed stem, and its 1×1 stride-2 "patches": every other pixel
+    with torch.no_grad():
+        xs = [cached[1](cached[0](x)) for x in calib]
+    cols = torch.cat([x[:, :, ::2, ::2].permute(0, 2, 3, 1).reshape(-1, 4) for x in xs])
+    ref = Down(4, 8).double()
+    ref.load_state_dict(model[2].state_dict())
+    from prunecli.reconstruction.obs import obs_prune
+
+    want = obs_prune(ref.downsample[0].weight.detach().reshape(8, 4), cols.T @ cols, 0.5)
+    assert torch.allclose(cached[2].downsample[0].weight.reshape(8, 4), want.weight, rtol=0, atol=1e-12)
+    assert rc.layers["2.downsample.0"].positions == len(cols)
+
+
+class Tail(nn.Module):
+    """A chain (``body``) followed by functional code that writes into the chain's output in place, then
+    two layers that only a full pass reaches (the fallback), as after a ViT's blocks."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.body = nn.Sequential(nn.Linear(6, 6), nn.Tanh(), nn.Linear(6, 6))
+        self.head, self.head2 = nn.Linear(6, 5), nn.Linear(5, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.body(x)
+        y.mul_(2.0)
+        return self.head2(torch.tanh(self.head(y)))
+
+
+def test_finished_chain_is_replayed_in_later_full_passes() -> None:
+    """After ``body`` is solved, the fallback passes for ``head`` and ``head2`` get ``body``'s cached
+    output (a copy each time: the forward doubles it in place) instead of rerunning it: ``body.0`` runs
+    for the recording pass and once per batch to advance the cache, never again. Same weights as the
+    uncached schedule, where every full pass recomputes ``body``."""
+    torch.manual_seed(7)
+    model = Tail().double().eval()
+    calib = [torch.randn(7, 6, dtype=DT) for _ in range(3)]
+    targets = {"body.0": 0.5, "body.2": 0.5, "head": 0.4, "head2": 0.4}
+    cached, plain, _rc, _rp, n_cached, n_plain = _both(model, targets, calib, "body.0")
+    assert n_cached == 1 + len(calib)
+    assert n_plain == 1 + len(calib) * len(targets)
+    _assert_same(cached, plain, atol=1e-9)
+    # and the replay is gone afterwards: the model computes its own body again
+    assert "forward" not in cached.body.__dict__
 
 
 def test_float32_gram_within_the_stated_bound() -> None:

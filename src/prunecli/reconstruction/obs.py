@@ -111,7 +111,7 @@ def inverse_cholesky(h_damped: torch.Tensor) -> torch.Tensor:
     Cholesky factor of ``J H J``, ``H = K Kᵀ`` with ``K = J C J`` upper triangular, so ``H⁻¹ = K⁻ᵀ K⁻¹`` and
     ``U = K⁻¹ = J C⁻¹ J``. One factorisation and one triangular inverse (``2d³/3`` flops) instead of a
     factorisation, an inverse and a second factorisation (``4d³/3``); everything happens in one ``d × d``
-    buffer besides ``H`` (plus blocks of 256 rows or columns).
+    buffer besides ``H`` (plus one ``d/2 × d/2`` block for the triangular solves, 256-row panels for the flip).
 
     Raises:
         InputError: the dampened matrix is not positive definite (non-finite activations).
@@ -128,12 +128,17 @@ def inverse_cholesky(h_damped: torch.Tensor) -> torch.Tensor:
     return work
 
 
-_PANEL = 256  # rows or columns per block in the in-place triangular inverse and flip
+_PANEL = 256  # the order at which the triangular inverse stops recursing; rows per panel of the flip
 
 
 def _invert_lower(c: torch.Tensor) -> None:
-    """Inverts a lower-triangular matrix in place: ``[[A, 0], [B, D]]⁻¹ = [[A⁻¹, 0], [−D⁻¹ B A⁻¹, D⁻¹]]``,
-    recursively; ``B`` is overwritten panel by panel, so the temporaries stay ``n/2 × 256``."""
+    """Inverts a lower-triangular matrix in place: ``[[A, 0], [B, D]]⁻¹ = [[A⁻¹, 0], [−D⁻¹ B A⁻¹, D⁻¹]]``.
+
+    ``B`` is replaced first, by two triangular solves with the *uninverted* ``A`` and ``D`` (``(n/2)³``
+    flops each, where products with the inverted halves would cost twice that), then both halves are
+    inverted recursively: ``n³/3`` flops in all, LAPACK's ``trtri`` count. Temporaries: one ``n/2 × n/2``
+    block at the top level.
+    """
     n = c.shape[0]
     if n <= _PANEL:
         eye = torch.eye(n, dtype=c.dtype, device=c.device)
@@ -141,12 +146,11 @@ def _invert_lower(c: torch.Tensor) -> None:
         return
     k = n // 2
     a, b, d = c[:k, :k], c[k:, :k], c[k:, k:]
+    x = torch.linalg.solve_triangular(d, b, upper=False)  # D⁻¹ B
+    b.copy_(torch.linalg.solve_triangular(a, x, upper=False, left=False).neg_())  # −D⁻¹ B A⁻¹
+    del x
     _invert_lower(a)
-    for i in range(0, n - k, _PANEL):  # B ← B A⁻¹, by rows
-        b[i : i + _PANEL] = b[i : i + _PANEL] @ a
     _invert_lower(d)
-    for j in range(0, k, _PANEL):  # B ← −D⁻¹ B, by columns
-        b[:, j : j + _PANEL] = -(d @ b[:, j : j + _PANEL])
 
 
 def _flip_both(m: torch.Tensor) -> None:
@@ -259,27 +263,44 @@ def sparsegpt_solve(
     u_diag = torch.diagonal(u)
     if dead is None:
         dead = torch.zeros(cols, dtype=torch.bool, device=w.device)
-    w = w.to(torch.float64).clone()
-    prune = torch.zeros((rows, cols), dtype=torch.bool, device=w.device)
+    # the columns of W as contiguous rows: every per-column step reads and writes one contiguous vector
+    wt = torch.empty((cols, rows), dtype=torch.float64, device=w.device).copy_(w.t())  # a copy: w is the caller's
+    prune = torch.zeros((cols, rows), dtype=torch.bool, device=w.device)
     for j1 in range(0, cols, blocksize):
         j2 = min(j1 + blocksize, cols)
-        w1 = w[:, j1:j2].clone()
+        w1 = wt[j1:j2]  # a view: the block is updated in place
         u1 = u[j1:j2, j1:j2]
         err = torch.zeros_like(w1)
+        gone = torch.zeros_like(w1)  # 1.0 where pruned, so the column steps multiply instead of select
         seg = sel.segment or (j2 - j1)
-        for s1 in range(j1, j2, seg):
-            s2 = min(s1 + seg, j2)
-            p = sel.select(w1[:, s1 - j1 : s2 - j1], u_diag[s1:s2], dead[s1:s2], s1, s2)
-            prune[:, s1:s2] = p
-            for j in range(s1, s2):
-                k = j - j1
-                e = torch.where(p[:, j - s1], w1[:, k], 0.0) / u1[k, k]
-                w1[:, k + 1 :] -= e[:, None] * u1[k, k + 1 :][None, :]
-                w1[:, k] = torch.where(p[:, j - s1], 0.0, w1[:, k])
-                err[:, k] = e
-        w[:, j1:j2] = w1
-        w[:, j2:] -= err @ u[j1:j2, j2:]
-    return w, prune
+        sub = _sub_block(seg)
+        for b1 in range(0, j2 - j1, sub):
+            b2 = min(b1 + sub, j2 - j1)
+            for k in range(b1, b2):
+                if k % seg == 0:  # a segment starts: decide it on its current (updated) weights
+                    s1, s2 = j1 + k, min(j1 + k + seg, j2)
+                    p = sel.select(w1[k : k + s2 - s1].t(), u_diag[s1:s2], dead[s1:s2], s1, s2)
+                    prune[s1:s2] = p.t()
+                    gone[k : k + s2 - s1] = p.t()
+                torch.mul(w1[k], gone[k], out=err[k]).div_(u1[k, k])
+                w1[k + 1 : b2].addr_(u1[k, k + 1 : b2], err[k], alpha=-1)
+                w1[k].addcmul_(w1[k], gone[k], value=-1)  # w − w = +0 exactly where pruned
+            if b2 < j2 - j1:  # the sub-block's updates reach the rest of the block at once
+                w1[b2:].addmm_(u1[b1:b2, b2:].t(), err[b1:b2], alpha=-1)
+        wt[j2:].addmm_(u[j1:j2, j2:].t(), err, alpha=-1)
+    return wt.t(), prune.t()
+
+
+_SUB = 16  # columns per inner lazy-update step inside a block
+
+
+def _sub_block(segment: int) -> int:
+    """Columns updated one by one before their batch reaches the rest of the block: whole segments,
+    about ``_SUB`` columns. Per column the update then touches ``rows × _SUB`` entries instead of
+    ``rows × blocksize``; the rest of the block gets the same updates as one product (same arithmetic up
+    to rounding). A segment longer than ``_SUB`` (unstructured, a given mask) is decided once at its
+    start, as before, and its columns still move in sub-blocks."""
+    return max(segment, _SUB // segment * segment) if segment <= _SUB else _SUB
 
 
 def exact_refit(w: torch.Tensor, h_damped: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:

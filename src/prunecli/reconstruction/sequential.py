@@ -13,11 +13,14 @@ chain and holds target layers is split further. Per chain, the calibration batch
 chain are captured once (one forward stopped at the chain), then for each unit in turn: its target
 layers are solved from the cached unit inputs (the unit is rerun on them, stopped at each target in
 turn, so each target sees the already solved layers before it), and the cache is replaced by the
-unit's outputs. A run of units without targets is applied as one step. The whole model then costs
+unit's outputs. A run of units without targets is applied as one step. A target that receives its
+unit's input itself (same tensor, unchanged: a unit that is a layer, a ResNet block's first conv and its
+downsample) takes its Gram matrix straight from the cache, without a rerun. The whole model then costs
 about one forward pass, plus the reruns of the units that hold several targets (a ResNet bottleneck, a
 ViT block: a few unit passes each). Targets outside any chain (a ViT's patch embedding and head, whose
 parents do functional work between children) and models with no chains at all use the fallback: one
-forward pass per target, stopped at it. The recording pass also checks what the cached schedule
+forward pass per target, stopped at it; in those passes a finished chain (called once per pass) returns
+its cached output instead of running again (``_Replay``), so a ViT's head costs the work after its blocks. The recording pass also checks what the cached schedule
 assumes; if a target is called from two units (weight sharing across units) or the chains do not
 cover the targets in the order the forward calls them, the whole model uses the fallback.
 
@@ -173,6 +176,18 @@ def _gram(mod: nn.Module, calls: int, runs: Iterable[Callable[[], Any]], device:
                 run()
     finally:
         handle.remove()
+    return _summed(acc)
+
+
+def _gram_of(mod: nn.Module, inputs: Iterable[torch.Tensor], device: torch.device) -> GramAccumulator:
+    """The layer's Gram matrix from its inputs themselves (no forward pass), summed like :func:`_gram`."""
+    acc = GramAccumulator(mod, device)
+    for x in inputs:
+        acc.add(x)
+    return _summed(acc)
+
+
+def _summed(acc: GramAccumulator) -> GramAccumulator:
     if is_distributed():  # each rank saw its shard of the batches: the one-process H is the sum
         summed = all_reduce_tensors({"h": acc.h, "positions": torch.tensor(acc.positions, device=acc.h.device)})
         acc.h, acc.positions = summed["h"], int(summed["positions"])
@@ -258,6 +273,8 @@ class _Chain:
     units: list[int]
     targets: list[list[tuple[str, int]]]
     record: list[_Call] = field(repr=False, default_factory=list)
+    direct: frozenset[str] = frozenset()  # targets called once, on their unit's input itself (see _direct)
+    once: bool = False  # the chain's module is called once per forward pass: later passes may replay it
 
 
 Step = _Chain | str  # a chain, or a target solved by the fallback (one forward pass stopped at it)
@@ -304,7 +321,8 @@ def _schedule(
                 if any(tgt[u].count(n) != counts[n] for n in firsts):  # some calls happen outside the unit
                     raise _NotCached
                 per_unit.append([(n, counts[n]) for n in firsts])
-            return [_Chain(i, us, per_unit, calls)]
+            once = sum(c.module is calls[i].module for c in calls) == 1
+            return [_Chain(i, us, per_unit, calls, _direct(calls, names, us, counts), once)]
         own = names.get(id(calls[i].module))
         steps: list[Step] = [own] if own is not None else []
         for k in calls[i].children:
@@ -324,6 +342,29 @@ def _schedule(
     return steps if flat == order else None
 
 
+def _direct(
+    calls: list[_Call], names: Mapping[int, str], units: list[int], counts: Mapping[str, int]
+) -> frozenset[str]:
+    """Targets whose input *is* their unit's input: called once per pass, and every call from the unit
+    down to the layer handed its own input on unchanged (same tensor, same version counter), like a
+    ResNet block's first conv and its downsample. Their Gram matrix comes from the cached unit inputs
+    directly: no rerun of the unit up to them (for the downsample, a rerun of the whole block)."""
+    out: set[str] = set()
+    for u in units:
+        stack = [u]  # the unit itself may be the target (a stem conv in a chain)
+        while stack:
+            i = stack.pop()
+            name = names.get(id(calls[i].module))
+            if name is not None and counts.get(name) == 1:
+                j = i
+                while j != u and calls[j].from_parent:
+                    j = calls[j].parent  # type: ignore[assignment]
+                if j == u:
+                    out.add(name)
+            stack.extend(calls[i].children)
+    return frozenset(out)
+
+
 class _NotCached(Exception):
     """A target is called from more than one unit: the cached schedule does not apply."""
 
@@ -332,11 +373,9 @@ def _run_unit(mod: nn.Module, x: torch.Tensor, copy: bool) -> Any:
     return mod(x.clone() if copy else x)
 
 
-def _capture(
-    model: nn.Module, mod: nn.Module, calib: Iterable[Any], forward: Forward, device: torch.device
-) -> list[torch.Tensor] | None:
-    """``mod``'s input on every calibration batch (one forward pass, stopped there), or None if some batch
-    never reaches it."""
+def _capture(mod: nn.Module, runs: list[Callable[[], Any]]) -> list[torch.Tensor] | None:
+    """``mod``'s input on every calibration batch (one run per batch, each stopped there), or None if some
+    batch never reaches it."""
     cache: list[torch.Tensor] = []
 
     def hook(_m: nn.Module, args: tuple[torch.Tensor, ...]) -> None:
@@ -345,14 +384,54 @@ def _capture(
 
     handle = mod.register_forward_pre_hook(hook)
     try:
-        for n, batch in enumerate(calib, 1):
+        for n, run in enumerate(runs, 1):
             with contextlib.suppress(_Stop):
-                forward(model, batch, device)
+                run()
             if len(cache) != n:
                 return None
     finally:
         handle.remove()
     return cache
+
+
+class _Replay:
+    """The latest finished chain, standing in for itself in later full forward passes.
+
+    Once a chain's targets are solved, its output on each calibration batch no longer changes (every
+    layer it depends on comes earlier in the forward order, so is solved already). A later step that
+    needs a full pass (a fallback target such as a ViT's head, or the capture of the next chain) runs
+    the model from the image, but the chain's module returns its cached output for that batch (a copy:
+    the code after it may write into its input) instead of recomputing it, so the pass costs what lies
+    outside the chain. Only for a chain called once per forward pass.
+    """
+
+    def __init__(self) -> None:
+        self.module: nn.Module | None = None
+        self.outputs: list[torch.Tensor] = []
+        self.batch = 0
+
+    def keep(self, module: nn.Module, outputs: list[torch.Tensor]) -> None:
+        self.module, self.outputs = module, outputs
+
+    def runs(
+        self, model: nn.Module, calib: Iterable[Any], forward: Forward, device: torch.device
+    ) -> list[Callable[[], Any]]:
+        """One full pass per calibration batch, each with this replay standing in for its chain."""
+        return [functools.partial(self._run, k, model, batch, forward, device) for k, batch in enumerate(calib)]
+
+    def _run(self, k: int, model: nn.Module, batch: Any, forward: Forward, device: torch.device) -> Any:
+        mod = self.module
+        if mod is None:
+            return forward(model, batch, device)
+        saved = mod.__dict__.get("forward")
+        mod.forward = lambda *_a, **_k: self.outputs[k].clone()  # type: ignore[method-assign]
+        try:
+            return forward(model, batch, device)
+        finally:
+            if saved is None:
+                del mod.forward
+            else:
+                mod.forward = saved  # type: ignore[method-assign]
 
 
 def _solve_layer(
@@ -443,16 +522,18 @@ def _run_steps(
     solve: Callable[..., LayerResult],
 ) -> Iterator[LayerResult]:
     """Solves the targets step by step, in forward order; yields each layer's result as it is done."""
+    replay = _Replay()
 
     def fallback(name: str) -> LayerResult:
-        runs = (functools.partial(forward, model, batch, device) for batch in calib)
+        runs = replay.runs(model, calib, forward, device)
         return solve(name, todo[name], layers[name], _gram(todo[name], calls[name], runs, device))
 
-    for step in steps:
+    for i, step in enumerate(steps):
         if isinstance(step, str):
             yield fallback(step)
             continue
-        yield from _run_chain(model, step, todo, layers, calib, forward, device, solve, fallback)
+        later = i + 1 < len(steps)
+        yield from _run_chain(model, step, todo, layers, calib, forward, device, solve, fallback, replay, later)
 
 
 def _run_chain(
@@ -465,10 +546,13 @@ def _run_chain(
     device: torch.device,
     solve: Callable[..., LayerResult],
     fallback: Callable[[str], LayerResult],
+    replay: _Replay,
+    later: bool,
 ) -> Iterator[LayerResult]:
-    """One chain: capture its inputs once, then per unit solve its targets from the cache and advance it."""
+    """One chain: capture its inputs once, then per unit solve its targets from the cache and advance it.
+    With ``later`` steps, the cache is advanced to the chain's output and kept in ``replay``."""
     rec = chain.record
-    cache = _capture(model, rec[chain.call].module, calib, forward, device)
+    cache = _capture(rec[chain.call].module, replay.runs(model, calib, forward, device))
     if cache is None:  # some batch does not reach the chain: nothing is solved yet, so the fallback is exact
         for unit in chain.targets:
             for name, _ in unit:
@@ -479,16 +563,29 @@ def _run_chain(
         if not targets:
             pending.append(rec[u])
             continue
-        for k, x in enumerate(cache):  # advance the cache to this unit's input
-            for unit in pending:
-                x = _run_unit(unit.module, x, unit.mutates)
-            cache[k] = x
+        _advance(cache, pending)
         unit = rec[u]
         for name, count in targets:
-            runs = [functools.partial(_run_unit, unit.module, x, unit.mutates) for x in cache]
-            yield solve(name, todo[name], layers[name], _gram(todo[name], count, runs, device))
+            if name in chain.direct:
+                acc = _gram_of(todo[name], cache, device)
+            else:
+                runs = [functools.partial(_run_unit, unit.module, x, unit.mutates) for x in cache]
+                acc = _gram(todo[name], count, runs, device)
+            yield solve(name, todo[name], layers[name], acc)
         pending = [unit]
-    cache.clear()
+    if later and chain.once:
+        _advance(cache, pending)  # the chain's output (its last unit's output) on every batch
+        replay.keep(rec[chain.call].module, cache)
+    else:
+        cache.clear()
+
+
+def _advance(cache: list[torch.Tensor], units: list[_Call]) -> None:
+    """Runs every cached batch through ``units`` in place of the cached inputs."""
+    for k, x in enumerate(cache):
+        for unit in units:
+            x = _run_unit(unit.module, x, unit.mutates)
+        cache[k] = x
 
 
 def reconstruct(
