@@ -234,6 +234,57 @@ def test_layers_reading_the_block_input_take_it_from_the_cache() -> None:
     assert rc.layers["2.downsample.0"].positions == len(cols)
 
 
+class _Counted(nn.Linear):
+    """A Linear that counts the times its own computation runs (a stood-in call does not run it)."""
+
+    runs = 0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.runs += 1
+        return super().forward(x)
+
+
+class _Attn(nn.Module):
+    def __init__(self, d: int) -> None:
+        super().__init__()
+        self.qkv, self.proj = _Counted(d, 3 * d), _Counted(d, d)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        q, k, v = self.qkv(x).chunk(3, dim=-1)
+        return self.proj(torch.softmax(q @ k.transpose(-2, -1), dim=-1) @ v)
+
+
+class _Block(nn.Module):
+    """A transformer block's layout: residual adds around an attention and an MLP, each behind a norm."""
+
+    def __init__(self, d: int) -> None:
+        super().__init__()
+        self.norm1, self.attn, self.norm2 = nn.LayerNorm(d), _Attn(d), nn.LayerNorm(d)
+        self.fc1, self.act, self.fc2 = _Counted(d, 2 * d), nn.GELU(), _Counted(2 * d, d)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.attn(self.norm1(x))
+        return x + self.fc2(self.act(self.fc1(self.norm2(x))))
+
+
+def test_settled_calls_stand_in_for_themselves_in_later_reruns() -> None:
+    """A block with four targets is rerun for three of them and advanced once; with the solved layers'
+    (and then the solved attention's) outputs kept, each layer's own computation runs once per batch
+    after the recording pass, where plain reruns ran ``qkv`` four times. Same weights as the uncached
+    schedule."""
+    torch.manual_seed(8)
+    model = nn.Sequential(_Block(6), _Block(6)).double().eval()
+    calib = [torch.randn(3, 5, 6, dtype=DT) for _ in range(2)]
+    names = [f"{b}.{n}" for b in (0, 1) for n in ("attn.qkv", "attn.proj", "fc1", "fc2")]
+    cached, plain, *_ = _both(model, dict.fromkeys(names, 0.5), calib, "0")
+    _assert_same(cached, plain, atol=1e-9)
+    for name in names:
+        # the recording pass, then once per batch; the last block's fc2 is never run again (nothing follows)
+        want = 1 + (0 if name == "1.fc2" else len(calib))
+        assert cached.get_submodule(name).runs == want, name
+    assert plain.get_submodule("0.attn.qkv").runs > 1 + 3 * len(calib)  # uncached: a pass per later target
+
+
 class Tail(nn.Module):
     """A chain (``body``) followed by functional code that writes into the chain's output in place, then
     two layers that only a full pass reaches (the fallback), as after a ViT's blocks."""

@@ -210,8 +210,9 @@ def _smallest(w: torch.Tensor, u_diag: torch.Tensor, dead: torch.Tensor, k: int)
         w2 = w.pow(2)
         key = torch.where(dead[None, :], w2, w2 / u_diag.pow(2)[None, :])
         order = torch.sort(key, dim=1, stable=True).indices
-        live_first = torch.sort((~dead)[order].to(torch.int8), dim=1, stable=True).indices
-        out.scatter_(1, order.gather(1, live_first)[:, :k], True)
+        if bool(dead.any()):  # dead inputs first, each group keeping its order (a stable sort on liveness)
+            order = order.gather(1, torch.sort((~dead)[order].to(torch.int8), dim=1, stable=True).indices)
+        out.scatter_(1, order[:, :k], True)
     return out
 
 

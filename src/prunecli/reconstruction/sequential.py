@@ -15,19 +15,22 @@ layers are solved from the cached unit inputs (the unit is rerun on them, stoppe
 turn, so each target sees the already solved layers before it), and the cache is replaced by the
 unit's outputs. A run of units without targets is applied as one step. A target that receives its
 unit's input itself (same tensor, unchanged: a unit that is a layer, a ResNet block's first conv and its
-downsample) takes its Gram matrix straight from the cache, without a rerun. The whole model then costs
-about one forward pass, plus the reruns of the units that hold several targets (a ResNet bottleneck, a
-ViT block: a few unit passes each). Targets outside any chain (a ViT's patch embedding and head, whose
-parents do functional work between children) and models with no chains at all use the fallback: one
-forward pass per target, stopped at it; in those passes a finished chain (called once per pass) returns
-its cached output instead of running again (``_Replay``), so a ViT's head costs the work after its blocks. The recording pass also checks what the cached schedule
-assumes; if a target is called from two units (weight sharing across units) or the chains do not
-cover the targets in the order the forward calls them, the whole model uses the fallback.
+downsample) takes its Gram matrix straight from the cache, without a rerun. Inside a unit, the calls
+whose outputs are final (every target in them solved) are kept and stood in for in the unit's later
+reruns (``_Settled``), so each layer of a unit runs about once: the whole model costs about one forward
+pass. Targets outside any chain (a ViT's patch embedding and head, whose parents do functional work
+between children) and models with no chains at all use the fallback: one forward pass per target,
+stopped at it; in those passes a finished chain (called once per pass) returns its cached output
+instead of running again (``_Replay``), so a ViT's head costs the work after its blocks. The recording
+pass also checks what the cached schedule assumes; if a target is called from two units (weight sharing
+across units) or the chains do not cover the targets in the order the forward calls them, the whole
+model uses the fallback.
 
 Memory: the model, one layer's Gram matrix (and the solver's one work matrix of the same size), one
 batch of activations, and the cache: per calibration batch, one tensor at the current unit boundary
 (the input of the unit being solved), i.e. one activation of the calibration set at a time; it is
-replaced, batch by batch, as the units advance, and freed when the chain ends.
+replaced, batch by batch, as the units advance, and freed when the chain ends. Inside the unit being
+solved, the kept outputs of its settled calls (its solved layers or sub-blocks), freed when it is left.
 
 Multi-process (``torchrun``): give each process its shard of the calibration batches; each layer's Gram
 matrix and position count are summed over the processes before the solve, so every process computes
@@ -275,6 +278,7 @@ class _Chain:
     record: list[_Call] = field(repr=False, default_factory=list)
     direct: frozenset[str] = frozenset()  # targets called once, on their unit's input itself (see _direct)
     once: bool = False  # the chain's module is called once per forward pass: later passes may replay it
+    inside: dict[int, frozenset[str]] = field(repr=False, default_factory=dict)  # call → targets in its subtree
 
 
 Step = _Chain | str  # a chain, or a target solved by the fallback (one forward pass stopped at it)
@@ -322,7 +326,8 @@ def _schedule(
                     raise _NotCached
                 per_unit.append([(n, counts[n]) for n in firsts])
             once = sum(c.module is calls[i].module for c in calls) == 1
-            return [_Chain(i, us, per_unit, calls, _direct(calls, names, us, counts), once)]
+            inside = {k: frozenset(tgt[k]) for k in range(len(calls)) if tgt[k]}
+            return [_Chain(i, us, per_unit, calls, _direct(calls, names, us, counts), once, inside)]
         own = names.get(id(calls[i].module))
         steps: list[Step] = [own] if own is not None else []
         for k in calls[i].children:
@@ -420,18 +425,113 @@ class _Replay:
         return [functools.partial(self._run, k, model, batch, forward, device) for k, batch in enumerate(calib)]
 
     def _run(self, k: int, model: nn.Module, batch: Any, forward: Forward, device: torch.device) -> Any:
-        mod = self.module
-        if mod is None:
+        with _stubbed({self.module: self.outputs[k]} if self.module is not None else {}):
             return forward(model, batch, device)
-        saved = mod.__dict__.get("forward")
-        mod.forward = lambda *_a, **_k: self.outputs[k].clone()  # type: ignore[method-assign]
-        try:
-            return forward(model, batch, device)
-        finally:
-            if saved is None:
+
+
+@contextlib.contextmanager
+def _stubbed(outputs: Mapping[nn.Module, torch.Tensor]) -> Iterator[None]:
+    """Each module returns a copy of its given output instead of computing it (hooks still run)."""
+    saved = {mod: mod.__dict__.get("forward") for mod in outputs}
+    for mod, out in outputs.items():
+        mod.forward = functools.partial(_copy_of, out)  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        for mod, fwd in saved.items():
+            if fwd is None:
                 del mod.forward
             else:
-                mod.forward = saved  # type: ignore[method-assign]
+                mod.forward = fwd  # type: ignore[method-assign]
+
+
+def _copy_of(out: torch.Tensor, *_args: Any, **_kwargs: Any) -> torch.Tensor:
+    return out.clone()  # the code after the module may write into its output
+
+
+class _Settled:
+    """Inside one unit, the calls whose outputs no longer change, kept and stood in for in later reruns.
+
+    The unit is rerun once per non-direct target; without this, every rerun recomputes everything
+    before the target (a bottleneck's first conv three times, a ViT block's qkv four times). A call
+    below the unit whose subtree holds targets, all of them solved, and whose module the unit calls once
+    has a final output: every target called before it is solved too (targets are solved in call order),
+    so its input is final. Its output is recorded (per batch) the first time such a call runs, and the
+    later reruns and the advance past the unit get it back instead of running it. Only the topmost such
+    calls are kept (an attention module once its qkv and proj are solved, not also its qkv), and only
+    calls holding targets: the layers and blocks where the work is; norms and activations run again.
+    Freed when the unit is left.
+    """
+
+    def __init__(self, chain: _Chain, unit: int, batches: int) -> None:
+        rec = chain.record
+        self.rec, self.inside, self.batches = rec, chain.inside, batches
+        self.unit = unit
+        below: list[int] = []
+        stack = list(rec[unit].children)
+        while stack:
+            i = stack.pop()
+            below.append(i)
+            stack.extend(rec[i].children)
+        self.once = {i for i in below if sum(rec[j].module is rec[i].module for j in below) == 1}
+        self.outputs: dict[int, list[torch.Tensor]] = {}
+
+    def _final(self, solved: set[str]) -> tuple[list[int], list[int]]:
+        """(final calls with kept outputs, final calls to record): topmost first; inside a call still to
+        be recorded, its own kept calls are used."""
+        have: list[int] = []
+        grab: list[int] = []
+        stack = list(self.rec[self.unit].children)
+        while stack:
+            i = stack.pop()
+            names = self.inside.get(i)
+            if not names:
+                continue
+            if names <= solved and i in self.once:
+                if i in self.outputs:
+                    have.append(i)
+                    continue
+                grab.append(i)
+            stack.extend(self.rec[i].children)
+        return have, grab
+
+    def runs(self, cache: list[torch.Tensor], unit: _Call, solved: set[str], record: bool) -> list[Callable[[], Any]]:
+        """One run of the unit per cached batch with the known final outputs stood in; with ``record``,
+        the final calls not yet kept are recorded during these runs."""
+        have, grab = self._final(solved)
+        if not record:
+            grab = []
+        taken: dict[int, list[torch.Tensor]] = {i: [] for i in grab}
+
+        def keep(i: int, _m: nn.Module, _a: Any, out: Any) -> None:
+            if isinstance(out, torch.Tensor):  # a copy: the code after the call may write into it
+                taken[i].append(out.detach().clone())
+
+        def run(k: int, x: torch.Tensor) -> Any:
+            hooks = [self.rec[i].module.register_forward_hook(functools.partial(keep, i)) for i in grab]
+            try:
+                with _stubbed({self.rec[i].module: self.outputs[i][k] for i in have}):
+                    return _run_unit(unit.module, x, unit.mutates)
+            finally:
+                for h in hooks:
+                    h.remove()
+                if k == len(cache) - 1:  # the last batch: keep the calls every batch gave an output for
+                    for i, outs in taken.items():
+                        if len(outs) == self.batches:
+                            self.outputs[i] = outs
+                            for j in [j for j in self.outputs if self._within(j, i)]:
+                                del self.outputs[j]  # stood in for by ``i`` from now on
+
+        return [functools.partial(run, k, x) for k, x in enumerate(cache)]
+
+    def _within(self, j: int, i: int) -> bool:
+        """Whether call ``j`` runs inside call ``i`` (strictly)."""
+        p = self.rec[j].parent
+        while p is not None and p != self.unit:
+            if p == i:
+                return True
+            p = self.rec[p].parent
+        return False
 
 
 def _solve_layer(
@@ -559,31 +659,37 @@ def _run_chain(
                 yield fallback(name)
         return
     pending: list[_Call] = []  # units passed since the cache was last advanced
+    settled: _Settled | None = None  # the last solved unit's final inner outputs, for advancing past it
+    solved: set[str] = set()
     for u, targets in zip(chain.units, chain.targets, strict=True):
         if not targets:
             pending.append(rec[u])
             continue
-        _advance(cache, pending)
-        unit = rec[u]
+        _advance(cache, pending, settled, solved)
+        unit, settled = rec[u], _Settled(chain, u, len(cache))
         for name, count in targets:
             if name in chain.direct:
                 acc = _gram_of(todo[name], cache, device)
             else:
-                runs = [functools.partial(_run_unit, unit.module, x, unit.mutates) for x in cache]
-                acc = _gram(todo[name], count, runs, device)
+                acc = _gram(todo[name], count, settled.runs(cache, unit, solved, record=True), device)
             yield solve(name, todo[name], layers[name], acc)
+            solved.add(name)
         pending = [unit]
     if later and chain.once:
-        _advance(cache, pending)  # the chain's output (its last unit's output) on every batch
+        _advance(cache, pending, settled, solved)  # the chain's output (its last unit's output) on every batch
         replay.keep(rec[chain.call].module, cache)
     else:
         cache.clear()
 
 
-def _advance(cache: list[torch.Tensor], units: list[_Call]) -> None:
-    """Runs every cached batch through ``units`` in place of the cached inputs."""
+def _advance(cache: list[torch.Tensor], units: list[_Call], settled: _Settled | None, solved: set[str]) -> None:
+    """Runs every cached batch through ``units`` in place of the cached inputs; the first unit (the one
+    just solved) with its final inner outputs stood in."""
+    for k, run in enumerate(settled.runs(cache, units[0], solved, record=False) if settled and units else []):
+        cache[k] = run()
+    rest = units[1:] if settled and units else units
     for k, x in enumerate(cache):
-        for unit in units:
+        for unit in rest:
             x = _run_unit(unit.module, x, unit.mutates)
         cache[k] = x
 
