@@ -212,6 +212,8 @@ class _Call:
     from_parent: bool = False  # the input is the parent call's input, unchanged
     to_parent: bool = False  # the output is the last child's output, unchanged (a tensor)
     mutates: bool = False  # the call changed its input in place (reruns then get a copy)
+    in_size: int = 0  # elements of the single tensor input (0: none)
+    out_size: int = 0  # elements of the output tensor (0: not a tensor)
 
 
 def _record(model: nn.Module, batch: Any, forward: Forward, device: torch.device) -> list[_Call]:
@@ -240,6 +242,7 @@ def _record(model: nn.Module, batch: Any, forward: Forward, device: torch.device
                 call.link = prod[0]
             call.from_parent = parent is not None and same(seen_in.get(parent), x)
             seen_in[idx] = (weakref.ref(x), x._version)
+            call.in_size = x.numel()
         if parent is not None:
             calls[parent].children.append(idx)
         calls.append(call)
@@ -253,6 +256,7 @@ def _record(model: nn.Module, batch: Any, forward: Forward, device: torch.device
         if isinstance(out, torch.Tensor):
             call.to_parent = bool(call.children) and same(seen_out.get(call.children[-1]), out)
             seen_out[idx] = (weakref.ref(out), out._version)
+            call.out_size = out.numel()
             producers[id(out)] = (idx, weakref.ref(out), out._version)
 
     handles = []
@@ -460,6 +464,9 @@ class _Settled:
     later reruns and the advance past the unit get it back instead of running it. Only the topmost such
     calls are kept (an attention module once its qkv and proj are solved, not also its qkv), and only
     calls holding targets: the layers and blocks where the work is; norms and activations run again.
+    Memory: the kept outputs of a unit together stay within the size of its cached inputs (sizes from
+    the recording pass): a bottleneck keeps its narrow convs' outputs, a transformer block its attention
+    output but not the 3× wide ``qkv`` or 4× wide MLP hidden outputs, which are recomputed instead.
     Freed when the unit is left.
     """
 
@@ -475,6 +482,7 @@ class _Settled:
             stack.extend(rec[i].children)
         self.once = {i for i in below if sum(rec[j].module is rec[i].module for j in below) == 1}
         self.outputs: dict[int, list[torch.Tensor]] = {}
+        self.budget = rec[unit].in_size  # elements per pass (the recording pass's batch)
 
     def _final(self, solved: set[str]) -> tuple[list[int], list[int]]:
         """(final calls with kept outputs, final calls to record): topmost first; inside a call still to
@@ -493,7 +501,14 @@ class _Settled:
                     continue
                 grab.append(i)
             stack.extend(self.rec[i].children)
-        return have, grab
+        room = self.budget - sum(self.rec[i].out_size for i in self.outputs)
+        fits = []
+        for i in grab:  # topmost first; a call stood in for by a new one frees its room only later
+            size = self.rec[i].out_size
+            if 0 < size <= room:
+                fits.append(i)
+                room -= size
+        return have, fits
 
     def runs(self, cache: list[torch.Tensor], unit: _Call, solved: set[str], record: bool) -> list[Callable[[], Any]]:
         """One run of the unit per cached batch with the known final outputs stood in; with ``record``,
