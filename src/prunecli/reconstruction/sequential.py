@@ -417,7 +417,6 @@ class _Replay:
     def __init__(self) -> None:
         self.module: nn.Module | None = None
         self.outputs: list[torch.Tensor] = []
-        self.batch = 0
 
     def keep(self, module: nn.Module, outputs: list[torch.Tensor]) -> None:
         self.module, self.outputs = module, outputs
