@@ -580,16 +580,25 @@ def _target_row(r: dict) -> bool:
 
 
 def _record(res: dict) -> list[dict]:
-    """Puts ``res`` in ``zoo_coverage.jsonl`` in place of that model's earlier row (appended when new)."""
-    rows = read_raw()
-    at = next((i for i, r in enumerate(rows) if r["model"] == res["model"]), None)
-    if at is None:
-        rows.append(res)
-    else:
-        rows[at] = res
-    tmp = RAW.with_suffix(".jsonl.tmp")
-    tmp.write_text("".join(json.dumps(r, sort_keys=True) + "\n" for r in rows))
-    tmp.replace(RAW)
+    """Puts ``res`` in ``zoo_coverage.jsonl`` in place of that model's earlier row (appended when new).
+
+    Under an exclusive lock, so that runners started side by side (``--only`` with disjoint lists, one per
+    core) never lose each other's rows in the read-modify-write; the table is rewritten under it too.
+    """
+    import fcntl
+
+    with open(RAW.with_suffix(".lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        rows = read_raw()
+        at = next((i for i, r in enumerate(rows) if r["model"] == res["model"]), None)
+        if at is None:
+            rows.append(res)
+        else:
+            rows[at] = res
+        tmp = RAW.with_suffix(".jsonl.tmp")
+        tmp.write_text("".join(json.dumps(r, sort_keys=True) + "\n" for r in rows))
+        tmp.replace(RAW)
+        write_table(rows)
     return rows
 
 
@@ -633,7 +642,7 @@ def run(timeout: int, tp_timeout: int, only: list[str] | None, redo: bool) -> No
     outdir.mkdir(parents=True, exist_ok=True)
     for row in rows:
         res = run_family(row, outdir, timeout, tp_timeout)
-        write_table(_record(res))
+        _record(res)
         print(json.dumps({k: v for k, v in res.items() if not k.endswith("_trace")}), flush=True)
     results = [r for r in read_raw() if _target_row(r)]
     n_ok = sum(1 for r in results if _passed(r, "macs50"))

@@ -176,3 +176,77 @@ def test_over_budget_and_non_monotone_is_not_called_unreachable(monkeypatch: pyt
     assert _rising(1.0) > 50_000 < _rising(0.5)  # both ends over: only the middle is within the budget
     got, _, _ = budget_mod.plan_channels_to(None, "macs", "0.5")
     assert 50_000 * (1 - budget_mod.TOLERANCE) <= got.macs_after <= 50_000
+
+
+# ---------------------------------------------------------------------------------------- stored split sizes
+
+
+def _masked_dense(dense: nn.Module, structure: dict[str, Any]) -> nn.Module:
+    """The dense model with every input channel that pruning removed from a conv/linear zeroed.
+
+    Without norms that mix channels (here: BatchNorm only, or LayerNorm on a stream left whole) a removed
+    channel acts only through the layers that read it, so zeroing its columns there gives the pruned
+    model's output with the dense forward: its dense split sizes, its dense chunk order.
+    """
+    modules = dict(dense.named_modules())
+    with torch.no_grad():
+        for name, dims in structure["channels"].items():
+            m = modules[name]
+            if "in" not in dims or not isinstance(m, (nn.Conv2d, nn.Linear)):
+                continue
+            assert getattr(m, "groups", 1) == 1, f"{name}: the masked reference needs ungrouped layers"
+            drop = sorted(set(range(dims["in"]["dense"])) - set(dims["in"]["kept"]))
+            m.weight[:, drop] = 0
+    return dense
+
+
+def _prune_and_compare(model: nn.Module, x: torch.Tensor, **options: Any) -> tuple[Any, dict[str, Any]]:
+    import copy
+
+    dense = copy.deepcopy(model)
+    plan = channel_mod.plan_channels(model, example_input=x, **options)
+    structure = channel_mod.apply_channels(model, plan, example_input=x)
+    with torch.no_grad():
+        got, want = model(x), _masked_dense(dense, structure)(x)
+    # float64 throughout: the two sums differ only by zero terms and their order (≈ 1e-15 relative)
+    assert torch.allclose(got, want, rtol=1e-9, atol=1e-9 * float(want.abs().max()))
+    return plan, structure
+
+
+def test_res2net_blocks_prune_with_their_split_widths() -> None:
+    """Res2Net splits conv1's output by the ``width`` it stores: the chunks now prune instead of freezing."""
+    pytest.importorskip("timm")
+    from timm.models.res2net import Bottle2neck
+    from timm.models.resnet import ResNet
+
+    torch.manual_seed(0)
+    model = ResNet(block=Bottle2neck, layers=[1, 1, 1, 1], base_width=26, block_args={"scale": 4}, num_classes=10)
+    model = model.double().eval()
+    x = torch.randn(2, 3, 32, 32, dtype=torch.float64)
+    dense_widths = {n: m.width for n, m in model.named_modules() if isinstance(m, Bottle2neck)}
+    plan, structure = _prune_and_compare(model, x, ratio=0.5, scope="global")
+    assert plan.frozen == ()
+    # the structure carries the chunk widths: a fresh dense model reshaped by it runs the pruned weights
+    from prunecli import surgery
+
+    torch.manual_seed(1)
+    fresh = ResNet(block=Bottle2neck, layers=[1, 1, 1, 1], base_width=26, block_args={"scale": 4}, num_classes=10)
+    fresh = surgery.apply_structure(fresh.double().eval(), structure)
+    fresh.load_state_dict(model.state_dict())
+    with torch.no_grad():
+        assert torch.equal(fresh(x), model(x))
+    blocks = {n: m for n, m in model.named_modules() if isinstance(m, Bottle2neck)}
+    for n, m in blocks.items():
+        sizes = m.width if isinstance(m.width, list) else [m.width] * m.scale
+        # the chunk widths, read off the layers independently of the rule: convs' inputs, then the rest of conv1
+        assert sizes[:-1] == [c.weight.shape[1] for c in m.convs]
+        assert sum(sizes) == m.conv1.weight.shape[0] < dense_widths[n] * m.scale
+
+
+def test_cost_model_sizes_never_go_negative() -> None:
+    """A probe that removed 3 rows for one position, extrapolated to 3 removed positions of 4: 0 rows, not −5."""
+    cost = object.__new__(budget_mod.ChannelCost)
+    cost.shapes = {"w": (4, 3), "b": (4,)}
+    cost.dims = {"w": [(0, 0, 3)], "b": [(0, 0, 1)]}
+    cost.candidates = [SimpleNamespace(size=4)]
+    assert cost.numel([1]) == {"w": 0, "b": 1}  # b: 4 − 1·3 = 1 row left, w: max(4 − 3·3, 0) = 0 rows

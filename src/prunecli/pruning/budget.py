@@ -243,7 +243,9 @@ class ChannelCost:
         dims = list(self.shapes[name])
         for d, gi, delta in self.dims.get(name, ()):
             dims[d] -= delta * (self.candidates[gi].size - keeps[gi])
-        return math.prod(dims)
+        # a probe's per-position delta extrapolates linearly; where a group does not shrink a dim linearly
+        # (mambaout's split before the split rule) it overshot to negative sizes: no dim is under 0
+        return math.prod(max(s, 0) for s in dims)
 
     def numel(self, keeps: Sequence[int]) -> dict[str, int]:
         """Parameter name → its size with ``keeps`` kept positions per group."""

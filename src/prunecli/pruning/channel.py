@@ -29,7 +29,8 @@ How it works — one module per step:
    be pruned (not excluded, not frozen, scored), attention re-rooted at the output projection.
 3. :mod:`~prunecli.pruning.counts`: ``floor(C·(1−r))`` per group (or a global ranking), ``round_to``,
    ``min_channels``; the top positions survive, ties to the lower index.
-4. :mod:`~prunecli.pruning.apply`: the groups are pruned in order, the surviving dense indices recorded.
+4. :mod:`~prunecli.pruning.apply`: the groups are pruned in order, the surviving dense indices recorded;
+   :mod:`~prunecli.pruning.splits`: split sizes that blocks store follow their pruned layers.
 5. :mod:`~prunecli.pruning.safety`: the pruned model must still run; a module class whose forward
    breaks is frozen and the plan is made again.
 
@@ -70,6 +71,7 @@ from prunecli.pruning.importance import (
 )
 from prunecli.pruning.plan import ChannelGroup, ChannelPlan
 from prunecli.pruning.safety import Retries, output_shape, run_checked, with_safety_net
+from prunecli.pruning.splits import fix_splits
 
 __all__ = [
     "ChannelPruneResult",
@@ -227,6 +229,7 @@ def plan_channels(
         ]
         applied = apply_groups(dg, model, groups, skip=retries.bad_roots)
         fix_attention(search.attn, heads=heads)
+        fix_splits(model)
         traces.append(trace_run(model, lambda: run_checked(model, example_input, dense_out[0] if dense_out else None)))
         stats = {
             "groups_planned": len(found.candidates),
@@ -293,6 +296,7 @@ def apply_channels(model: nn.Module, plan: ChannelPlan, *, example_input: torch.
     dg = _build(model, example_input)
     applied = apply_groups(dg, model, plan.groups, strict=True)
     fix_attention(attn, heads=bool(plan.notes.get("heads")))
+    fix_splits(model)
     structure = _structure(model, snap, applied)
     _narrow_num_features(model)
     return structure
