@@ -408,14 +408,16 @@ def _cause(reason: str) -> str:
 
 
 NOTES: dict[str, str] = {
-    "efficientvit_msra": "profiled (cProfile, `efficientvit_m0`, stopped at 299 s): 297.1 s inside Torch-Pruning's "
-    "`DependencyGraph.get_pruning_group` for ONE root (called from prunecli's `groups._all_groups`, never "
-    "returned), 280.6 s of it in `Group.has_pruning_op` (33 986 calls); `build_dependency` 2.7 s; prunecli's own "
-    "code < 0.1 s: Torch-Pruning's group closure explodes (its own `BasePruner` times out on the same model). "
-    "depgraph.py now gives up a root whose group passes 1000 items (ordinary models' largest: 33 resnet50, 102 "
-    "densenet121, 122 convnext_tiny, 180 vit_base): each exploding root then stops after about 10 s (1 700–1 900 "
-    "membership scans), but the model has many such roots and every plan of the search enumerates them again, so "
-    "it still exceeds 240 s. Remembering the given-up roots across plans of one model would be the next step",
+    "efficientvit_msra": "profiled (cProfile, `efficientvit_m0`, stopped at 299 s, before the item bound): 297.1 s "
+    "inside Torch-Pruning's `DependencyGraph.get_pruning_group` for ONE root, 280.6 s of it in "
+    "`Group.has_pruning_op` (33 986 calls); prunecli's own code < 0.1 s: Torch-Pruning's group closure explodes "
+    "(its own `BasePruner` times out on the same model). depgraph.py gives up a root whose group passes 1000 "
+    "items (ordinary models' largest: 33 resnet50, 102 densenet121, 122 convnext_tiny, 180 vit_base). Eighth "
+    "session, measured again at 64 px: the first 60 roots' groups take 17.7 CPU-s, 32 of them given up at "
+    "0.1–0.2 s each; the time is now Torch-Pruning's recursive width inference (`infer_out_channels_recursively`, "
+    "2.0 M calls, run again by `update_index_mapping` for every group), not the membership scan: an indexed "
+    "membership test gave the same 17.9 s and was not kept. The search plans the model many times, each "
+    "enumerating every root again, so it still exceeds 240 s",
     "beit": "passes (49.82 % MACs, 117 s here at load 4.9). 60 of its seconds on a quiet machine are real plans of "
     "`plan_channels_to`'s fallback: the plan-only cost model predicts the residual stream at 766 of 768 channels "
     "at ratio 0.3 where the real plan keeps 768",
@@ -442,12 +444,16 @@ NOTES: dict[str, str] = {
     "mambaout": "not the cost model: `GatedConvBlock` splits `fc1`'s output by the `split_indices` it stores, which no "
     "tracer sees; the safety net freezes the class (every block) and the real plans keep 98.5 % (ratio 0.1) to "
     "96.6 % (0.8) of the MACs; from 0.95 on the split happens to fit and the plan falls to 5.4 %: no ratio gives "
-    "50 %. A per-class rule keeping `split_indices` in step with the pruned `fc1` is needed (as res2net's "
-    "`Bottle2neck.width`). Also seen: `ChannelCost` predicts negative MACs at ratio ≥ 0.8 on this model (its "
-    "per-position parameter deltas do not hold for a group coupled through that split): not fixed",
+    "50 %. A split rule like res2net's (pruning/splits.py) was written and dropped: Torch-Pruning itself maps the "
+    "channels through split → cat → multiply inconsistently (a MambaOut with dims 16–40, `fc1` group at 0.5: the "
+    "gate `g` loses 5 of 42 channels, the `cat(i, c)` it multiplies loses 25 of 42), so no stored size can make "
+    "that forward run. `ChannelCost`'s sizes are now floored at 0 (they went negative at ratio ≥ 0.8 here)",
     "res2net": "`Bottle2neck` splits its conv1 output by a width it stores (`torch.split(out, self.width, 1)`), which "
-    "no tracer sees; the forward breaks, the safety net freezes the class — every block — and nothing prunable "
-    "is left (100 % of the MACs). A per-class rule that keeps `width` in step with the pruned conv would be needed.",
+    "no tracer sees; the safety net froze the class — every block — and nothing prunable was left (100 % of the "
+    "MACs). Fixed for cardinality 1 (pruning/splits.py: `width` becomes the pruned chunk widths; tested against "
+    "the dense model with the removed inputs zeroed, and rebuilt from the structure). The family's representative "
+    "`res2next50` (cardinality 4, grouped 3×3 convs) still breaks after the rule, in `layer4.0.conv1` (`INDICES "
+    "element is out of DATA bounds`): the grouped convs' mapping, not yet investigated",
     "sknet": "first run (this round), not investigated: the real-plan fallback ran (63 steps) and settled at 20.5 % "
     "of the MACs for macs=0.5, and calls params=0.5 unreachable at 97.7 % once the safety net froze modules, "
     "i.e. the same shape as mambaout (real plans frozen to near-dense at low ratios, a cliff at high ones); "
