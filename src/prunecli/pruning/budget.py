@@ -244,7 +244,7 @@ class ChannelCost:
         for d, gi, delta in self.dims.get(name, ()):
             dims[d] -= delta * (self.candidates[gi].size - keeps[gi])
         # a probe's per-position delta extrapolates linearly; where a group does not shrink a dim linearly
-        # (mambaout's split before the split rule) it overshot to negative sizes: no dim is under 0
+        # (mambaout's fc1 group, coupled through a split) it overshot to negative sizes: no dim is under 0
         return math.prod(max(s, 0) for s in dims)
 
     def numel(self, keeps: Sequence[int]) -> dict[str, int]:

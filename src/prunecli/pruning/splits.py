@@ -8,9 +8,9 @@ then freezes the whole class, which in these families is every block: nothing is
 
 A rule reads the chunk widths back from the pruned layers that consume each chunk and writes them into
 the attribute. The attribute is a number or a tuple/list of numbers, so :mod:`prunecli.surgery` records
-it in the structure and a rebuilt checkpoint gets the same sizes. Rules are looked up by class name
-(the blocks are timm's; a user's own block with the same name and a different layout would fail the
-rule's own check and be left to the safety net).
+it in the structure and a rebuilt checkpoint gets the same sizes. Rules are looked up by the class's
+module and name (``timm.models.res2net.Bottle2neck``), so a user's own block of the same name is left
+to the safety net.
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ SplitRule = Callable[[nn.Module], None]
 SPLIT_RULES: Registry[SplitRule] = Registry("split rule")
 
 
-@SPLIT_RULES.register("Bottle2neck")
+@SPLIT_RULES.register("timm.models.res2net.Bottle2neck")
 def _res2net_bottleneck(m: nn.Module) -> None:
     """timm's Res2Net block: ``conv1``'s output is split into ``scale`` chunks of ``width``.
 
@@ -44,12 +44,9 @@ def _res2net_bottleneck(m: nn.Module) -> None:
     m.width = sizes[0] if len(set(sizes)) == 1 else sizes
 
 
-def fix_splits(model: nn.Module) -> list[str]:
-    """Applies the rule of every module of a class in :data:`SPLIT_RULES`; returns the names of those modules."""
-    fixed = []
-    for name, m in model.named_modules():
-        cls = type(m).__name__
-        if cls in SPLIT_RULES:
-            SPLIT_RULES.get(cls)(m)
-            fixed.append(name)
-    return fixed
+def fix_splits(model: nn.Module) -> None:
+    """Applies the rule of every module whose class has one in :data:`SPLIT_RULES`."""
+    for m in model.modules():
+        key = f"{type(m).__module__}.{type(m).__qualname__}"
+        if key in SPLIT_RULES:
+            SPLIT_RULES.get(key)(m)
