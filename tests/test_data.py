@@ -70,8 +70,10 @@ def test_digits_split_is_fixed_stratified_and_complete() -> None:
     for c, n in Counter(full.target.tolist()).items():  # stratified: each class ~20 % in test
         assert abs(Counter(test.targets)[c] - 0.2 * n) <= 1
     x, y = test.dataset[0]
-    assert x.shape == (3, 32, 32) and x.dtype == torch.float32 and isinstance(y, int)
-    assert float(x.min()) >= -1.0 and float(x.max()) <= 1.0  # normalised with mean = std = 0.5
+    assert x.shape == (3, 32, 32) and x.dtype == torch.uint8 and isinstance(y, int)  # the loader normalises
+    (xb, _), *_ = list(make_loader(test, batch_size=8))
+    assert xb.dtype == torch.float32 and float(xb.min()) >= -1.0 and float(xb.max()) <= 1.0  # mean = std = 0.5
+    assert torch.equal(xb[0], x.float() / 255 * 2 - 1)  # ÷255, −0.5, ÷0.5: exact in float32 (powers of two)
     # the split is a pure function of the data: the same images in the same order each time
     again = build_dataset("digits:test", CFG_RGB)
     assert torch.equal(again.dataset[5][0], test.dataset[5][0]) and again.targets == test.targets
@@ -84,7 +86,7 @@ def test_digits_images_are_the_uci_digits() -> None:
     full = load_digits()
     test = build_dataset("digits:test", CFG_RGB)
     x, y = test.dataset[0]
-    gray = x[0].numpy() * 0.5 + 0.5  # undo normalisation (channels are equal)
+    gray = x[0].numpy() / 255.0  # uint8 before the loader normalises (channels are equal)
     assert np.allclose(x[0].numpy(), x[1].numpy()) and np.allclose(x[1].numpy(), x[2].numpy())
     small = np.asarray(Image.fromarray((gray * 255).round().astype(np.uint8)).resize((8, 8), Image.Resampling.BOX))
     dists = [np.abs(small.astype(float) - img * 255 / 16).mean() for img in full.images]
@@ -107,10 +109,18 @@ def test_imagefolder_and_eval_transform(tmp_path: Path) -> None:
     cfg = data_config({**CFG_RGB, "crop_pct": 0.875}, input_size=(16,))
     data = build_dataset(f"imagefolder:{tmp_path / 'imgs'}", cfg)
     assert data.num_classes == 3 and len(data.dataset) == 6 and data.targets == [0, 0, 1, 1, 2, 2]
-    norm = T.Normalize(CFG_RGB["mean"], CFG_RGB["std"])
-    hand = T.Compose([T.Resize(int(16 / 0.875)), T.CenterCrop(16), T.ToTensor(), norm])
-    img = Image.open(tmp_path / "imgs" / "k1" / "1.png")
-    assert torch.allclose(data.dataset[3][0], hand(img.convert("RGB")), atol=1e-6)
+    crop = T.Compose([T.Resize(int(16 / 0.875)), T.CenterCrop(16)])
+    hand = T.Compose([crop, T.ToTensor(), T.Normalize(CFG_RGB["mean"], CFG_RGB["std"])])
+    imgs = [Image.open(p).convert("RGB") for p in sorted((tmp_path / "imgs").glob("k*/*.png"))]
+    # the workers' part stops at the cropped uint8 image (timm's prefetcher split) ...
+    assert torch.equal(data.dataset[3][0], T.PILToTensor()(crop(imgs[3])))
+    # ... and the loader's batches are torchvision's ToTensor + Normalize of each image: the same float32
+    # operations in the same order, so the same bits, with and without workers
+    for workers in (0, 2):
+        (x, y), *_ = list(make_loader(data, batch_size=6, workers=workers))
+        assert x.dtype == torch.float32 and y.tolist() == data.targets
+        assert torch.equal(x, torch.stack([hand(img) for img in imgs]))
+    assert torch.equal(eval_transform(cfg)(imgs[3]), hand(imgs[3]))
 
 
 def test_grayscale_model_gets_one_channel(tmp_path: Path) -> None:

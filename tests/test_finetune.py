@@ -23,16 +23,15 @@ def _manifest(path):
 def _accuracy(path, data: str = "digits:test") -> float:
     """Top-1 by a plain loop (independent of prunecli.evaluation)."""
     from prunecli.api._common import load_input
-    from prunecli.data import load_data
+    from prunecli.data import load_data, make_loader
 
     loaded = load_input(str(path))
     ds, _ = load_data(data, loaded)
     model = loaded.model.eval()
     correct = 0
     with torch.no_grad():
-        for i in range(len(ds.dataset)):
-            x, y = ds.dataset[i]
-            correct += int(model(x[None]).argmax(1).item() == y)
+        for xs, ys in make_loader(ds, batch_size=1):  # one image at a time, normalised as eval's loader does
+            correct += int(model(xs).argmax(1).item() == int(ys))
     return correct / len(ds.dataset)
 
 

@@ -135,7 +135,7 @@ def test_bf16_eval_on_cpu_within_bound(cli, tmp_path) -> None:
     import torch.nn.functional as F
 
     from prunecli.api._common import load_input
-    from prunecli.data import load_data
+    from prunecli.data import load_data, make_loader
 
     ckpt = tmp_path / "m.safetensors"
     made = cli("finetune", "arch:fc_mlp", "-o", ckpt, "--data", "digits:train", "--augment", "none", *FAST)
@@ -149,8 +149,7 @@ def test_bf16_eval_on_cpu_within_bound(cli, tmp_path) -> None:
 
     loaded = load_input(str(ckpt))  # the independent side: plain loops and the bounds
     ds, _ = load_data("digits:test", loaded)
-    x = torch.stack([ds.dataset[i][0] for i in range(len(ds.dataset))])
-    y = torch.tensor([ds.dataset[i][1] for i in range(len(ds.dataset))])
+    (x, y), *_ = list(make_loader(ds, batch_size=len(ds.dataset)))  # normalised as eval's loader does
     with torch.no_grad():
         logits = loaded.model.eval()(x)
         bound = _abs_network_bound(loaded.model, x).max(1).values  # per sample, ∞-norm of the logit error

@@ -300,13 +300,13 @@ def test_same_inputs_same_bytes(tmp_path: Path, save_model) -> None:
 
 
 def _digits_tensors(split: str) -> tuple[torch.Tensor, torch.Tensor]:
-    from prunecli.data import build_dataset, data_config
+    from prunecli.data import build_dataset, data_config, make_loader
     from prunecli.models import default_pretrained_cfg
 
     cfg = data_config(default_pretrained_cfg("fc_mlp"))
     ds = build_dataset(f"digits:{split}", cfg, default_split="test", train=False, augment=False, num_classes=10)
-    xs, ys = zip(*[ds.dataset[i] for i in range(len(ds.dataset))], strict=True)
-    return torch.stack(xs), torch.tensor(ys)
+    (x, y), *_ = list(make_loader(ds, batch_size=len(ds.dataset)))  # one batch: normalised as the commands see it
+    return x, y
 
 
 def _closed_form_biascomp(model: nn.Module, x: torch.Tensor, names: list[str]) -> tuple[dict, dict]:
