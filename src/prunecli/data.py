@@ -25,8 +25,8 @@ from prunecli.registry import Registry
 __all__ = [
     "AUGMENTATIONS",
     "AUGMENTATION_CHOICES",
-    "BatchNormalizer",
     "DATA_SOURCES",
+    "BatchNormalizer",
     "DataSpec",
     "LoadedData",
     "augmentation_name",
