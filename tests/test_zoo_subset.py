@@ -140,11 +140,14 @@ def test_runner_records_each_family_in_place(tmp_path, monkeypatch) -> None:  # 
     raw = tmp_path / "zoo.jsonl"
     raw.write_text(json.dumps({"model": "a", "family": "fa", "ratio": 0.3}) + "\n")
     monkeypatch.setattr(zoo, "RAW", raw)
+    monkeypatch.setattr(zoo, "TABLE", tmp_path / "zoo.md")  # _record rewrites the table: never the repository's
     zoo._record({"model": "b", "family": "fb", "target_run": True})
     rows = zoo._record({"model": "a", "family": "fa", "target_run": True, "macs50_pruned": True})
     assert [r["model"] for r in rows] == ["a", "b"]
     assert [json.loads(line) for line in raw.read_text().splitlines()] == rows
     assert all(zoo._target_row(r) for r in rows) and not zoo._target_row({"model": "c", "ratio": 0.3})
+    listed = len(zoo.read_families())  # rows a, b are not among the listed families
+    assert f"0/{listed} of all listed families pass" in (tmp_path / "zoo.md").read_text()
 
 
 def test_runner_skips_recorded_families_unless_redo(tmp_path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
