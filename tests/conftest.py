@@ -16,6 +16,45 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("PRUNECLI_NO_CACHE", "1")  # tests never write the user's layer-table cache
 
+_REPO = Path(__file__).resolve().parents[1]
+_TRACKED = pytest.StashKey[set[str] | None]()
+
+
+def _changed_tracked_files() -> set[str] | None:
+    """``git status`` lines of tracked files that differ from HEAD; None outside a git checkout."""
+    import subprocess
+
+    try:
+        done = subprocess.run(
+            ["git", "-C", str(_REPO), "status", "--porcelain", "--untracked-files=no"],
+            capture_output=True, text=True, timeout=60,
+        )  # fmt: skip
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return set(done.stdout.splitlines()) if done.returncode == 0 else None
+
+
+def pytest_sessionstart(session: pytest.Session) -> None:
+    """Notes which tracked files were already changed (the controller only, not xdist's workers)."""
+    if not hasattr(session.config, "workerinput"):
+        session.config.stash[_TRACKED] = _changed_tracked_files()
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    """Fails the run when a test wrote into the repository: tests write under ``tmp_path`` only.
+
+    A runner that rewrites ``benchmarks/zoo_coverage.md`` as a side effect once did, and the wrong
+    table was committed; this check makes that a red run instead.
+    """
+    before = session.config.stash.get(_TRACKED, None)
+    if before is None or hasattr(session.config, "workerinput"):
+        return
+    written = sorted((_changed_tracked_files() or set()) - before)
+    if written:
+        print(f"\ntracked files changed while the tests ran (a test wrote into the repository?): {written}")
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
+
+
 
 @pytest.fixture(autouse=True)
 def _torch_threads() -> None:
