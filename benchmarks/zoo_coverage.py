@@ -461,6 +461,9 @@ NOTES: dict[str, str] = {
     "deepseek_vit": "412 M parameters at 224x224 (the family has no smaller input) exceed the runner's 6 GiB "
     "address-space cap per worker (`ZOO_MEMORY_GB` raises it); not a prunecli error.",
     "gemma4_vit": "167 M parameters at 768x768 (its only input size): the 300 s limit under load.",
+    "nest": "first run (ninth session): prunecli's part did not finish within 240 CPU-seconds for macs=0.5 "
+    "(593 s of wall time with the machine shared); where the time goes is not profiled yet. Plain Torch-Pruning's "
+    "part ran out of memory under the runner's cap",
 }
 """Family → what was found out about its failure (written under the table; the runner does not change it)."""
 
