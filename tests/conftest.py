@@ -55,7 +55,6 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
         session.exitstatus = pytest.ExitCode.TESTS_FAILED
 
 
-
 @pytest.fixture(autouse=True)
 def _torch_threads() -> None:
     import torch
