@@ -35,7 +35,6 @@ __all__ = [
     "data_config",
     "default_workers",
     "eval_transform",
-    "eval_transform_uint8",
     "load_data",
     "loader_info",
     "make_loader",
@@ -137,8 +136,17 @@ def _mode(cfg: dict[str, Any]) -> str:
     return "L" if cfg["input_size"][0] == 1 else "RGB"
 
 
-def eval_transform(cfg: dict[str, Any]) -> Callable[[Any], torch.Tensor]:
-    """timm's eval transform (resize, center crop, normalise) for ``cfg``."""
+def eval_transform(cfg: dict[str, Any], *, normalize: bool = True) -> Callable[[Any], torch.Tensor]:
+    """timm's eval transform (resize, center crop, normalise) for ``cfg``.
+
+    ``normalize=False`` stops at the resized, cropped image as a uint8 tensor. The loaders of ``eval``,
+    ``score``, ``restore`` and the calibration passes use that, and :class:`BatchNormalizer` converts
+    and normalises whole batches in the model's process, as timm's prefetching loader does. The workers
+    then decode and crop only, and send a quarter of the bytes. That matters on a small machine, where
+    every millisecond a worker spends on a core stalls the model's threads. On a GPU the conversion runs
+    on the device. The values are the same bits either way: the same float32 operations (÷255, −mean,
+    ÷std) applied in the same order.
+    """
     from timm.data import create_transform
     from torchvision import transforms as T
 
@@ -150,30 +158,7 @@ def eval_transform(cfg: dict[str, Any]) -> Callable[[Any], torch.Tensor]:
         crop_pct=cfg.get("crop_pct"),
         crop_mode=cfg.get("crop_mode", "center"),
         is_training=False,
-    )
-    return T.Compose([_ToMode(_mode(cfg)), tf])
-
-
-def eval_transform_uint8(cfg: dict[str, Any]) -> Callable[[Any], torch.Tensor]:
-    """:func:`eval_transform` without its last two steps: the resized, cropped image as a uint8 tensor.
-
-    The loaders of ``eval``, ``score``, ``restore`` and the calibration passes use this, and
-    :class:`BatchNormalizer` converts and normalises whole batches in the model's process, as timm's
-    prefetching loader does. The workers then decode and crop only, and send a quarter of the bytes.
-    That matters on a small machine, where every millisecond a worker spends on a core stalls the
-    model's threads. On a GPU the conversion runs on the device. The values are the same bits as
-    :func:`eval_transform`'s: the same float32 operations (÷255, −mean, ÷std) applied in the same order.
-    """
-    from timm.data import create_transform
-    from torchvision import transforms as T
-
-    tf = create_transform(
-        input_size=cfg["input_size"],
-        interpolation=cfg.get("interpolation", "bilinear"),
-        crop_pct=cfg.get("crop_pct"),
-        crop_mode=cfg.get("crop_mode", "center"),
-        is_training=False,
-        use_prefetcher=True,  # timm's split: the transform stops at uint8, normalisation follows the batch
+        use_prefetcher=not normalize,  # timm's split: the transform stops at uint8, normalisation follows the batch
     )
     return T.Compose([_ToMode(_mode(cfg)), tf])
 
@@ -438,7 +423,7 @@ def build_dataset(
     """
     parsed = parse_data_spec(spec)
     split = parsed.split or default_split
-    tf = train_transform(cfg, augment=augment) if train else eval_transform_uint8(cfg)
+    tf = train_transform(cfg, augment=augment) if train else eval_transform(cfg, normalize=False)
     data = DATA_SOURCES.get(parsed.name)(parsed, split, tf, {"cfg": cfg, "num_classes": num_classes})
     if not train:
         data.normalize = (tuple(cfg["mean"]), tuple(cfg["std"]))
@@ -560,8 +545,8 @@ def make_loader(
     Seeded shuffling and seeded workers (:func:`_seed_worker`); ``workers=None`` picks
     :func:`default_workers` (capped at the number of batches); with workers, they persist across
     epochs (one pool per command, not one per epoch); on CUDA, batches come in pinned memory so the
-    copy to the GPU can be ``non_blocking``. Data built with the uint8 eval transform
-    (``data.normalize`` set) comes back normalised on ``device`` by a :class:`BatchNormalizer`.
+    copy to the GPU can be ``non_blocking``. Data built with the uint8 eval transform (``normalize=False``,
+    ``data.normalize`` set) comes back normalised on ``device`` by a :class:`BatchNormalizer`.
     Build it once per command and iterate it every epoch.
     """
     if batch_size <= 0:
