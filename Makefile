@@ -11,10 +11,12 @@ export PRUNECLI_NO_PROGRESS ?= 1
 
 .PHONY: test demo lint format man man-check bench clean
 
+# --no-cache-dir: torch's CUDA wheels (several GB) would otherwise sit on disk twice, in pip's cache and
+# unpacked in .venv; one CI run ran out of disk during this install.
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e '.[dev]'
+	$(PY) -m pip install -q --no-cache-dir --upgrade pip
+	$(PY) -m pip install -q --no-cache-dir -e '.[dev]'
 	touch $@
 
 test: $(STAMP)
