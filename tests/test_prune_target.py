@@ -260,3 +260,88 @@ def test_coarse_round_to_is_reported_not_hidden(cli, bases: dict[str, Path], tmp
         assert "target_note" in r.record["metrics"] and "closest value" in r.stderr
     else:
         assert "target_note" not in r.record["metrics"]
+
+
+class _StoredWidth(nn.Module):
+    """Reshapes by a width it stores: no tracer sees it, so the safety net must freeze it once pruned."""
+
+    def __init__(self, width: int) -> None:
+        super().__init__()
+        self.width = width
+        self.conv = nn.Conv2d(width, width, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, _, h, w = x.shape
+        return self.conv(x.reshape(b, self.width, h * w).reshape(b, self.width, h, w))
+
+
+def _stored_net() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(
+        nn.Conv2d(3, 16, 3, padding=1), nn.ReLU(), _StoredWidth(16),  # frozen: stem out + the block's conv
+        nn.Conv2d(16, 256, 3, padding=1), nn.ReLU(), nn.Conv2d(256, 256, 3, padding=1), nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(256, 10),
+    ).eval()  # fmt: skip
+
+
+def _plan_to(model: nn.Module, value: str) -> tuple[Any, Any, list[dict[str, Any]]]:
+    from prunecli.pruning.budget import plan_channels_to
+
+    return plan_channels_to(model, "macs", value, example_input=torch.randn(1, 3, 8, 8), channel_scores=None,
+                            weight_scores=None, scope="layer", layer_ratios={}, exclude=["9"], round_to=None,
+                            min_channels=1)  # fmt: skip
+
+
+def test_a_frozen_class_is_costed_again_not_searched_on_real_plans() -> None:
+    """The cost model prunes the stored-width block's groups; the real plan freezes the block and lands
+    over the budget. The cost model is then rebuilt with the block frozen: the plan lands within 1 %
+    (counted by hooks on the pruned model) without a trial pruning per step."""
+    from prunecli.pruning.channel import apply_channels
+
+    model = _stored_net()
+    dense = hook_macs(model, (3, 8, 8))
+    plan, _, steps = _plan_to(model, "0.5")
+    assert plan.frozen == ("_StoredWidth",)
+    assert any(s.get("frozen") for s in steps) and not any(s.get("planned") for s in steps), steps
+    apply_channels(model, plan, example_input=torch.randn(1, 3, 8, 8))
+    assert [m.out_channels for m in model.modules() if isinstance(m, nn.Conv2d)][:2] == [16, 16]
+    fraction = hook_macs(model, (3, 8, 8)) / dense
+    assert 0.5 * (1 - TOL) <= fraction <= 0.5, fraction
+
+
+def test_a_target_the_frozen_class_makes_unreachable_names_the_floor() -> None:
+    """Floor with the block frozen, by hand at 8×8 (64 positions): stem 16·3·9 and the block's conv
+    16·16·9 stay; conv 16→1, conv 1→1 and the classifier 1→10 are what is left of the rest."""
+    from prunecli.errors import InputError
+
+    floor = 64 * (16 * 3 * 9 + 16 * 16 * 9 + 1 * 16 * 9 + 1 * 1 * 9) + 10 * 1
+    with pytest.raises(InputError, match="once the safety net froze modules") as err:
+        _plan_to(_stored_net(), "0.002")
+    assert f"smallest reachable is {floor / 1e3:.4g}K MACs" in str(err.value), (floor, str(err.value))
+
+
+@pytest.mark.parametrize("scope", ["global", "layer"])
+def test_plans_share_one_enumeration_per_frozen_set(monkeypatch: pytest.MonkeyPatch, scope: str) -> None:
+    """Torch-Pruning's group closure runs once per frozen set however many plans the search makes, and a
+    plan made from the shared candidates is the plan made without them (same widths, same kept channels)."""
+    from prunecli.pruning import groups
+    from prunecli.pruning.channel import plan_channels
+
+    calls: list[tuple[str, ...]] = []
+    find = groups.GroupSearch._find
+
+    def counted(self: Any, dg: Any, frozen: Any) -> Any:
+        calls.append(tuple(frozen))
+        return find(self, dg, frozen)
+
+    monkeypatch.setattr(groups.GroupSearch, "_find", counted)
+    options: dict[str, Any] = dict(example_input=torch.randn(1, 3, 8, 8), channel_scores=None, weight_scores=None,
+                                   scope=scope, layer_ratios={}, exclude=["9"], round_to=None, min_channels=1)  # fmt: skip
+    memo: dict = {}
+    model = _stored_net()
+    shared = [plan_channels(model, ratio=r, memo=memo, **options) for r in (0.2, 0.6)]
+    assert len(calls) == len(set(calls)), calls  # each frozen set enumerated once
+    for r, plan in zip((0.2, 0.6), shared, strict=True):
+        alone = plan_channels(_stored_net(), ratio=r, **options)
+        assert plan.widths_after == alone.widths_after
+        assert [g.removed_indices for g in plan.groups] == [g.removed_indices for g in alone.groups]

@@ -116,7 +116,7 @@ def test_real_plan_search_lands_within_tolerance(monkeypatch: pytest.MonkeyPatch
 
     monkeypatch.setattr(budget_mod, "ChannelCost", _Model)
     monkeypatch.setattr(channel_mod, "plan_channels", plan)
-    got, budget, steps = budget_mod.plan_channels_to(None, "macs", "0.5")
+    got, budget, steps = budget_mod.plan_channels_to(nn.Identity(), "macs", "0.5")
     assert budget.absolute == 50_000
     assert 50_000 * (1 - budget_mod.TOLERANCE) <= got.macs_after <= 50_000
     assert any(s.get("planned") for s in steps)

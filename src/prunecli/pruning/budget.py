@@ -23,14 +23,17 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
 from prunecli.errors import InputError
+
+if TYPE_CHECKING:
+    from prunecli.pruning.groups import CandidateMemo
 
 __all__ = [
     "Budget",
@@ -168,7 +171,8 @@ class ChannelCost:
     """Params and MACs of a channel plan from its kept counts alone (module docstring).
 
     Args: as :func:`prunecli.pruning.channel.plan_channels` (``exclude``: module names or globs whose
-    output channels stay; ``layer_ratios``: globs with their own fixed ratio).
+    output channels stay; ``layer_ratios``: globs with their own fixed ratio; ``freeze``: module classes
+    whose groups are left out, as the safety net leaves them; ``memo``: candidates shared with the plans).
     """
 
     def __init__(
@@ -184,6 +188,8 @@ class ChannelCost:
         round_to: int | None,
         min_channels: int,
         heads: bool = False,
+        freeze: Collection[type] = (),
+        memo: CandidateMemo | None = None,
     ) -> None:
         from prunecli import surgery
         from prunecli.prunable import match_any, prunable_layers
@@ -201,7 +207,10 @@ class ChannelCost:
         excluded = {n for n in names if match_any(n, list(exclude))}
         dg = _build(model, example_input)
         # scope "global" marks the groups without a --layer-ratio (ratio None); layer scope fills in r per step
-        found = GroupSearch(model, scores, 0.0, "global", layer_ratios, excluded, heads=heads).candidates(dg, [])
+        frozen = [n for n, m in model.named_modules() if n and type(m) in freeze]
+        found = GroupSearch(model, scores, 0.0, "global", layer_ratios, excluded, heads=heads).candidates(
+            dg, frozen, memo
+        )
         self.shapes = {n: tuple(p.shape) for n, p in model.named_parameters()}
         self.dims: dict[str, list[tuple[int, int, int]]] = {}  # param → (dim, group, δ per removed position)
         # every candidate stays in the ranking, as in the plan (its global threshold counts all of them); a group
@@ -324,32 +333,44 @@ def plan_channels_to(
 
     ``options``: the keyword arguments of :func:`~prunecli.pruning.channel.plan_channels` other than
     ``ratio`` and ``keeps``. The ratio is bisected on :class:`ChannelCost` (no surgery per step), the
-    slack is filled (:meth:`ChannelCost.fill`), and the model is planned once. Should the real plan
-    miss the budget — over it, or under it by more than :data:`TOLERANCE` where the cost model was within
-    it (the safety net froze a module class whose forward broke, or skipped a group the probe could
-    prune) — the search is repeated on real plans (each one a trial pruning): above the cost model's
-    ratio when the plan is over, below it when under. Real plans need not shrink as the ratio grows (a
-    frozen class takes back every channel of its groups; ghostnet: 21 % of the MACs at 0.5, 52 % at
-    0.99), so the search stays on the side of the ratio that the miss points to rather than bisecting
-    all of ``[0, 1)``. The plan's ``notes["target_ratio"]`` is the ratio found.
+    slack is filled (:meth:`ChannelCost.fill`), and the model is planned once.
+
+    The cost model cannot see the safety net: a module class whose forward breaks once pruned is frozen
+    by the real plan, and its groups keep every channel. When the real plan then misses the budget —
+    over it, or under it by more than :data:`TOLERANCE` where the cost model was within it — the cost
+    model is built again with those classes frozen from the start, and the search repeated on it: the
+    frozen part is accounted for at the price of one more cost model, not of a trial pruning per step.
+    Every plan shares one enumeration of the groups per frozen set
+    (:data:`~prunecli.pruning.groups.CandidateMemo`): Torch-Pruning's group closure is most of a plan's time.
+
+    Only should that still miss, or the target be unreachable with those classes frozen (a class need
+    not break at every ratio: resnest's ``SplitAttn`` does at some), is the search repeated on real
+    plans (each one a trial pruning): above the
+    cost model's ratio when the plan is over, below it when under. Real plans need not shrink as the
+    ratio grows (a frozen class takes back every channel of its groups; ghostnet: 21 % of the MACs at
+    0.5, 52 % at 0.99), so the search stays on the side of the ratio that the miss points to rather than
+    bisecting all of ``[0, 1)``. The plan's ``notes["target_ratio"]`` is the ratio found.
 
     Raises:
         InputError: the target is unreachable (names the smallest reachable value) or not below the dense model.
     """
     from prunecli.pruning.channel import plan_channels
 
+    options = {**options, "memo": {}}  # one enumeration of the groups per frozen set, for every plan below
     cost = ChannelCost(model, **options)
     budget = resolve_budget(kind, value, cost.dense(kind))
-    found = search(lambda r: cost.cost(kind, r), budget)
-    keeps, filled = cost.fill(kind, found.ratio, budget.absolute)
-    if keeps:
-        found.steps.append({"ratio": found.ratio, "value": filled, "filled": len(keeps)})
-    plan = plan_channels(model, ratio=found.ratio, keeps=keeps, **options)
-    predicted = filled if keeps else found.value
-    floor = budget.absolute * (1 - TOLERANCE)
+    plan, ratio, predicted, steps = _plan_on_cost(model, cost, kind, budget, options)
+    if _missed(_amount(plan, kind), predicted, budget) and plan.frozen:
+        log.info("the safety net froze %s: costing the plan again with their groups left out", ", ".join(plan.frozen))
+        freeze = {type(m) for m in model.modules() if type(m).__name__ in plan.frozen}
+        try:
+            refrozen = ChannelCost(model, freeze=freeze, **options)
+            plan, ratio, predicted, more = _plan_on_cost(model, refrozen, kind, budget, {**options, "freeze": freeze})
+            steps += [{**s, "frozen": True} for s in more]
+        except InputError:  # unreachable with the class frozen, but it need not break at every ratio
+            log.info("the target is unreachable with %s frozen at every ratio", ", ".join(plan.frozen))
     achieved = _amount(plan, kind)
-    over = achieved > budget.absolute
-    if over or (achieved < floor <= predicted):
+    if _missed(achieved, predicted, budget):
         log.warning(
             "the real plan (%s %s) differs from the cost model's (%s)%s: searching again on real plans",
             _fmt(achieved),
@@ -361,11 +382,32 @@ def plan_channels_to(
         def real(r: float) -> int:
             return _amount(plan_channels(model, ratio=r, **options), kind)
 
-        side = {"lo": found.ratio, "hi": _feasible_above(real, budget, found.ratio)} if over else {"hi": found.ratio}
+        over = achieved > budget.absolute
+        side = {"lo": ratio, "hi": _feasible_above(real, budget, ratio)} if over else {"hi": ratio}
         again = search(real, budget, iters=12, close=TOLERANCE / 2, what=" once the safety net froze modules", **side)
-        found.steps += [{**s, "planned": True} for s in again.steps]
+        steps += [{**s, "planned": True} for s in again.steps]
         plan = plan_channels(model, ratio=again.ratio, **options)
-    return plan, budget, found.steps
+    return plan, budget, steps
+
+
+def _plan_on_cost(
+    model: nn.Module, cost: ChannelCost, kind: str, budget: Budget, options: Mapping[str, Any]
+) -> tuple[Any, float, float, list[dict[str, Any]]]:
+    """The plan at the ratio (plus the fill) that ``cost`` puts at the budget: (plan, ratio, predicted value, steps)."""
+    from prunecli.pruning.channel import plan_channels
+
+    found = search(lambda r: cost.cost(kind, r), budget)
+    keeps, filled = cost.fill(kind, found.ratio, budget.absolute)
+    if keeps:
+        found.steps.append({"ratio": found.ratio, "value": filled, "filled": len(keeps)})
+    plan = plan_channels(model, ratio=found.ratio, keeps=keeps, **options)
+    return plan, found.ratio, (filled if keeps else found.value), found.steps
+
+
+def _missed(achieved: float, predicted: float, budget: Budget) -> bool:
+    """The real plan is over the budget, or under it by more than :data:`TOLERANCE` where the cost model was not."""
+    floor = budget.absolute * (1 - TOLERANCE)
+    return achieved > budget.absolute or achieved < floor <= predicted
 
 
 def _feasible_above(real: Callable[[float], float], budget: Budget, lo: float, points: int = 8) -> float:

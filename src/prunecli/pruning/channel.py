@@ -50,7 +50,7 @@ from __future__ import annotations
 
 import copy
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -62,7 +62,7 @@ from prunecli.errors import InputError
 from prunecli.prunable import classifier_modules, match_any
 from prunecli.pruning.apply import Applied, apply_groups, fix_attention
 from prunecli.pruning.counts import keep_counts, top
-from prunecli.pruning.groups import GroupSearch, attention_modules, graph_error
+from prunecli.pruning.groups import CandidateMemo, GroupSearch, attention_modules, graph_error
 from prunecli.pruning.importance import (
     ROOT_TYPES,
     ScoreImportance,
@@ -164,6 +164,8 @@ def plan_channels(
     max_retries: int = 4,
     keeps: Mapping[tuple[str, str], int] | None = None,
     heads: bool = False,
+    freeze: Collection[type] = (),
+    memo: CandidateMemo | None = None,
 ) -> ChannelPlan:
     """The channel plan of ``model`` (module docstring); the model is pruned as a trial and reverted.
 
@@ -185,6 +187,10 @@ def plan_channels(
             by their mean channel importance (:mod:`~prunecli.pruning.groups`), ``num_heads`` shrinks and
             ``head_dim`` stays; ``ratio`` is then the fraction of each attention's heads (at least one
             is kept). Other groups (MLP hidden units, the residual stream) are pruned as without it.
+        freeze: module classes frozen from the start, as if the safety net had frozen them (a plan of
+            the same model at another ratio did: :func:`~prunecli.pruning.budget.plan_channels_to`).
+        memo: candidate groups shared by plans of the same dense model with the same options
+            (:data:`~prunecli.pruning.groups.CandidateMemo`), filled as they are found.
 
     Raises:
         InputError: a ratio outside [0, 1), an unknown scope, scores that do not fit the model, or a
@@ -216,7 +222,7 @@ def plan_channels(
 
     def attempt(retries: Retries) -> tuple[Applied, int, dict[str, int]]:
         dg = _build(model, example_input, None if dense_out else remember)
-        found = search.candidates(dg, retries.frozen_modules(model))
+        found = search.candidates(dg, retries.frozen_modules(model), memo)
         counts = keep_counts(found.candidates, ratio, round_to, min_channels)
         given = keeps or {}
         counts = [given.get((c.root, c.handler), k) for c, k in zip(found.candidates, counts, strict=True)]
@@ -240,7 +246,7 @@ def plan_channels(
         return applied, sum(p.numel() for p in model.parameters()), stats
 
     snap = surgery.snapshot(model)
-    (applied, params_after, stats), retries = with_safety_net(model, attempt, max_retries)
+    (applied, params_after, stats), retries = with_safety_net(model, attempt, max_retries, freeze)
     widths_after = _layer_widths(model)
     # channel pruning keeps every layer's output positions: one trace counts the MACs before and after
     macs_before, macs_after = _macs(model, traces[-1], numel_before), _macs(model, traces[-1])

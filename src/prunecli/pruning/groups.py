@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -131,6 +131,16 @@ class Found:
     skipped: int
 
 
+CandidateMemo = dict[tuple[str, ...], Found]
+"""What :meth:`GroupSearch.candidates` found for one dense model, by frozen module names.
+
+Candidates are plain data (names, importances), independent of the graph object they were found in,
+so plans of the same dense model with the same scores and options (a ``--target`` search) share them.
+A group's ``ratio`` is stored as its ``--layer-ratio`` or None, and layer scope's ratio is filled in
+per plan.
+"""
+
+
 class GroupSearch:
     """Finds the candidate groups of one dependency graph (module docstring).
 
@@ -169,8 +179,25 @@ class GroupSearch:
             )
         self.proj_of = {m.proj: n for n, m in self.attn.items() if isinstance(getattr(m, "proj", None), nn.Module)}
 
-    def candidates(self, dg: Any, frozen: Sequence[str]) -> Found:
-        """Every prunable group of ``dg`` with its importance; frozen modules are touched by none."""
+    def candidates(self, dg: Any, frozen: Sequence[str], memo: CandidateMemo | None = None) -> Found:
+        """Every prunable group of ``dg`` with its importance; frozen modules are touched by none.
+
+        ``memo``: candidates found before for the same dense model and options (:data:`CandidateMemo`);
+        Torch-Pruning's group closure is most of a plan's time, and a search plans the same model many times.
+        """
+        key = tuple(frozen)
+        found = memo.get(key) if memo is not None else None
+        if found is None:
+            found = self._find(dg, frozen)
+            if memo is not None:
+                memo[key] = found
+        if self.scope != "layer":
+            return found
+        counted = [c if c.ratio is not None else replace(c, ratio=self.ratio) for c in found.candidates]
+        return Found(counted, found.unscored, found.skipped)
+
+    def _find(self, dg: Any, frozen: Sequence[str]) -> Found:
+        """:meth:`candidates` without the memo; a group's ``ratio`` is its ``--layer-ratio`` or None."""
         model = self.model
         num_heads = {m.qkv: int(m.num_heads) for m in self.attn.values()}
         param_names = {p: n for n, p in model.named_parameters()}
@@ -289,7 +316,7 @@ class GroupSearch:
         for pattern, r in self.layer_ratios.items():
             if any(match_any(n, [pattern]) for n in out_names):
                 return float(r)
-        return self.ratio if self.scope == "layer" else None
+        return None
 
 
 def graph_error(exc: BaseException) -> InputError:

@@ -12,7 +12,7 @@ fails while pruning a group, that group's root is left out instead. Frozen class
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -118,8 +118,13 @@ class Retries:
         return [n for n, m in model.named_modules() if n and type(m) in self.frozen_types]
 
 
-def with_safety_net(model: nn.Module, attempt: Callable[[Retries], Any], max_retries: int) -> tuple[Any, Retries]:
+def with_safety_net(
+    model: nn.Module, attempt: Callable[[Retries], Any], max_retries: int, frozen: Collection[type] = ()
+) -> tuple[Any, Retries]:
     """Calls ``attempt(retries)`` (prune ``model`` and check its forward) until it succeeds.
+
+    ``frozen``: classes frozen from the first attempt on (a caller that plans the same model again,
+    :mod:`prunecli.pruning.budget`, knows them from its previous plan and saves the broken attempts).
 
     ``attempt`` raises :class:`ForwardBroken` or :class:`~prunecli.pruning.apply.GroupFailed`; the model
     is then reverted to its state at the call, and the next attempt sees the updated :class:`Retries`.
@@ -128,7 +133,7 @@ def with_safety_net(model: nn.Module, attempt: Callable[[Retries], Any], max_ret
         InputError: no module to freeze explains the failure, or it keeps failing after ``max_retries``.
     """
     snap = surgery.snapshot(model)
-    retries = Retries()
+    retries = Retries(frozen_types=set(frozen))
     for _attempt in range(max_retries + 1):
         try:
             return attempt(retries), retries
