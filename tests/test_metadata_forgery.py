@@ -96,6 +96,13 @@ def _structure_private_attr(doc: dict[str, Any]) -> None:
     doc["structure"] = {"format": 1, "kind": "channel", "modules": {"conv1.0": {"attrs": {"_forward_hooks": 1}}}}
 
 
+def _computed(shape: Any, name: str = "filt") -> Callable[[dict[str, Any]], None]:
+    def edit(doc: dict[str, Any]) -> None:
+        doc["structure"] = {"format": 1, "kind": "channel", "modules": {"conv1.0": {"computed": {name: shape}}}}
+
+    return edit
+
+
 def _masked_buffer(doc: dict[str, Any]) -> None:
     doc["masked"] = [next(b for b in doc["layer_table"]["buffers"] if b.endswith("running_mean"))]
 
@@ -137,6 +144,10 @@ CASES: dict[str, tuple[Callable[[dict[str, Any]], None], str]] = {
     "structure: shape against the file": (_structure_shape, "structure.modules['conv1.0']"),
     "structure: attribute against the shape": (_structure_attr, "structure.modules['conv1.0']"),
     "structure: a private attribute": (_structure_private_attr, "structure.modules['conv1.0']"),
+    "structure: a computed buffer of 2**40 elements": (_computed([1 << 20, 1 << 20]), "structure.modules['conv1.0']"),
+    "structure: a computed buffer of negative size": (_computed([-1, 3]), "structure.modules['conv1.0']"),
+    "structure: a computed buffer that is a file tensor": (_computed([3], "weight"), "structure.modules['conv1.0']"),
+    "structure: a computed buffer's private name": (_computed([3], "_buffers"), "structure.modules['conv1.0']"),
     "masked: a buffer": (_masked_buffer, "'masked'"),
     "masked: a missing tensor": (_masked_missing, "'masked'"),
     "masked: a 1-D tensor": (_masked_bias, "'masked'"),

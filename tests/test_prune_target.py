@@ -335,8 +335,9 @@ def test_plans_share_one_enumeration_per_frozen_set(monkeypatch: pytest.MonkeyPa
         return find(self, dg, frozen)
 
     monkeypatch.setattr(groups.GroupSearch, "_find", counted)
-    options: dict[str, Any] = dict(example_input=torch.randn(1, 3, 8, 8), channel_scores=None, weight_scores=None,
-                                   scope=scope, layer_ratios={}, exclude=["9"], round_to=None, min_channels=1)  # fmt: skip
+    options: dict[str, Any] = dict(example_input=torch.randn(1, 3, 8, 8), channel_scores=None,
+                                   weight_scores=None, scope=scope, layer_ratios={}, exclude=["9"], round_to=None,
+                                   min_channels=1)  # fmt: skip
     memo: dict = {}
     model = _stored_net()
     shared = [plan_channels(model, ratio=r, memo=memo, **options) for r in (0.2, 0.6)]

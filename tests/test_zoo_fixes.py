@@ -250,3 +250,36 @@ def test_cost_model_sizes_never_go_negative() -> None:
     cost.dims = {"w": [(0, 0, 3)], "b": [(0, 0, 1)]}
     cost.candidates = [SimpleNamespace(size=4)]
     assert cost.numel([1]) == {"w": 0, "b": 1}  # b: 4 − 1·3 = 1 row left, w: max(4 − 3·3, 0) = 0 rows
+
+
+def test_blurpool_blocks_prune_and_rebuild() -> None:
+    """timm's ``BlurPool2d`` stores its channel count and a kernel per channel: pruned with its conv, not
+    frozen; a fresh dense model reshaped by the structure recomputes the kernel at the pruned width."""
+    pytest.importorskip("timm")
+    from timm.layers import BlurPool2d
+    from timm.models.resnet import BasicBlock, ResNet
+
+    def build(seed: int) -> nn.Module:
+        torch.manual_seed(seed)
+        net = ResNet(block=BasicBlock, layers=[1, 1, 1, 1], aa_layer=BlurPool2d, num_classes=10)
+        return net.double().eval()
+
+    model = build(0)
+    dense = {n: m.channels for n, m in model.named_modules() if isinstance(m, BlurPool2d)}
+    assert len(dense) == 4 and all(dense.values())  # the stem's and those of the three strided blocks
+    x = torch.randn(2, 3, 32, 32, dtype=torch.float64)
+    plan, structure = _prune_and_compare(model, x, ratio=0.5, scope="layer")
+    assert plan.frozen == ()
+    kernel = torch.tensor([1.0, 2.0, 1.0], dtype=torch.float64)
+    kernel = (kernel[:, None] * kernel[None, :]) / 16  # the 3-tap binomial blur, by hand
+    pruned = {n: m for n, m in model.named_modules() if isinstance(m, BlurPool2d)}
+    assert all(m.channels < dense[n] for n, m in pruned.items()), {n: m.channels for n, m in pruned.items()}
+    for m in pruned.values():
+        assert torch.equal(m.filt, kernel.expand(m.channels, 1, 3, 3))
+    from prunecli import surgery
+
+    assert any("computed" in e for e in structure["modules"].values())
+    fresh = surgery.apply_structure(build(1), structure)
+    fresh.load_state_dict(model.state_dict())
+    with torch.no_grad():
+        assert torch.equal(fresh(x), model(x))

@@ -14,6 +14,7 @@ not always need it.
 from __future__ import annotations
 
 import warnings
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -24,6 +25,7 @@ from torch_pruning.dependency import index_mapping as _index_mapping
 from torch_pruning.dependency import shape_infer as _shape_infer
 
 __all__ = [
+    "CUSTOM_PRUNERS",
     "DW_FNS",
     "ENGINE",
     "MAX_GROUP_ITEMS",
@@ -102,19 +104,67 @@ class _BoundedGroup(_graph.Group):
 _graph.Group = _BoundedGroup
 
 
+class _FixedDepthwisePruner(_F.BasePruningFunc):
+    """A module that filters each channel with a fixed kernel it stores per channel (a non-persistent buffer).
+
+    timm's ``BlurPool2d`` (anti-aliased downsampling: tresnet, the ``aa`` variants of resnet) blurs every
+    channel with the same binomial kernel, repeated ``channels`` times in its ``filt`` buffer, through
+    ``F.conv2d(..., groups=channels)``. Torch-Pruning's tracer sees a conv whose weight is no parameter and
+    passes the channels through, so after pruning the stored ``channels`` and ``filt`` no longer fit its
+    input and the safety net froze every block around it. As a pruner its input and output channels are
+    one dimension (``prune_in_channels = prune_out_channels``, as for BatchNorm): the removed channels'
+    rows of ``filt`` go and ``channels`` follows. ``filt`` is recomputed from ``channels`` by the module's
+    ``init_non_persistent_buffers`` when a pruned checkpoint is rebuilt (:mod:`prunecli.surgery`).
+    """
+
+    def prune_out_channels(self, layer: nn.Module, idxs: Sequence[int]) -> nn.Module:
+        if layer.channels is None:  # built without a width: one kernel, expanded to any input
+            return layer
+        drop = set(int(i) for i in idxs)
+        keep = torch.tensor([i for i in range(int(layer.channels)) if i not in drop], dtype=torch.long)
+        layer._buffers["filt"] = torch.index_select(layer.filt, 0, keep.to(layer.filt.device))
+        layer.channels = len(keep)
+        return layer
+
+    prune_in_channels = prune_out_channels
+
+    def get_out_channels(self, layer: nn.Module) -> int | None:
+        return None if layer.channels is None else int(layer.channels)
+
+    get_in_channels = get_out_channels
+
+
+CUSTOM_PRUNERS: dict[str, Any] = {
+    "timm.layers.blur_pool.BlurPool2d": _FixedDepthwisePruner(),
+}
+"""Module class (``module.qualname``) → the pruner Torch-Pruning uses for it.
+
+For layers whose widths Torch-Pruning cannot see (they are not in its own table of layers). Keyed by
+name, so that a user's own class of the same name is not taken for it.
+"""
+
+
 def build_graph(model: nn.Module, example_inputs: Any) -> Any:
     """Torch-Pruning's ``DependencyGraph`` of ``model``, traced once on ``example_inputs``.
 
     Gradients are enabled (the graph is read from autograd, callers may sit inside ``no_grad``) and
     Torch-Pruning's warnings about every unwrapped parameter (ViT ``cls_token``/``pos_embed``) are
-    silenced. The model's train/eval mode is left as it is.
+    silenced. The model's train/eval mode is left as it is. The modules of :data:`CUSTOM_PRUNERS` get
+    their pruners.
 
     Raises:
         Exception: whatever Torch-Pruning raises on an op it does not understand.
     """
+    custom = {}  # by class: Torch-Pruning looks its pruners up by a module's class
+    for m in model.modules():
+        pruner = CUSTOM_PRUNERS.get(f"{type(m).__module__}.{type(m).__qualname__}")
+        if pruner is not None:
+            custom[type(m)] = pruner
     with warnings.catch_warnings(), torch.enable_grad():
         warnings.simplefilter("ignore")
-        return tp.DependencyGraph().build_dependency(model, example_inputs=example_inputs, verbose=False)
+        return tp.DependencyGraph().build_dependency(
+            model, example_inputs=example_inputs, verbose=False, customized_pruners=custom or None
+        )
 
 
 def is_reshape_op(module: Any) -> bool:

@@ -23,6 +23,13 @@ is what makes this work for any architecture Torch-Pruning can prune (timm's own
 knows Conv/BN/Linear). ``channels`` is not needed to rebuild; it tells ``restore`` which dense channels
 survived.
 
+A non-persistent buffer is not in the checkpoint: it is a value the module computes from its own
+attributes. Most rebuild themselves in the forward and are left out; where the module offers timm's
+``init_non_persistent_buffers`` (``BlurPool2d``'s per-channel kernel), a changed shape is recorded
+under ``"computed"`` and :func:`apply_structure` resizes the buffer, then lets the module fill it
+from its (already pruned) attributes. A prunecli that predates the key ignores it and the buffer keeps
+its dense shape: the forward fails loudly rather than running on uninitialised memory.
+
 :func:`snapshot`/:func:`diff_structure`/:func:`revert` are the recording side, used by the pruner.
 """
 
@@ -125,12 +132,16 @@ def diff_structure(model: nn.Module, snap: Snapshot) -> dict[str, dict[str, Any]
             old = before.get(pname, (None, None))[1]
             if p is not None and (old is None or tuple(old.shape) != tuple(p.shape)):
                 params[pname] = list(p.shape)
+        computed: dict[str, list[int]] = {}
         for bname, b in mod._buffers.items():
-            if bname in mod._non_persistent_buffers_set:
-                continue  # not in the checkpoint; a forward-side cache (convit's rel_indices) rebuilds itself
             old = before.get(bname, (None, None))[1]
-            if b is not None and (old is None or tuple(old.shape) != tuple(b.shape)):
+            if b is None or (old is not None and tuple(old.shape) == tuple(b.shape)):
+                continue
+            if bname not in mod._non_persistent_buffers_set:
                 buffers[bname] = list(b.shape)
+            elif callable(getattr(mod, "init_non_persistent_buffers", None)):
+                computed[bname] = list(b.shape)
+            # else not in the checkpoint; a forward-side cache (convit's rel_indices) rebuilds itself
         old_attrs = snap.attrs.get(name, {})
         attrs = {}
         for k, v in vars(mod).items():
@@ -145,6 +156,8 @@ def diff_structure(model: nn.Module, snap: Snapshot) -> dict[str, dict[str, Any]
             entry["buffers"] = buffers
         if attrs:
             entry["attrs"] = attrs
+        if computed:
+            entry["computed"] = computed
         if entry:
             out[name] = entry
     return dict(sorted(out.items()))
@@ -178,4 +191,16 @@ def apply_structure(model: nn.Module, structure: Mapping[str, Any]) -> nn.Module
                 store[tname] = nn.Parameter(new, requires_grad=old.requires_grad) if kind == "params" else new
         for attr, value in entry.get("attrs", {}).items():
             object.__setattr__(mod, attr, _like(getattr(mod, attr, None), value))
+        if entry.get("computed"):
+            for bname, shape in entry["computed"].items():
+                old = mod._buffers.get(bname)
+                if old is None or bname not in mod._non_persistent_buffers_set:
+                    raise CheckpointError(
+                        f"pruned structure names computed buffer {name}.{bname}, which does not exist"
+                    )
+                mod._buffers[bname] = torch.empty(tuple(int(s) for s in shape), dtype=old.dtype, device=old.device)
+            init = getattr(mod, "init_non_persistent_buffers", None)
+            if not callable(init):
+                raise CheckpointError(f"pruned structure asks module {name!r} to compute its buffers; it cannot")
+            init()  # from the attributes just set (BlurPool2d: the kernel repeated `channels` times)
     return model

@@ -16,6 +16,7 @@ Torch-free.
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Mapping
 from pathlib import PurePosixPath
@@ -147,6 +148,10 @@ def _check_head(layers: list[Any], manifest: Manifest) -> None:
             raise _Bad(f"layer_table.layers[{i}]", f"'head' of {e['name']!r} contradicts pretrained_cfg.classifier")
 
 
+MAX_COMPUTED_NUMEL = 1 << 24
+"""Elements of one buffer a module computes after a rebuild (``BlurPool2d``: channels · k²; a few 10⁵)."""
+
+
 def _check_structure(doc: Any, tensors: Mapping[str, TensorInfo], manifest: Manifest) -> None:
     """Every reshaped tensor of the pruned structure is a tensor of the file with that shape; the
     attributes it sets are plain numbers that agree with those shapes."""
@@ -166,6 +171,21 @@ def _check_structure(doc: Any, tensors: Mapping[str, TensorInfo], manifest: Mani
                     raise _Bad(field, f"{full!r} is not a tensor of the file")
                 if not isinstance(shape, list) or tuple(shape) != t.shape:
                     raise _Bad(field, f"shape {shape!r} of {full!r} differs from the file's {list(t.shape)}")
+        computed = entry.get("computed") or {}
+        if not isinstance(computed, Mapping):
+            raise _Bad(field, "'computed' is not an object")
+        for bname, shape in computed.items():
+            if not isinstance(bname, str) or not bname.isidentifier() or bname.startswith("_"):
+                raise _Bad(field, f"computed buffer {bname!r} is not a buffer name")
+            if f"{module}.{bname}" in tensors or bname in tensors:
+                raise _Bad(field, f"computed buffer {bname!r} is a tensor of the file")
+            if (
+                not isinstance(shape, list)
+                or len(shape) > 8
+                or not all(type(d) is int and d >= 0 for d in shape)
+                or math.prod(shape) > MAX_COMPUTED_NUMEL
+            ):
+                raise _Bad(field, f"computed buffer {bname!r}: shape {shape!r} is not 8 sizes or fewer, 2**24 elements")
         for attr, value in (entry.get("attrs") or {}).items():
             if not isinstance(attr, str) or not attr.isidentifier() or attr.startswith("_"):
                 raise _Bad(field, f"attribute {attr!r} is not one a pruned structure sets")
