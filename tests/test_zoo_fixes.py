@@ -283,3 +283,45 @@ def test_blurpool_blocks_prune_and_rebuild() -> None:
     fresh.load_state_dict(model.state_dict())
     with torch.no_grad():
         assert torch.equal(fresh(x), model(x))
+
+
+def _groups_seen(model: nn.Module, x: torch.Tensor) -> list[tuple[str, list[tuple[str, str, list[int]]]]]:
+    from prunecli.pruning.groups import _all_groups
+
+    dg = depgraph.build_graph(model, x)
+    names = {m: n for n, m in model.named_modules()}
+    return [
+        (
+            names.get(g[0].dep.target.module, "?"),
+            [(str(it.dep.target), it.dep.handler.__name__, sorted(int(i) for i in it.idxs)) for it in g],
+        )
+        for g in _all_groups(dg, [])
+    ]
+
+
+def test_enumeration_maps_indices_once_and_finds_the_same_groups(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Torch-Pruning recomputes its index mappings at every group; enumerating prunes nothing, so once is
+    enough. Checked against Torch-Pruning's own behaviour (a recomputation per group) on a ViT (a concat for
+    the class token, reshapes and an unbind in attention): the same groups, same indices, same order."""
+    import timm
+
+    torch.manual_seed(0)
+    model = timm.create_model("test_vit", num_classes=10).eval()
+    x = torch.randn(1, *model.pretrained_cfg["input_size"])
+    calls: list[int] = []
+    update = depgraph._TP_UPDATE_MAPPING
+
+    def counted(graph: Any) -> None:
+        calls.append(1)
+        update(graph)
+
+    monkeypatch.setattr(depgraph, "_TP_UPDATE_MAPPING", counted)
+    once = _groups_seen(model, x)
+    assert len(calls) == 2 and len(once) > 3  # one at graph build, one for every root together
+    import contextlib
+
+    monkeypatch.setattr(depgraph, "static_widths", lambda graph: contextlib.nullcontext(graph))
+    calls.clear()
+    each = _groups_seen(model, x)
+    assert len(calls) > len(once)
+    assert once == each

@@ -14,7 +14,8 @@ not always need it.
 from __future__ import annotations
 
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -35,6 +36,7 @@ __all__ = [
     "build_graph",
     "is_elementwise_op",
     "is_reshape_op",
+    "static_widths",
 ]
 
 _F = tp.pruner.function
@@ -75,6 +77,38 @@ def _concat_mapping(graph: Any, cat_node: Any) -> None:
 
 # update_index_mapping looks the function up in its module at each call: replacing the module attribute is enough
 _index_mapping.update_concat_index_mapping = _concat_mapping
+
+
+_TP_UPDATE_MAPPING = _index_mapping.update_index_mapping
+
+
+def _update_mapping(graph: Any) -> None:
+    """Torch-Pruning's ``update_index_mapping``, run once per :func:`static_widths` block instead of per group."""
+    if getattr(graph, "_prunecli_static", 0) == 2:
+        return
+    _TP_UPDATE_MAPPING(graph)
+    if getattr(graph, "_prunecli_static", 0) == 1:
+        graph._prunecli_static = 2
+
+
+# get_pruning_group calls it as `index_mapping.update_index_mapping(self)`, a module attribute lookup
+_index_mapping.update_index_mapping = _update_mapping
+
+
+@contextmanager
+def static_widths(graph: Any) -> Iterator[Any]:
+    """A block in which ``graph``'s model is not pruned: its index mappings are computed once.
+
+    Torch-Pruning recomputes every concat/split/reshape index mapping of the whole graph (with a
+    recursive width inference per op) at each ``get_pruning_group``, because pruning a group changes
+    widths. Enumerating the groups prunes nothing, so the mappings of the first call hold for all:
+    on efficientvit_m0, that recomputation was most of the enumeration's time.
+    """
+    graph._prunecli_static = 1
+    try:
+        yield graph
+    finally:
+        graph._prunecli_static = 0
 
 
 MAX_GROUP_ITEMS = 1000

@@ -88,28 +88,30 @@ def attention_modules(model: nn.Module) -> tuple[dict[str, nn.Module], list[str]
 
 def _all_groups(dg: Any, ignored: Sequence[nn.Module]) -> Iterator[Any]:
     """Torch-Pruning's ``DependencyGraph.get_all_groups``, except that a root whose group cannot be
-    built (its index mapping raises on some op chains) is skipped instead of ending the enumeration."""
+    built (its index mapping raises on some op chains) is skipped instead of ending the enumeration, and
+    that the index mappings are computed once for all roots (:func:`prunecli.depgraph.static_widths`)."""
+    from prunecli.depgraph import GroupTooLarge, static_widths
+
     ignored_set = {id(m) for m in [*ignored, *dg.IGNORED_LAYERS_IN_TRACING]}
     visited: set[int] = set()
-    for m in list(dg.module2node):
-        if id(m) in ignored_set or id(m) in visited or not isinstance(m, ROOT_TYPES):
-            continue
-        pruner = dg.get_pruner_of_module(m)
-        if pruner is None or pruner.get_out_channels(m) is None:
-            continue
-        try:
-            group = dg.get_pruning_group(m, pruner.prune_out_channels, list(range(pruner.get_out_channels(m))))
-        except Exception as exc:  # Torch-Pruning internals; the group is just not pruned
-            from prunecli.depgraph import GroupTooLarge
-
-            say = log.warning if isinstance(exc, GroupTooLarge) else log.debug
-            say("cannot build the group of %s, its channels stay: %s", dg._module2name.get(m, "?"), short(exc))
-            visited.add(id(m))
-            continue
-        outs = [it.dep.target.module for it in group if dg.is_out_channel_pruning_fn(it.dep.handler)]
-        visited.update(id(o) for o in outs)
-        if not any(id(o) in ignored_set for o in outs):
-            yield group
+    with static_widths(dg):  # nothing is pruned while the groups are enumerated
+        for m in list(dg.module2node):
+            if id(m) in ignored_set or id(m) in visited or not isinstance(m, ROOT_TYPES):
+                continue
+            pruner = dg.get_pruner_of_module(m)
+            if pruner is None or pruner.get_out_channels(m) is None:
+                continue
+            try:
+                group = dg.get_pruning_group(m, pruner.prune_out_channels, list(range(pruner.get_out_channels(m))))
+            except Exception as exc:  # Torch-Pruning internals; the group is just not pruned
+                say = log.warning if isinstance(exc, GroupTooLarge) else log.debug
+                say("cannot build the group of %s, its channels stay: %s", dg._module2name.get(m, "?"), short(exc))
+                visited.add(id(m))
+                continue
+            outs = [it.dep.target.module for it in group if dg.is_out_channel_pruning_fn(it.dep.handler)]
+            visited.update(id(o) for o in outs)
+            if not any(id(o) in ignored_set for o in outs):
+                yield group
 
 
 @dataclass(frozen=True)
