@@ -161,6 +161,22 @@ def test_a_group_past_the_item_bound_is_given_up(monkeypatch: pytest.MonkeyPatch
     assert [len(g) for g in _all_groups(dg, [])] == [len(stem)]
 
 
+def test_a_group_past_the_index_bound_is_given_up(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The residual stream's group of ``_Chain(6)`` with all 4 channels: 4 indices on each of its items
+    (the merged group counts one item per layer and direction; the closure adds more, at 4 each)."""
+    from prunecli.pruning.groups import _all_groups
+
+    model = _Chain(6)
+    dg = depgraph.build_graph(model, torch.randn(1, 3, 2, 2))
+    (group,) = list(_all_groups(dg, []))
+    total = sum(len(it.idxs) for it in group)
+    assert total == 4 * len(group)
+    monkeypatch.setattr(depgraph, "MAX_GROUP_INDICES", total - 1)  # the closure adds at least as many
+    assert list(_all_groups(dg, [])) == []
+    monkeypatch.setattr(depgraph, "MAX_GROUP_INDICES", 1 << 22)
+    assert len(list(_all_groups(dg, []))) == 1
+
+
 def _rising(r: float) -> float:
     """Ghostnet as the zoo saw it: over the budget at the cost model's ratio (0.5) and again near 1, under between."""
     return 100_000 * (1 - 0.9 * r) if r <= 0.8 else 100_000 * (0.28 + 1.5 * (r - 0.8))

@@ -29,6 +29,7 @@ __all__ = [
     "CUSTOM_PRUNERS",
     "DW_FNS",
     "ENGINE",
+    "MAX_GROUP_INDICES",
     "MAX_GROUP_ITEMS",
     "OUT_FNS",
     "GroupTooLarge",
@@ -121,17 +122,34 @@ efficientvit_m0 one root's closure passed 8 000 items and ran for minutes withou
 """
 
 
+MAX_GROUP_INDICES = 1 << 22
+"""A dependency group whose items hold more channel indices than this, together, is given up.
+
+Measured at 224 px, the largest group's indices summed over its items: 24 576 (vgg16), 37 376
+(densenet121), 40 960 (resnet50), 46 848 (convnext_tiny), 138 240 (vit_base_patch16_224). Torch-Pruning
+maps a flatten or reshape that it takes for a merge of channels with positions as a stride: each
+channel becomes ``stride`` indices, and back and forth through a block the lists multiply. On
+efficientvim_m1 and nest_tiny (channels-last reshapes) one root's closure built 10⁸ index objects and
+ran for 200 s; such a group is not a channel coupling anyone can prune by anyway.
+"""
+
+
 class GroupTooLarge(RuntimeError):
-    """Torch-Pruning's closure of one root's group passed :data:`MAX_GROUP_ITEMS` items."""
+    """Torch-Pruning's closure of one root's group passed :data:`MAX_GROUP_ITEMS` items or
+    :data:`MAX_GROUP_INDICES` indices."""
 
 
 class _BoundedGroup(_graph.Group):
-    """Torch-Pruning's ``Group``, raising :class:`GroupTooLarge` once it holds more than ``MAX_GROUP_ITEMS`` items."""
+    """Torch-Pruning's ``Group``, raising :class:`GroupTooLarge` past ``MAX_GROUP_ITEMS`` items or
+    ``MAX_GROUP_INDICES`` indices."""
 
     def add_dep(self, dep: Any, idxs: Any) -> None:
         super().add_dep(dep, idxs)
+        self._prunecli_indices = getattr(self, "_prunecli_indices", 0) + len(idxs)
         if len(self) > MAX_GROUP_ITEMS:
             raise GroupTooLarge(f"its dependency group passed {MAX_GROUP_ITEMS} items (Torch-Pruning's closure)")
+        if self._prunecli_indices > MAX_GROUP_INDICES:
+            raise GroupTooLarge(f"its dependency group passed {MAX_GROUP_INDICES} indices (Torch-Pruning's mapping)")
 
 
 # get_pruning_group creates its groups through this module-level name: every group prunecli builds is bounded
