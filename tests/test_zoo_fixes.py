@@ -200,6 +200,7 @@ def test_over_budget_and_non_monotone_is_not_called_unreachable(monkeypatch: pyt
 def _masked_dense(dense: nn.Module, structure: dict[str, Any]) -> nn.Module:
     """The dense model with every input channel that pruning removed from a conv/linear zeroed.
 
+    A grouped conv's input ``c`` is read only by the outputs of its group, as column ``c mod (in/groups)``.
     Without norms that mix channels (here: BatchNorm only, or LayerNorm on a stream left whole) a removed
     channel acts only through the layers that read it, so zeroing its columns there gives the pruned
     model's output with the dense forward: its dense split sizes, its dense chunk order.
@@ -210,9 +211,15 @@ def _masked_dense(dense: nn.Module, structure: dict[str, Any]) -> nn.Module:
             m = modules[name]
             if "in" not in dims or not isinstance(m, (nn.Conv2d, nn.Linear)):
                 continue
-            assert getattr(m, "groups", 1) == 1, f"{name}: the masked reference needs ungrouped layers"
             drop = sorted(set(range(dims["in"]["dense"])) - set(dims["in"]["kept"]))
-            m.weight[:, drop] = 0
+            groups = getattr(m, "groups", 1)
+            if groups == 1:
+                m.weight[:, drop] = 0
+                continue
+            per_in, per_out = dims["in"]["dense"] // groups, m.weight.shape[0] // groups
+            for c in drop:  # input c of a grouped conv is read by its group's outputs only, at c's place there
+                j = c // per_in
+                m.weight[j * per_out : (j + 1) * per_out, c % per_in] = 0
     return dense
 
 
@@ -257,6 +264,33 @@ def test_res2net_blocks_prune_with_their_split_widths() -> None:
         # the chunk widths, read off the layers independently of the rule: convs' inputs, then the rest of conv1
         assert sizes[:-1] == [c.weight.shape[1] for c in m.convs]
         assert sum(sizes) == m.conv1.weight.shape[0] < dense_widths[n] * m.scale
+
+
+def test_res2next_grouped_chunks_lose_as_much_per_group() -> None:
+    """Res2NeXt: each 3×3 conv reads one chunk of ``conv1``'s output in ``cardinality`` groups, so the
+    group is sliced per conv group (4 chunks × 4 groups of 4 channels), not per chunk: every conv group
+    keeps as many channels and nothing is frozen."""
+    pytest.importorskip("timm")
+    from timm.models.res2net import Bottle2neck
+    from timm.models.resnet import ResNet
+
+    def build(seed: int) -> nn.Module:
+        torch.manual_seed(seed)
+        net = ResNet(block=Bottle2neck, layers=[1, 1, 1, 1], cardinality=4, base_width=4, block_args={"scale": 4})
+        return net.double().eval()
+
+    model = build(0)
+    x = torch.randn(2, 3, 32, 32, dtype=torch.float64)
+    plan, structure = _prune_and_compare(model, x, ratio=0.5, scope="global")
+    assert plan.frozen == ()
+    blocks = [m for m in model.modules() if isinstance(m, Bottle2neck)]
+    assert any(m.conv1.out_channels < 4 * 4 * 4 * 2**i for i, m in enumerate(blocks))
+    from prunecli import surgery
+
+    fresh = surgery.apply_structure(build(1), structure)
+    fresh.load_state_dict(model.state_dict())
+    with torch.no_grad():
+        assert torch.equal(fresh(x), model(x))
 
 
 def test_cost_model_sizes_never_go_negative() -> None:

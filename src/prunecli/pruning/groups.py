@@ -26,6 +26,7 @@ channels are in the group (the first matching pattern wins).
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
@@ -112,6 +113,37 @@ def _all_groups(dg: Any, ignored: Sequence[nn.Module]) -> Iterator[Any]:
             visited.update(id(o) for o in outs)
             if not any(id(o) in ignored_set for o in outs):
                 yield group
+
+
+def _slices(dg: Any, group: Any, n: int, in_groups: Mapping[Any, int], out_groups: Mapping[Any, int]) -> int:
+    """Equal slices of a group's ``n`` positions, so that every grouped member loses as much per group (0: none).
+
+    A member with ``g`` channel groups (a grouped conv, GroupNorm, attention heads) that sees the whole
+    group — or copies of it, as ``qkv`` does — cuts it into ``g`` slices. One that sees only a
+    contiguous part of it (a chunk of a split, one input of a concat: Res2NeXt's grouped 3×3 convs
+    each read a quarter of ``conv1``'s output) has groups of its own width ``size / g`` in the group's
+    channel units. Slices are as wide as the largest width that divides all of these.
+    """
+    widths = []
+    for it in group:
+        module, out = it.dep.target.module, is_out(dg, it)
+        g = (out_groups if out else in_groups).get(module, 1)
+        if g <= 1:
+            continue
+        if len(it.idxs) >= n:
+            if n % g:
+                return 0
+            widths.append(n // g)
+            continue
+        pruner = dg.get_pruner_of_module(module)
+        size = pruner.get_out_channels(module) if out else pruner.get_in_channels(module)
+        if not isinstance(size, int) or size % g:
+            return 0
+        widths.append(size // g)
+    if not widths:
+        return 1
+    width = math.gcd(*widths)
+    return n // width if n % width == 0 else 0
 
 
 @dataclass(frozen=True)
@@ -249,11 +281,8 @@ class GroupSearch:
                 else:
                     found.append(head)
                 continue
-            slices = max(
-                [out_groups.get(it.dep.target.module, 1) for it in group if is_out(dg, it)]
-                + [in_groups.get(it.dep.target.module, 1) for it in group if not is_out(dg, it)]
-            )
-            if len(imp) % slices or len(imp) // slices <= 1:
+            slices = _slices(dg, group, len(imp), in_groups, out_groups)
+            if not slices or len(imp) % slices or len(imp) // slices <= 1:
                 skipped += 1
                 continue
             size = len(imp) // slices
