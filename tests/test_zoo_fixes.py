@@ -375,3 +375,32 @@ def test_enumeration_maps_indices_once_and_finds_the_same_groups(monkeypatch: py
     each = _groups_seen(model, x)
     assert len(calls) > len(once)
     assert once == each
+
+
+class _MatmulReshape(nn.Module):
+    """shvit's single-head attention in small: a matmul's output reshaped back to a feature map."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem, self.qkv, self.proj = nn.Conv2d(3, 8, 1), nn.Conv2d(4, 12, 1), nn.Conv2d(8, 8, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.stem(x)
+        b, _, h, w = x.shape
+        x1, x2 = torch.split(x, [4, 4], dim=1)
+        q, k, v = (t.flatten(2) for t in torch.split(self.qkv(x1), [4, 4, 4], dim=1))
+        attn = (q.transpose(-2, -1) @ k).softmax(-1)
+        return self.proj(torch.cat([(v @ attn.transpose(-2, -1)).reshape(b, 4, h, w), x2], dim=1))
+
+
+def test_a_reshape_of_inferred_width_zero_no_longer_breaks_the_graph(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Torch-Pruning infers width 0 for the matmul's output and divides by it; the reshape is left unmapped."""
+    from torch_pruning.dependency import index_mapping
+
+    x = torch.randn(1, 3, 4, 4)
+    monkeypatch.setattr(index_mapping, "update_reshape_index_mapping", depgraph._TP_RESHAPE_MAPPING)
+    with pytest.raises(ZeroDivisionError):
+        depgraph.build_graph(_MatmulReshape(), x)
+    monkeypatch.undo()
+    dg = depgraph.build_graph(_MatmulReshape(), x)
+    assert dg.get_pruning_group(dg.model.proj, depgraph.tp.prune_conv_out_channels, [0])

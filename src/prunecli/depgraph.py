@@ -80,6 +80,27 @@ def _concat_mapping(graph: Any, cat_node: Any) -> None:
 _index_mapping.update_concat_index_mapping = _concat_mapping
 
 
+_TP_RESHAPE_MAPPING = _index_mapping.update_reshape_index_mapping
+
+
+def _reshape_mapping(graph: Any, reshape_node: Any) -> None:
+    """Torch-Pruning's ``update_reshape_index_mapping``, leaving a reshape unmapped where a width is 0.
+
+    Its width inference returns 0 for a tensor that a residual connection ties to the model's input
+    (its own comment says so), and it then divides by that width (shvit: ``ZeroDivisionError``, the
+    whole graph build fails). The division comes before any mapping is assigned, so the reshape is
+    left unmapped — what Torch-Pruning itself does when a width is unknown — and the safety net checks
+    the plans that cross it.
+    """
+    try:
+        _TP_RESHAPE_MAPPING(graph, reshape_node)
+    except ZeroDivisionError:
+        return
+
+
+_index_mapping.update_reshape_index_mapping = _reshape_mapping
+
+
 _TP_UPDATE_MAPPING = _index_mapping.update_index_mapping
 
 
