@@ -536,8 +536,9 @@ def write_table(results: list[dict]) -> None:
         tp_cell = _pct(r.get("tp_macs")) + (" (pass)" if r.get("tp_ok") else f" fail: {r.get('tp_error', '?')[:70]}")
         reasons = [x for x in dict.fromkeys((_reason(r, "macs50"), _reason(r, "params50"))) if x]
         cause = ", ".join(dict.fromkeys(_cause(x) for x in reasons))
+        model = r["model"] + (f" (cap {r['memory_gb']:g} GiB)" if r.get("memory_gb") else "")
         lines.append(
-            f"| {r['family']} | {r['model']} | {_input_cell(r)} | {m} | "
+            f"| {r['family']} | {model} | {_input_cell(r)} | {m} | "
             f"{'**pass**' if _passed(r, 'macs50') else 'FAIL'} | {p} | "
             f"{'**pass**' if _passed(r, 'params50') else 'FAIL'} | {', '.join(r.get('frozen') or [])} | "
             f"{tp_cell.replace('|', '/')} | {cause} | {'; '.join(reasons).replace('|', '/')} |"
@@ -615,6 +616,8 @@ def run_family(row: dict, outdir: Path, timeout: int, tp_timeout: int) -> dict:
     """One family: prunecli's part, the reload in a fresh process, plain Torch-Pruning's part (three workers)."""
     t0 = time.perf_counter()
     base = {"family": row["family"], "model": row["model"], "input_size": row["input_size"], "target_run": True}
+    if "ZOO_MEMORY_GB" in os.environ:  # a cap other than MEMORY_CAP is shown in the table
+        base["memory_gb"] = float(os.environ["ZOO_MEMORY_GB"])
     for kind in TARGETS:  # a checkpoint of an earlier run must not be reloaded as this run's
         for suffix in ("safetensors", "io.safetensors"):
             (outdir / f"{row['model']}.{kind}50.{suffix}").unlink(missing_ok=True)

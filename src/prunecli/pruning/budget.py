@@ -345,11 +345,11 @@ def plan_channels_to(
 
     Only should that still miss, or the target be unreachable with those classes frozen (a class need
     not break at every ratio: resnest's ``SplitAttn`` does at some), is the search repeated on real
-    plans (each one a trial pruning): above the
-    cost model's ratio when the plan is over, below it when under. Real plans need not shrink as the
-    ratio grows (a frozen class takes back every channel of its groups; ghostnet: 21 % of the MACs at
-    0.5, 52 % at 0.99), so the search stays on the side of the ratio that the miss points to rather than
-    bisecting all of ``[0, 1)``. The plan's ``notes["target_ratio"]`` is the ratio found.
+    plans (each one a trial pruning): above the cost model's ratio when the plan is over, below it
+    when under. Real plans need not shrink as the ratio grows (a frozen class takes back every channel
+    of its groups; ghostnet: 21 % of the MACs at 0.5, 52 % at 0.99), so the search stays on the side
+    of the ratio that the miss points to rather than bisecting all of ``[0, 1)``. The plan's
+    ``notes["target_ratio"]`` is the ratio found.
 
     Raises:
         InputError: the target is unreachable (names the smallest reachable value) or not below the dense model.
