@@ -404,3 +404,37 @@ def test_a_reshape_of_inferred_width_zero_no_longer_breaks_the_graph(monkeypatch
     monkeypatch.undo()
     dg = depgraph.build_graph(_MatmulReshape(), x)
     assert dg.get_pruning_group(dg.model.proj, depgraph.tp.prune_conv_out_channels, [0])
+
+
+class _TiedHeads(nn.Module):
+    """A residual stream of 12 channels through DaViT's channel attention (3 heads of C // 3 dimensions)."""
+
+    def __init__(self) -> None:
+        from timm.models.davit import ChannelAttention
+
+        super().__init__()
+        self.inp, self.attn, self.out = nn.Linear(8, 12), ChannelAttention(12, num_heads=3), nn.Linear(12, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        s = self.inp(x)
+        return self.out(s + self.attn(s))
+
+
+def test_heads_tied_to_the_stream_shrink_with_it() -> None:
+    """The attention's head width is its input's width over num_heads: its q/k/v dimensions go with the
+    stream channels of the same index, as many in every head, and nothing is frozen."""
+    pytest.importorskip("timm")
+    torch.manual_seed(0)
+    model = _TiedHeads().eval()
+    x = torch.randn(2, 7, 8)
+    plan = channel_mod.plan_channels(model, example_input=x, ratio=0.5, scope="layer", exclude=["out"])
+    structure = channel_mod.apply_channels(model, plan, example_input=x)
+    assert plan.frozen == ()
+    kept = structure["channels"]["inp"]["out"]["kept"]
+    assert len(kept) < 12 and len(kept) % 3 == 0
+    assert [sum(1 for c in kept if c // 4 == h) for h in range(3)] == [len(kept) // 3] * 3  # equal per head
+    qkv = structure["channels"]["attn.qkv"]["out"]["kept"]
+    assert qkv == [*kept, *(12 + c for c in kept), *(24 + c for c in kept)]  # q, k, v: the stream's indices
+    assert structure["channels"]["attn.proj"]["in"]["kept"] == kept == structure["channels"]["out"]["in"]["kept"]
+    with torch.no_grad():
+        assert model(x).shape == (2, 7, 5)
