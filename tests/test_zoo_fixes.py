@@ -438,3 +438,36 @@ def test_heads_tied_to_the_stream_shrink_with_it() -> None:
     assert structure["channels"]["attn.proj"]["in"]["kept"] == kept == structure["channels"]["out"]["in"]["kept"]
     with torch.no_grad():
         assert model(x).shape == (2, 7, 5)
+
+
+def test_window_attention_tied_heads_keep_their_root() -> None:
+    """DaViT's window attention reads the stream through padded window reshapes (8×8 into 3×3 windows);
+    rerooting the stream group at ``proj``'s input (as for other attention) made Torch-Pruning map more
+    head dimensions than stream channels. The stream group keeps its root: nothing frozen, and every
+    attention's ``qkv`` is three times its input's width, a multiple of its head count."""
+    pytest.importorskip("timm")
+    from timm.models.davit import DaVit
+
+    def build(seed: int) -> nn.Module:
+        torch.manual_seed(seed)
+        net = DaVit(depths=(1, 1), embed_dims=(24, 48), num_heads=(3, 6), window_size=3, num_classes=5)
+        return net.double().eval()
+
+    model = build(0)
+    x = torch.randn(1, 3, 32, 32, dtype=torch.float64)
+    plan = channel_mod.plan_channels(model, example_input=x, ratio=0.5, scope="global", exclude=["head.fc"])
+    structure = channel_mod.apply_channels(model, plan, example_input=x)
+    assert plan.frozen == ()
+    attns = [m for n, m in model.named_modules() if n.endswith(".attn")]
+    assert len(attns) == 4
+    for attn in attns:
+        width = attn.proj.out_features
+        assert attn.qkv.in_features == width and attn.qkv.out_features == 3 * width
+        assert width % attn.num_heads == 0
+    assert any(attn.proj.out_features < 24 for attn in attns[:2])
+    from prunecli import surgery
+
+    fresh = surgery.apply_structure(build(1), structure)
+    fresh.load_state_dict(model.state_dict())
+    with torch.no_grad():
+        assert torch.equal(fresh(x), model(x))

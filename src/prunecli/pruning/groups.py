@@ -233,7 +233,14 @@ class GroupSearch:
     def _find(self, dg: Any, frozen: Sequence[str]) -> Found:
         """:meth:`candidates` without the memo; a group's ``ratio`` is its ``--layer-ratio`` or None."""
         model = self.model
+        from prunecli.depgraph import TIED_HEADS
+
         num_heads = {m.qkv: int(m.num_heads) for m in self.attn.values()}
+        tied = {
+            getattr(m, "proj", None)
+            for m in self.attn.values()
+            if f"{type(m).__module__}.{type(m).__qualname__}" in TIED_HEADS
+        }
         param_names = {p: n for n, p in model.named_parameters()}
         in_groups: dict[nn.Module, int] = {}
         out_groups: dict[nn.Module, int] = dict(num_heads)
@@ -258,7 +265,11 @@ class GroupSearch:
         unscored = skipped = 0
         for group in _all_groups(dg, ignored):
             handler = "out"
-            if num_heads and any(is_out(dg, it) and it.dep.target.module in num_heads for it in group):
+            if (
+                num_heads
+                and any(is_out(dg, it) and it.dep.target.module in num_heads for it in group)
+                and not any(is_out(dg, it) and it.dep.target.module in tied for it in group)
+            ):  # a stream group that holds tied heads (depgraph.TIED_HEADS) keeps its root: heads are its slices
                 group = self._reroot_attention(dg, group)
                 handler = "in"
             if group is None or not self._allowed(dg, group, member_name, frozen, keep_out):
