@@ -471,3 +471,18 @@ def test_window_attention_tied_heads_keep_their_root() -> None:
     fresh.load_state_dict(model.state_dict())
     with torch.no_grad():
         assert torch.equal(fresh(x), model(x))
+
+
+def test_a_concat_whose_width_inference_fails_is_left_unmapped(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Torch-Pruning's width inference reads past a split's recorded sizes on gemma4_vit (``IndexError``)
+    after recording the concat's input widths: the concat is then left as its own early return leaves
+    it (sizes, no offsets) and the graph is built."""
+
+    def failing(graph: Any, cat_node: Any) -> None:
+        cat_node.module.concat_sizes = [5, 7]
+        raise IndexError("list index out of range")
+
+    monkeypatch.setattr(depgraph, "_TP_CONCAT_MAPPING", failing)
+    dg = depgraph.build_graph(_Cat(), torch.randn(1, 3, 4, 4))
+    (cat,) = _concats(dg)
+    assert cat.module.concat_sizes == [5, 7] and cat.module.offsets in (None, [])

@@ -68,13 +68,23 @@ def _concat_mapping(graph: Any, cat_node: Any) -> None:
     a concat a few lines later (no offsets, ``concat_sizes`` left ``None`` so its concat pruner skips
     it); this returns before the sum instead, so the rest of the graph is built. Channels coupled through
     that concat are then not index-mapped, and the safety net (a forward after the plan) catches a
-    group whose pruning breaks it.
+    group whose pruning breaks it. A width whose inference itself fails counts as unknown: through a
+    split of more chunks than its recorded sizes, Torch-Pruning reads past their list (gemma4_vit:
+    ``IndexError``). Where that happens inside its own mapping (the concat's output width, after the
+    input widths were recorded and before any offset), it is left as Torch-Pruning's own early
+    return leaves it: sizes recorded, no offsets, no index mapping.
     """
     if cat_node.type == tp.ops.OPTYPE.CONCAT and cat_node.module.concat_sizes is None:
-        widths = [_shape_infer.infer_channels_between(graph, n, cat_node) for n in cat_node.inputs]
+        try:
+            widths = [_shape_infer.infer_channels_between(graph, n, cat_node) for n in cat_node.inputs]
+        except IndexError:
+            return
         if any(w is None for w in widths):
             return
-    _TP_CONCAT_MAPPING(graph, cat_node)
+    try:
+        _TP_CONCAT_MAPPING(graph, cat_node)
+    except IndexError:
+        return
 
 
 # update_index_mapping looks the function up in its module at each call: replacing the module attribute is enough
