@@ -486,3 +486,41 @@ def test_a_concat_whose_width_inference_fails_is_left_unmapped(monkeypatch: pyte
     dg = depgraph.build_graph(_Cat(), torch.randn(1, 3, 4, 4))
     (cat,) = _concats(dg)
     assert cat.module.concat_sizes == [5, 7] and cat.module.offsets in (None, [])
+
+
+class _SubSampled(nn.Module):
+    """A 16-channel stream on a 4×4 grid through Twins' global sub-sampled attention (2 heads, sr 2)."""
+
+    def __init__(self) -> None:
+        from timm.models.twins import GlobalSubSampleAttn
+
+        super().__init__()
+        self.inp = nn.Linear(8, 16)
+        self.attn = GlobalSubSampleAttn(16, num_heads=2, sr_ratio=2)
+        self.out = nn.Linear(16, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        s = self.inp(x)
+        return self.out(s + self.attn(s, (4, 4)))
+
+
+def test_subsampled_attention_ties_q_sr_and_proj_to_the_stream() -> None:
+    """Twins' ``GlobalSubSampleAttn`` reshapes ``q``, ``kv`` and the ``sr`` conv's output by its input's
+    width: ``q``, ``sr`` and ``proj`` keep the stream's channel indices, ``kv`` twice, every head as many."""
+    pytest.importorskip("timm")
+    torch.manual_seed(0)
+    model = _SubSampled().double().eval()
+    x = torch.randn(2, 16, 8, dtype=torch.float64)
+    plan = channel_mod.plan_channels(model, example_input=x, ratio=0.5, scope="global", exclude=["out"])
+    structure = channel_mod.apply_channels(model, plan, example_input=x)
+    assert plan.frozen == ()
+    ch = structure["channels"]
+    kept = ch["inp"]["out"]["kept"]
+    assert 0 < len(kept) < 16
+    assert [sum(1 for c in kept if c // 8 == h) for h in range(2)] == [len(kept) // 2] * 2  # equal per head
+    for layer in ("attn.q", "attn.sr", "attn.proj"):
+        assert ch[layer]["out"]["kept"] == kept, layer
+    assert ch["attn.kv"]["out"]["kept"] == [*kept, *(16 + c for c in kept)]
+    assert model.attn.q.out_features == model.attn.sr.out_channels == model.attn.proj.out_features == len(kept)
+    with torch.no_grad():
+        assert model(x).shape == (2, 16, 5)

@@ -228,37 +228,55 @@ name, so that a user's own class of the same name is not taken for it.
 """
 
 
-TIED_HEADS = frozenset({"timm.models.davit.ChannelAttention", "timm.models.davit.WindowAttention"})
-"""Fused-qkv attention (``module.qualname``) whose head width is its input's width over ``num_heads``.
+TIED_HEADS: dict[str, tuple[tuple[str, ...], str]] = {
+    "timm.models.davit.ChannelAttention": (("proj",), "qkv"),
+    "timm.models.davit.WindowAttention": (("proj",), "qkv"),
+    "timm.models.twins.LocallyGroupedAttn": (("proj",), "qkv"),
+    "timm.models.twins.GlobalSubSampleAttn": (("proj", "q", "sr"), "q"),
+}
+"""Attention (``module.qualname``) whose head width is its input's width over ``num_heads``:
+(its layers whose output is tied one to one to their input, its layer whose output holds the heads).
 
-DaViT's attentions reshape ``qkv``'s output as ``(B, N, 3, num_heads, C // num_heads)`` with ``C``
-the width of their input, the residual stream. Their head dimensions must then shrink exactly as the
-stream does: pruning one without the other breaks the forward (the safety net froze both classes,
-56 % of davit_tiny's MACs kept at any ratio). :func:`build_graph` couples ``proj``'s output (the
-stream) with its input (the heads' dimensions, which Torch-Pruning already couples with ``qkv``)
-one to one: stream channel ``j`` goes with dimension ``j`` of ``q``, ``k`` and ``v``. The heads are
-equal slices of that group (:mod:`prunecli.pruning.groups`), so every head keeps as many dimensions
+DaViT's and Twins' attentions reshape their projections as ``(…, num_heads, C // num_heads)`` with
+``C`` the width of their input, the residual stream (Twins' subsampling conv ``sr`` is reshaped by
+``C`` too). Their head dimensions must then shrink exactly as the stream does: pruning one without the
+other breaks the forward, and the safety net froze the classes (56 % of davit_tiny's MACs kept at any
+ratio) or, for an attention of unknown layout, kept the stream whole (twins: 55.8 %). :func:`build_graph`
+couples the listed layers' outputs with their inputs one to one — ``proj``'s output is the stream, its
+input the heads' dimensions, which Torch-Pruning couples with ``q``/``k``/``v`` — so stream channel
+``j`` goes with dimension ``j`` of every head projection. The head layer's output is cut into
+``num_heads`` equal slices (:mod:`prunecli.pruning.groups`), so every head keeps as many dimensions
 and ``C // num_heads`` stays their width.
 """
 
 
+def tied_heads(model: nn.Module) -> dict[nn.Module, tuple[nn.Module, int]]:
+    """Every :data:`TIED_HEADS` module of ``model`` → (its head layer, its head count)."""
+    out = {}
+    for m in model.modules():
+        entry = TIED_HEADS.get(f"{type(m).__module__}.{type(m).__qualname__}")
+        heads = getattr(m, "num_heads", None)
+        if entry is not None and isinstance(heads, int) and isinstance(getattr(m, entry[1], None), nn.Module):
+            out[m] = (getattr(m, entry[1]), heads)
+    return out
+
+
 def _tie_heads(graph: Any, model: nn.Module) -> None:
-    """Couples ``proj``'s output and input channels of every :data:`TIED_HEADS` module in ``graph``."""
+    """Couples the outputs and inputs of the tied layers of every :data:`TIED_HEADS` module in ``graph``."""
     from torch_pruning.dependency.dependency import Dependency
 
-    for m in model.modules():
-        if f"{type(m).__module__}.{type(m).__qualname__}" not in TIED_HEADS:
-            continue
-        proj = getattr(m, "proj", None)
-        node = graph.module2node.get(proj) if isinstance(proj, nn.Linear) else None
-        if node is None:
-            continue
-        pruner = graph.get_pruner_of_module(proj)
-        for trigger, handler in (
-            (pruner.prune_out_channels, pruner.prune_in_channels),
-            (pruner.prune_in_channels, pruner.prune_out_channels),
-        ):
-            node.dependencies.append(Dependency(trigger, handler, source=node, target=node))
+    for m in tied_heads(model):
+        for name in TIED_HEADS[f"{type(m).__module__}.{type(m).__qualname__}"][0]:
+            layer = getattr(m, name, None)
+            node = graph.module2node.get(layer) if isinstance(layer, nn.Module) else None
+            if node is None:
+                continue
+            pruner = graph.get_pruner_of_module(layer)
+            for trigger, handler in (
+                (pruner.prune_out_channels, pruner.prune_in_channels),
+                (pruner.prune_in_channels, pruner.prune_out_channels),
+            ):
+                node.dependencies.append(Dependency(trigger, handler, source=node, target=node))
 
 
 def build_graph(model: nn.Module, example_inputs: Any) -> Any:

@@ -83,7 +83,15 @@ def attention_modules(model: nn.Module) -> tuple[dict[str, nn.Module], list[str]
             fused[name] = m
         else:
             holders.append(name)
-    other = [n for n in holders if not any(n == "" or f.startswith(n + ".") for f in fused)]
+    from prunecli.depgraph import TIED_HEADS
+
+    modules = dict(model.named_modules())
+    other = [
+        n
+        for n in holders
+        if not any(n == "" or f.startswith(n + ".") for f in fused)
+        and f"{type(modules[n]).__module__}.{type(modules[n]).__qualname__}" not in TIED_HEADS
+    ]
     return fused, other
 
 
@@ -233,17 +241,14 @@ class GroupSearch:
     def _find(self, dg: Any, frozen: Sequence[str]) -> Found:
         """:meth:`candidates` without the memo; a group's ``ratio`` is its ``--layer-ratio`` or None."""
         model = self.model
-        from prunecli.depgraph import TIED_HEADS
+        from prunecli.depgraph import tied_heads
 
         num_heads = {m.qkv: int(m.num_heads) for m in self.attn.values()}
-        tied = {
-            getattr(m, "proj", None)
-            for m in self.attn.values()
-            if f"{type(m).__module__}.{type(m).__qualname__}" in TIED_HEADS
-        }
+        ties = tied_heads(model)
+        tied = {getattr(m, "proj", None) for m in ties}
         param_names = {p: n for n, p in model.named_parameters()}
         in_groups: dict[nn.Module, int] = {}
-        out_groups: dict[nn.Module, int] = dict(num_heads)
+        out_groups: dict[nn.Module, int] = {**num_heads, **dict(ties.values())}
         for m in model.modules():
             pruner = dg.get_pruner_of_module(m)
             if pruner is None or (isinstance(m, nn.modules.conv._ConvNd) and m.groups == m.out_channels):
