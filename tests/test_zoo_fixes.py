@@ -524,3 +524,39 @@ def test_subsampled_attention_ties_q_sr_and_proj_to_the_stream() -> None:
     assert model.attn.q.out_features == model.attn.sr.out_channels == model.attn.proj.out_features == len(kept)
     with torch.no_grad():
         assert model(x).shape == (2, 16, 5)
+
+
+class _Grouped(nn.Module):
+    """A 16-channel stream on a 4×4 grid through Twins' locally grouped attention (2×2 windows, 2 heads)."""
+
+    def __init__(self) -> None:
+        from timm.models.twins import LocallyGroupedAttn
+
+        super().__init__()
+        self.inp, self.attn, self.out = nn.Linear(8, 16), LocallyGroupedAttn(16, num_heads=2, ws=2), nn.Linear(16, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        s = self.inp(x)
+        return self.out(s + self.attn(s, (4, 4)))
+
+
+def test_an_expand_with_repeat_zero_is_left_unmapped(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Attention over 5-D windows expands a 5-D tensor, which Torch-Pruning maps as grouped-query heads
+    with ``repeat = 0`` here: every group through it divided by zero and the stream stayed whole."""
+    pytest.importorskip("timm")
+    from torch_pruning.dependency import index_mapping
+
+    torch.manual_seed(0)
+    x = torch.randn(1, 16, 8)
+    model = _Grouped().eval()
+    monkeypatch.setattr(index_mapping, "update_expand_index_mapping", depgraph._TP_EXPAND_MAPPING)
+    dg = depgraph.build_graph(model, x)
+    if not any(n.type == depgraph.tp.ops.OPTYPE.EXPAND for n in dg.module2node.values()):
+        pytest.skip("this torch's attention does not expand a 5-D tensor on CPU")
+    with pytest.raises(ZeroDivisionError):
+        dg.get_pruning_group(model.inp, depgraph.tp.prune_linear_out_channels, [0])
+    monkeypatch.undo()
+    plan = channel_mod.plan_channels(model, example_input=x, ratio=0.5, scope="global", exclude=["out"])
+    channel_mod.apply_channels(model, plan, example_input=x)
+    assert plan.frozen == () and model.inp.out_features < 16
+    assert model.attn.qkv.out_features == 3 * model.inp.out_features and model.inp.out_features % 2 == 0

@@ -112,6 +112,29 @@ def _reshape_mapping(graph: Any, reshape_node: Any) -> None:
 _index_mapping.update_reshape_index_mapping = _reshape_mapping
 
 
+_TP_EXPAND_MAPPING = _index_mapping.update_expand_index_mapping
+
+
+def _expand_mapping(graph: Any, node: Any) -> None:
+    """Torch-Pruning's ``update_expand_index_mapping``, without the mappings whose repeat count is 0.
+
+    It takes every expand of a 5-D tensor for Hugging Face's grouped-query ``repeat_kv`` and maps
+    channels by ``repeat = output width // input width``; where the inferred output is narrower than
+    the input (an expand elsewhere, twins_svt), the repeat is 0 and every group through it fails with
+    ``ZeroDivisionError`` — twins' residual stream could not be pruned at all. Those mappings are
+    removed: the expand is left unmapped, as Torch-Pruning leaves one whose width it cannot infer.
+    """
+    _TP_EXPAND_MAPPING(graph, node)
+    for deps in [node.dependencies, *(n.dependencies for n in node.inputs)]:
+        for dep in deps:
+            for k, mapping in enumerate(dep.index_mapping):
+                if isinstance(mapping, _index_mapping._GQAIndexMapping) and mapping.repeat < 1:
+                    dep.index_mapping[k] = None
+
+
+_index_mapping.update_expand_index_mapping = _expand_mapping
+
+
 _TP_UPDATE_MAPPING = _index_mapping.update_index_mapping
 
 
