@@ -408,24 +408,19 @@ def _cause(reason: str) -> str:
 
 
 NOTES: dict[str, str] = {
-    "efficientvit_msra": "profiled (cProfile, `efficientvit_m0`, stopped at 299 s, before the item bound): 297.1 s "
-    "inside Torch-Pruning's `DependencyGraph.get_pruning_group` for ONE root, 280.6 s of it in "
-    "`Group.has_pruning_op` (33 986 calls); prunecli's own code < 0.1 s: Torch-Pruning's group closure explodes "
-    "(its own `BasePruner` times out on the same model). depgraph.py gives up a root whose group passes 1000 "
-    "items (ordinary models' largest: 33 resnet50, 102 densenet121, 122 convnext_tiny, 180 vit_base). Eighth "
-    "session, measured again at 64 px: the first 60 roots' groups take 17.7 CPU-s, 32 of them given up at "
-    "0.1–0.2 s each; the time is now Torch-Pruning's recursive width inference (`infer_out_channels_recursively`, "
-    "2.0 M calls, run again by `update_index_mapping` for every group), not the membership scan: an indexed "
-    "membership test gave the same 17.9 s and was not kept. The search plans the model many times, each "
-    "enumerating every root again, so it still exceeds 240 s",
+    "efficientvit_msra": "passes since the tenth session (49.997 %, under the 300 CPU-second limit). The "
+    "time was Torch-Pruning's: its group closure (given up past 1000 items) and its index mappings, "
+    "recomputed with a recursive width inference per op at every root (2.0 M calls). depgraph.py now "
+    "computes the mappings once per enumeration (`static_widths`; the same groups as Torch-Pruning's "
+    "per-root recomputation, tested), and the plans of one search share the enumeration",
     "beit": "passes (49.82 % MACs, 117 s here at load 4.9). 60 of its seconds on a quiet machine are real plans of "
     "`plan_channels_to`'s fallback: the plan-only cost model predicts the residual stream at 766 of 768 channels "
     "at ratio 0.3 where the real plan keeps 768",
-    "coat": "two causes, both fixed: (1) the meta-device trace left meta tensors in the modules CoaT shares between "
-    "blocks (`tracing.meta_forward` now gives the tensors back); (2) Torch-Pruning's concat index mapping summed "
-    "inferred widths before checking them for None; depgraph.py now skips such a concat (left unmapped, as "
-    "Torch-Pruning itself does a few lines later). coat_tiny then prunes to 49.79 % MACs, but the whole prune "
-    "took 764 s under load in an earlier run: over the 240 s limit here",
+    "coat": "passes since the tenth session (31 s for macs=0.5, 764 s before): the plans of "
+    "one `--target` search share one enumeration of the groups (`groups.CandidateMemo`), and a class the "
+    "safety net froze is costed again instead of searched on trial prunings. Earlier fixes: the "
+    "meta-device trace gives back the tensors CoaT shares between blocks; Torch-Pruning's concat mapping "
+    "no longer sums unknown widths",
     "cspnet": "fixed: Torch-Pruning's concat index mapping summed inferred widths before checking them for None (the "
     "Focus stem's space-to-depth concat); depgraph.py now skips such a concat",
     "hiera": "ours (surgery.py): `surgery.snapshot` stores list attributes as tuples and `revert` puts the tuple back, "
@@ -435,12 +430,13 @@ NOTES: dict[str, str] = {
     "dense at ratio 0.5, 29.0 % at 0.9, 52.1 % at 0.99 — GhostModule's `out[:, :out_chs]`), and `ChannelCost` "
     "predicts 5.2 / 3.7 / 14.2 %, so the real-plan fallback probes ratio ≈1 and calls 50 % unreachable. Ours "
     "(budget.py, reported to its owner: bisect the real plans below the cost model's ratio, not up to 1).",
-    "davit": "groups.py no longer treats `SpatialBlock` (it stores `num_heads` for its fused-qkv `WindowAttention` "
-    "child) as attention of unknown layout: the floor fell from 67.3 % to 56.0 % of the MACs. What is left: the "
-    "safety net freezes `WindowAttention` and `ChannelAttention`; both reshape `qkv`'s output by the INPUT width "
-    "(`reshape(B, N, 3, num_heads, C // num_heads)`, C = the residual stream's), so their head dimension is tied to "
-    "the residual stream and pruning `qkv`'s head dims alone breaks them. A layout rule coupling `qkv`'s output "
-    "with its input width (groups.py/apply.py) would be needed",
+    "davit": "passes since the tenth session (49.85 %, 15 s). Both its attentions reshape "
+    "`qkv`'s output by their input's width (`C // num_heads`, C the residual stream's), so their head "
+    "dimensions must shrink as the stream does; the safety net froze both (56 % of the MACs kept at any "
+    "ratio). depgraph.py now ties `proj`'s output to its input one to one for these classes "
+    "(`TIED_HEADS`): stream channel j goes with dimension j of q, k and v, and the heads are equal slices "
+    "of the stream's group. The window attention's group keeps the stream's root (rerooted at `proj`'s "
+    "input, Torch-Pruning mapped more head dimensions than stream channels through the padded windows)",
     "mambaout": "not the cost model: `GatedConvBlock` splits `fc1`'s output by the `split_indices` it stores, which no "
     "tracer sees; the safety net freezes the class (every block) and the real plans keep 98.5 % (ratio 0.1) to "
     "96.6 % (0.8) of the MACs; from 0.95 on the split happens to fit and the plan falls to 5.4 %: no ratio gives "
@@ -448,22 +444,48 @@ NOTES: dict[str, str] = {
     "channels through split → cat → multiply inconsistently (a MambaOut with dims 16–40, `fc1` group at 0.5: the "
     "gate `g` loses 5 of 42 channels, the `cat(i, c)` it multiplies loses 25 of 42), so no stored size can make "
     "that forward run. `ChannelCost`'s sizes are now floored at 0 (they went negative at ratio ≥ 0.8 here)",
-    "res2net": "`Bottle2neck` splits its conv1 output by a width it stores (`torch.split(out, self.width, 1)`), which "
-    "no tracer sees; the safety net froze the class — every block — and nothing prunable was left (100 % of the "
-    "MACs). Fixed for cardinality 1 (pruning/splits.py: `width` becomes the pruned chunk widths; tested against "
-    "the dense model with the removed inputs zeroed, and rebuilt from the structure). The family's representative "
-    "`res2next50` (cardinality 4, grouped 3×3 convs) still breaks after the rule, in `layer4.0.conv1` (`INDICES "
-    "element is out of DATA bounds`): the grouped convs' mapping, not yet investigated",
+    "res2net": "passes since the tenth session (49.996 %, 10 s). `Bottle2neck` splits its conv1 "
+    "output by a width it stores: pruning/splits.py gives it the pruned chunk widths. Res2NeXt's 3×3 "
+    "convs are grouped and each reads one chunk: the group is now sliced per conv group (16 slices of 4 "
+    "channels, not 4 of 16), so every conv group keeps as many channels (groups.py `_slices`; tested "
+    "against the dense model with the removed inputs zeroed)",
     "sknet": "first run (this round), not investigated: the real-plan fallback ran (63 steps) and settled at 20.5 % "
     "of the MACs for macs=0.5, and calls params=0.5 unreachable at 97.7 % once the safety net froze modules, "
     "i.e. the same shape as mambaout (real plans frozen to near-dense at low ratios, a cliff at high ones); "
     "plain Torch-Pruning reaches 49.7 % on it. The frozen class and the split that breaks are still to be found",
-    "deepseek_vit": "412 M parameters at 224x224 (the family has no smaller input) exceed the runner's 6 GiB "
-    "address-space cap per worker (`ZOO_MEMORY_GB` raises it); not a prunecli error.",
-    "gemma4_vit": "167 M parameters at 768x768 (its only input size): the 300 s limit under load.",
-    "nest": "first run (ninth session): prunecli's part did not finish within 240 CPU-seconds for macs=0.5 "
-    "(593 s of wall time with the machine shared); where the time goes is not profiled yet. Plain Torch-Pruning's "
-    "part ran out of memory under the runner's cap",
+    "deepseek_vit": "passes at a 16 GiB address-space cap (`ZOO_MEMORY_GB=16`; this machine has 24 "
+    "GiB): 412 M parameters at 224x224 (the family has no smaller input) do not fit the runner's default "
+    "6 GiB per worker. macs=0.5 lands at 49.89 % in 245 s; params=0.5 ran past the 300 CPU-second limit",
+    "gemma4_vit": "167 M parameters at 768x768 (its only input size), run at a 16 GiB cap "
+    "(`ZOO_MEMORY_GB=16`). Its graph build failed inside Torch-Pruning's concat mapping (an `IndexError` "
+    "reading past a split's recorded sizes); depgraph.py now leaves such a concat unmapped, as "
+    "Torch-Pruning's own early return does",
+    "nest": "passes since the tenth session (49.998 %, 183 s). Profiled: 491 of 500 s went to "
+    "11 of Torch-Pruning's group closures, in its flatten index mapping (35 M list entries, 184 M index "
+    "objects): NesT's channels-last block reshapes make it map each channel to thousands of positions and "
+    "back. Such groups are now given up past 4.2 M indices (`depgraph.MAX_GROUP_INDICES`), and the rest "
+    "prunes to the target",
+    "efficientvim": "finishes since the tenth session, but macs=0.5 is 0.1 % out of reach: nothing "
+    "prunable is left below 50.1 % of the MACs. Torch-Pruning's flatten mapping multiplied the residual "
+    "stream's indices through HSMSSD's `flatten(2)`/`reshape` (10⁸ index objects, 200 s per root); such "
+    "groups are now given up past 4.2 M indices (`depgraph.MAX_GROUP_INDICES`; ordinary models' largest: "
+    "138 k, vit_base). Without the stream, HSMSSD's `hz_proj` and `out_proj` (48 % of the MACs) keep "
+    "every channel. Mapping a feature map's `flatten(2)` one to one was tried and made more groups pass "
+    "the 1000-item bound: not kept",
+    "tresnet": "passes since the tenth session (50.00 %, 21 s): its anti-aliasing `BlurPool2d` "
+    "stores its channel count and one kernel per channel, which Torch-Pruning cannot see; the safety net "
+    "froze every block around it (99.8 % of the MACs kept). It now has a Torch-Pruning pruner "
+    "(depgraph.py `CUSTOM_PRUNERS`) and its kernel is recomputed on rebuild",
+    "shvit": "passes since the tenth session (50.00 %, 27 s): Torch-Pruning inferred width 0 "
+    "for a matmul's output and divided by it while building the graph; depgraph.py leaves such a reshape "
+    "unmapped, as Torch-Pruning does for an unknown width",
+    "twins": "passes since the tenth session (49.87 %, 20 s). Two causes: (1) Torch-Pruning "
+    "maps every expand of a 5-D tensor as Hugging Face's grouped-query `repeat_kv`, with `repeat = output "
+    "width // input width`; the locally grouped attention's windows gave 0, and every group through it, "
+    "the residual stream's included, failed with ZeroDivisionError (55.8 % of the MACs could not go). "
+    "Those mappings are now removed (depgraph.py). (2) Both attentions reshape by their input's width; "
+    "they are tied to the stream (`TIED_HEADS`: `proj`, and for the sub-sampled one `q` and `sr` too, "
+    "heads as equal slices)",
 }
 """Family → what was found out about its failure (written under the table; the runner does not change it)."""
 
