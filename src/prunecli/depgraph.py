@@ -14,7 +14,7 @@ not always need it.
 from __future__ import annotations
 
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
 
@@ -59,6 +59,20 @@ Importance = tp.importance.Importance
 _TP_CONCAT_MAPPING = _index_mapping.update_concat_index_mapping
 
 
+def _leaving_unmapped(error: type[Exception], mapping: Callable[[Any, Any], None]) -> Callable[[Any, Any], None]:
+    """``mapping`` (one of Torch-Pruning's per-op index-mapping updates), leaving the op unmapped where
+    it raises ``error`` before assigning anything — what Torch-Pruning itself does when a width is
+    unknown; the safety net then checks the plans whose groups cross that op."""
+
+    def update(graph: Any, node: Any) -> None:
+        try:
+            mapping(graph, node)
+        except error:
+            return
+
+    return update
+
+
 def _concat_mapping(graph: Any, cat_node: Any) -> None:
     """Torch-Pruning's ``update_concat_index_mapping``, skipping a concat one of whose input widths is unknown.
 
@@ -81,10 +95,7 @@ def _concat_mapping(graph: Any, cat_node: Any) -> None:
             return
         if any(w is None for w in widths):
             return
-    try:
-        _TP_CONCAT_MAPPING(graph, cat_node)
-    except IndexError:
-        return
+    _leaving_unmapped(IndexError, _TP_CONCAT_MAPPING)(graph, cat_node)
 
 
 # update_index_mapping looks the function up in its module at each call: replacing the module attribute is enough
@@ -93,23 +104,10 @@ _index_mapping.update_concat_index_mapping = _concat_mapping
 
 _TP_RESHAPE_MAPPING = _index_mapping.update_reshape_index_mapping
 
-
-def _reshape_mapping(graph: Any, reshape_node: Any) -> None:
-    """Torch-Pruning's ``update_reshape_index_mapping``, leaving a reshape unmapped where a width is 0.
-
-    Its width inference returns 0 for a tensor that a residual connection ties to the model's input
-    (its own comment says so), and it then divides by that width (shvit: ``ZeroDivisionError``, the
-    whole graph build fails). The division comes before any mapping is assigned, so the reshape is
-    left unmapped — what Torch-Pruning itself does when a width is unknown — and the safety net checks
-    the plans that cross it.
-    """
-    try:
-        _TP_RESHAPE_MAPPING(graph, reshape_node)
-    except ZeroDivisionError:
-        return
-
-
-_index_mapping.update_reshape_index_mapping = _reshape_mapping
+# A reshape whose width is 0: Torch-Pruning's width inference returns 0 for a tensor that a residual
+# connection ties to the model's input (its own comment says so) and then divides by it (shvit:
+# ZeroDivisionError, the whole graph build failed). The division comes before any mapping is assigned.
+_index_mapping.update_reshape_index_mapping = _leaving_unmapped(ZeroDivisionError, _TP_RESHAPE_MAPPING)
 
 
 _TP_EXPAND_MAPPING = _index_mapping.update_expand_index_mapping
