@@ -128,9 +128,9 @@ def _slices(dg: Any, group: Any, n: int, in_groups: Mapping[Any, int], out_group
 
     A member with ``g`` channel groups (a grouped conv, GroupNorm, attention heads) that sees the whole
     group — or copies of it, as ``qkv`` does — cuts it into ``g`` slices. One that sees only a
-    contiguous part of it (a chunk of a split, one input of a concat: Res2NeXt's grouped 3×3 convs
-    each read a quarter of ``conv1``'s output) has groups of its own width ``size / g`` in the group's
-    channel units. Slices are as wide as the largest width that divides all of these.
+    contiguous part of it (a chunk of a split: Res2NeXt's grouped 3×3 convs each read a quarter of
+    ``conv1``'s output) has groups of its own width ``size / g`` in the group's channel units. Slices
+    are as wide as the largest width that divides all of these.
     """
     widths = []
     for it in group:
