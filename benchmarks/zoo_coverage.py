@@ -224,6 +224,14 @@ def _example(row: dict):  # -> torch.Tensor
     return torch.randn(2, *row["input_size"], generator=torch.Generator().manual_seed(1))
 
 
+def _output_shape(model, x) -> tuple[int, ...]:  # model: nn.Module, x: torch.Tensor
+    """The dense model's output shape on ``x``: (2, 10) for a classifier; an encoder's tokens otherwise."""
+    import torch
+
+    with torch.no_grad():
+        return tuple(model(x).shape)
+
+
 def _prune_one(row: dict, outdir: Path) -> dict:
     """prunecli channel pruning to each target + save (worker process); prints its row after each target."""
     import torch
@@ -249,6 +257,7 @@ def _prune_one(row: dict, outdir: Path) -> dict:
         key = f"{kind}50"
         try:
             model = _fresh(row)
+            want = _output_shape(model, x)
             before = sum(p.numel() for p in model.parameters())
             t0 = time.perf_counter()
             plan, _, steps = plan_channels_to(
@@ -273,8 +282,8 @@ def _prune_one(row: dict, outdir: Path) -> dict:
             res.update({f"{key}_macs": plan.macs_after / max(plan.macs_before, 1), f"{key}_params": after / before,
                         f"{key}_achieved": achieved, f"{key}_steps": len(steps), "params_before": before,
                         "macs_before": plan.macs_before, "frozen": channel_metrics(plan, model)["frozen"]})  # fmt: skip
-            if tuple(y.shape) != (2, 10):
-                raise AssertionError(f"output shape {tuple(y.shape)}")
+            if tuple(y.shape) != want:
+                raise AssertionError(f"output shape {tuple(y.shape)}, dense {want}")
             if abs(achieved / TARGET - 1) > PASS_TOL:
                 raise AssertionError(f"achieved {achieved:.4f} of dense, not within {PASS_TOL:.0%} of {TARGET}")
             manifest = Manifest(name, 10, dict(args), default_pretrained_cfg(name), structure=structure)
@@ -309,6 +318,7 @@ def _tp_one(row: dict) -> dict:
     try:
         model = _fresh(row)
         x = _example(row)
+        want = _output_shape(model, x)
         ignored = [model.get_submodule(n) for n in classifier_modules(model)]
         dense_macs, _ = tp.utils.count_ops_and_params(model, x[:1])
         attn = [m for m in model.modules() if isinstance(getattr(m, "qkv", None), torch.nn.Linear)
@@ -330,8 +340,8 @@ def _tp_one(row: dict) -> dict:
         res["tp_s"] = round(time.perf_counter() - t0, 3)
         with torch.no_grad():
             y = model(x)
-        if tuple(y.shape) != (2, 10):
-            raise AssertionError(f"output shape {tuple(y.shape)}")
+        if tuple(y.shape) != want:
+            raise AssertionError(f"output shape {tuple(y.shape)}, dense {want}")
         if abs(macs / dense_macs / TARGET - 1) > PASS_TOL:
             raise AssertionError(f"reached {macs / dense_macs:.4f} of dense MACs, not within {PASS_TOL:.0%}")
         res["tp_ok"] = True
