@@ -459,10 +459,14 @@ NOTES: dict[str, str] = {
     "convs are grouped and each reads one chunk: the group is now sliced per conv group (16 slices of 4 "
     "channels, not 4 of 16), so every conv group keeps as many channels (groups.py `_slices`; tested "
     "against the dense model with the removed inputs zeroed)",
-    "sknet": "first run (this round), not investigated: the real-plan fallback ran (63 steps) and settled at 20.5 % "
-    "of the MACs for macs=0.5, and calls params=0.5 unreachable at 97.7 % once the safety net froze modules, "
-    "i.e. the same shape as mambaout (real plans frozen to near-dense at low ratios, a cliff at high ones); "
-    "plain Torch-Pruning reaches 49.7 % on it. The frozen class and the split that breaks are still to be found",
+    "sknet": "investigated in the tenth session: `SelectiveKernel` splits its input by a width "
+    "it stores (`in_channels // num_paths`), so the first pruned forward breaks inside the `ConvNormAct` "
+    "that reads a chunk; the safety net freezes `ConvNormAct`, i.e. nearly every conv (99.9 % of the MACs "
+    "kept at ratio 0.5). Freezing `SelectiveKernel` instead keeps 100 %: every block is one. A correct "
+    "rule needs the chunks sliced equally (as Res2NeXt's now are) and a custom index mapping for its "
+    "attention: `fc_select`'s output is viewed as (paths, channels), blocked, while Torch-Pruning's "
+    "flatten mapping interleaves; pruning the paths' channels without it would drop the wrong attention "
+    "rows and still run. Not written",
     "deepseek_vit": "passes at a 16 GiB address-space cap (`ZOO_MEMORY_GB=16`; this machine has 24 "
     "GiB): 412 M parameters at 224x224 (the family has no smaller input) do not fit the runner's default "
     "6 GiB per worker. macs=0.5 lands at 49.89 % in 245 s; params=0.5 ran past the 300 CPU-second limit",
