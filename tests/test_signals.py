@@ -89,10 +89,12 @@ def _check(base: Path, folder: Path, sig: int, rc: int, out: str, err: str) -> s
     assert not out.strip() and "out.safetensors" not in names, (names, out)
     assert not (folder / "m.jsonl").exists() or not (folder / "m.jsonl").read_text(), names  # no record appended
     handled = any(ln.strip() == line for _, line in transaction.SIGNALS.values() for ln in err.splitlines())
-    if rc in (-sig, 1) and not handled and "Error:" not in err:
+    own_error = any(ln.startswith("Error: ") for ln in err.splitlines())  # prunecli's one-line errors
+    if rc in (-sig, 1) and not handled and not own_error:
         # CPython was still starting (its default action, or its own KeyboardInterrupt while importing
-        # runpy/site or the first lines of the prunecli package, before cli/main.py installs the handlers):
-        # nothing of the run existed yet, as the checks above assert
+        # runpy/site or the first lines of the prunecli package, before cli/main.py installs the handlers;
+        # during `site` it prints "Fatal Python error: init_import_site" and a traceback whose lines may
+        # end in "…Error: …"): nothing of the run existed yet, as the checks above assert
         return "CPython start-up"
     code, line = transaction.SIGNALS[sig]
     assert rc == code, (rc, err)
