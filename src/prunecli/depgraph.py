@@ -25,6 +25,8 @@ from torch_pruning.dependency import graph as _graph
 from torch_pruning.dependency import index_mapping as _index_mapping
 from torch_pruning.dependency import shape_infer as _shape_infer
 
+from prunecli.registry import class_key
+
 __all__ = [
     "CUSTOM_PRUNERS",
     "DW_FNS",
@@ -137,7 +139,10 @@ _TP_UPDATE_MAPPING = _index_mapping.update_index_mapping
 
 
 def _update_mapping(graph: Any) -> None:
-    """Torch-Pruning's ``update_index_mapping``, run once per :func:`static_widths` block instead of per group."""
+    """Torch-Pruning's ``update_index_mapping``, run once per :func:`static_widths` block instead of per group.
+
+    ``graph._prunecli_static``: 0 outside a block, 1 inside one before the first update, 2 after it.
+    """
     if getattr(graph, "_prunecli_static", 0) == 2:
         return
     _TP_UPDATE_MAPPING(graph)
@@ -275,7 +280,7 @@ def tied_heads(model: nn.Module) -> dict[nn.Module, tuple[nn.Module, int]]:
     """Every :data:`TIED_HEADS` module of ``model`` → (its head layer, its head count)."""
     out = {}
     for m in model.modules():
-        entry = TIED_HEADS.get(f"{type(m).__module__}.{type(m).__qualname__}")
+        entry = TIED_HEADS.get(class_key(m))
         heads = getattr(m, "num_heads", None)
         if entry is not None and isinstance(heads, int) and isinstance(getattr(m, entry[1], None), nn.Module):
             out[m] = (getattr(m, entry[1]), heads)
@@ -287,7 +292,7 @@ def _tie_heads(graph: Any, model: nn.Module) -> None:
     from torch_pruning.dependency.dependency import Dependency
 
     for m in tied_heads(model):
-        for name in TIED_HEADS[f"{type(m).__module__}.{type(m).__qualname__}"][0]:
+        for name in TIED_HEADS[class_key(m)][0]:
             layer = getattr(m, name, None)
             node = graph.module2node.get(layer) if isinstance(layer, nn.Module) else None
             if node is None:
@@ -313,7 +318,7 @@ def build_graph(model: nn.Module, example_inputs: Any) -> Any:
     """
     custom = {}  # by class: Torch-Pruning looks its pruners up by a module's class
     for m in model.modules():
-        pruner = CUSTOM_PRUNERS.get(f"{type(m).__module__}.{type(m).__qualname__}")
+        pruner = CUSTOM_PRUNERS.get(class_key(m))
         if pruner is not None:
             custom[type(m)] = pruner
     with warnings.catch_warnings(), torch.enable_grad():

@@ -12,9 +12,15 @@ from typing import Generic, TypeVar
 
 from prunecli.errors import UnknownNameError
 
-__all__ = ["Registry"]
+__all__ = ["Registry", "class_key"]
 
 T = TypeVar("T")
+
+
+def class_key(obj: object) -> str:
+    """``module.qualname`` of ``obj``'s class: the name under which rules for third-party classes
+    (timm's blocks) are registered, so that a user's own class of the same name is not taken for one."""
+    return f"{type(obj).__module__}.{type(obj).__qualname__}"
 
 
 class Registry(Generic[T]):

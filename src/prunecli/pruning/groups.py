@@ -38,6 +38,7 @@ from prunecli.errors import InputError
 from prunecli.prunable import match_any
 from prunecli.pruning.counts import Counted
 from prunecli.pruning.importance import ROOT_TYPES, BadGroup, ScoreImportance, is_scored_member
+from prunecli.registry import class_key
 
 __all__ = ["Candidate", "GroupSearch", "attention_modules", "is_out", "short", "under"]
 
@@ -89,8 +90,7 @@ def attention_modules(model: nn.Module) -> tuple[dict[str, nn.Module], list[str]
     other = [
         n
         for n in holders
-        if not any(n == "" or f.startswith(n + ".") for f in fused)
-        and f"{type(modules[n]).__module__}.{type(modules[n]).__qualname__}" not in TIED_HEADS
+        if not any(n == "" or f.startswith(n + ".") for f in fused) and class_key(modules[n]) not in TIED_HEADS
     ]
     return fused, other
 

@@ -19,7 +19,7 @@ from collections.abc import Callable
 
 from torch import nn
 
-from prunecli.registry import Registry
+from prunecli.registry import Registry, class_key
 
 __all__ = ["SPLIT_RULES", "fix_splits"]
 
@@ -47,6 +47,6 @@ def _res2net_bottleneck(m: nn.Module) -> None:
 def fix_splits(model: nn.Module) -> None:
     """Applies the rule of every module whose class has one in :data:`SPLIT_RULES`."""
     for m in model.modules():
-        key = f"{type(m).__module__}.{type(m).__qualname__}"
+        key = class_key(m)
         if key in SPLIT_RULES:
             SPLIT_RULES.get(key)(m)
